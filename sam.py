@@ -1,0 +1,661 @@
+"""Sharpness-Aware Minimization and its variants as flags of one optimizer wrapper.
+
+SAM (Foret et al., 2021, arXiv 2010.01412) takes two gradients per step: g at w, and
+g' at the ascent point w + e, e = rho g / ||g||; the base optimizer then steps from w with g'.
+Every variant here changes one of three things, each a flag of `SAM`:
+  the ascent e (USAM, ASAM, L_p balls, Fisher SAM, FriendlySAM, sparse SAM),
+  the direction d handed to the base optimizer, built from g, g' and the elementwise ratio
+  r = g' / (g + ratio_eps) sorted into the notes' four "checkpoints" (SAME, SAMCKPT, CustomSAME,
+  SAMMAGNITUDE / SAMDIRECTION, GSAM, LookSAM, SANER),
+  or the number of passes (SGD, SGDHESS, LookSAM's cheap steps).
+Weight decay and momentum are the base optimizer's and act after d, at the unperturbed w.
+Named presets live in VARIANTS. The ratio statistics (share of each checkpoint, finer r > 1
+bins, norms, cosine, persistence of the checkpoint-1 set) are computed on the device and read
+with `opt.stats`, the one host sync. Depends on torch alone: copy this file.
+"""
+import math
+import warnings
+
+import torch
+from torch._utils import _flatten_dense_tensors as flatten, _unflatten_dense_tensors as unflatten
+
+# Every flag with its neutral value: at these values SAM is plain SAM (Foret et al.).
+FLAGS = dict(
+    rho=0.05,               # ascent radius (rho_H for descent="hessian")
+    p=2.0,                  # L_p ball of the ascent: e = rho sign(g)|g|^(q-1)/||g||_q^(q-1), 1/p+1/q=1
+    normalize=True,         # False: USAM, e = rho g (Dai, Ahn, Sra 2023)
+    adaptive=False,         # ASAM: e = rho T^2 g/||T g||, T = |w| + asam_eta (Kwon et al. 2021)
+    asam_eta=0.0,           # 0 as davda54/sam; 0.01 as the official ASAM code
+    fisher_eta=0.0,         # Fisher SAM: e = rho (g/f)/sqrt(g.(g/f)), f = 1 + fisher_eta g^2 (Kim et al. 2022)
+    friendly_sigma=0.0,     # FriendlySAM: ascend along g - sigma m_{t-1}, m an EMA of g (Li et al. 2024)
+    friendly_lambda=0.9,    # FriendlySAM EMA factor: m_t = lambda m_{t-1} + (1 - lambda) g
+    sparsity=0.0,           # sparse SAM: fraction of coordinates NOT perturbed (Mi et al. 2022)
+    mask_mode="dynamic",    # sparse SAM mask: "fisher" (SSAM-F) or "dynamic" (SSAM-D)
+    drop_rate=0.5,          # SSAM-D: death rate at the start of training, cosine-decayed
+    condition=2.0,          # c: the multiplier the notes call "condition"; "c" and "1/c" in bin_scale
+    condition_warmup=0,     # steps over which c rises linearly from 1 to condition (SANER's alpha warm-up)
+    bin_scale=(1, 1, 1, 1, 1),  # multiplier of d on bins B0..B4 (numbers, "c" or "1/c")
+    sam_bins="01234",       # bins whose d uses g'; the other bins use the plain gradient g (SAMCKPT)
+    combine="",             # "magnitude": d = |g'| sign(g); "direction": d = sign(g') |g| (seed 002)
+    gsam_alpha=0.0,         # GSAM: d = g' - alpha g_perp, g_perp = g minus its part along g' (Zhuang et al. 2022)
+    looksam_k=1,            # LookSAM: full SAM every k steps, one pass in between (Liu et al. 2022)
+    looksam_alpha=0.7,      # LookSAM: cheap step d = g + alpha ||g||/||g_v|| g_v
+    descent="sam",          # "sam" (two passes), "sgd" (d = g, one pass), "hessian" (SGDHESS, one pass)
+    hessian_every=1,        # SGDHESS: refresh the curvature |Hz| every k steps
+    ratio_eps=1e-8,         # r = g'/(g + ratio_eps): added, not sign-aware, as the origin code
+    norm_eps=1e-12,         # e = rho g/(||g|| + norm_eps): a zero gradient gives a zero perturbation
+    stats_every=1,          # compute the ratio statistics every k steps (0: never)
+    persist_from=None,      # step t0 from which the checkpoint-1 set is tracked (seed 000, Exp. 2-3)
+)
+# Flags that may differ between param groups: they act coordinate by coordinate.
+GROUP_FLAGS = ("rho", "adaptive", "asam_eta", "condition", "bin_scale", "sam_bins", "combine")
+
+VARIANTS = {
+    "sam": {},
+    "sgd": dict(descent="sgd"),
+    "usam": dict(normalize=False),
+    "asam": dict(adaptive=True, rho=0.5),
+    "linf": dict(p=math.inf),
+    # SAME, "SAM efficiency": d = c g' on the named checkpoints, g' elsewhere (seed 001; origin 1.6)
+    "samme1": dict(bin_scale=(1, "c", 1, 1, 1)),
+    "samme2": dict(bin_scale=(1, 1, "c", 1, 1)),
+    "samme3": dict(bin_scale=(1, 1, 1, "c", 1)),
+    "samme4": dict(bin_scale=(1, 1, 1, 1, "c")),
+    "samme12": dict(bin_scale=(1, "c", "c", 1, 1)),
+    "samme13": dict(bin_scale=(1, "c", 1, "c", 1)),
+    "samme134": dict(bin_scale=("1/c", "c", "1/c", "c", "c")),  # two-sided, as the origin's sameckpt134
+    "samme234": dict(bin_scale=(1, 1, "c", "c", "c")),
+    "saner": dict(bin_scale=(1, 1, "c", 1, 1), condition=0.5),   # lhchau/saner: alpha on B2, warmed up
+    # CustomSAME (seed 001): increase B1, keep B2, reduce B3, increase B4; d = 0 on leftovers (origin v1)
+    "customsame": dict(bin_scale=(0, "c", 1, "1/c", "c")),
+    "customsame-pos": dict(bin_scale=(1, 1, 1, 0, 0)),           # origin v2: drop sign-flipped coordinates
+    "customsame-no3": dict(bin_scale=(1, 1, 1, 0, 1)),           # origin v3: drop B3 only
+    # SAMCKPT: keep SAM's g' on the named checkpoints, SGD's g elsewhere (seed 000, Exp. 1)
+    **{f"samckpt{b}": dict(sam_bins=b) for b in
+       ("1", "2", "3", "4", "12", "13", "14", "23", "34", "123", "124", "134", "234")},
+    # seed 002, with the meanings the notes report (the origin's file names are swapped)
+    "sammagnitude": dict(combine="magnitude"),
+    "samdirection": dict(combine="direction"),
+    "sgdhess": dict(descent="hessian"),
+    "ssamf": dict(sparsity=0.5, mask_mode="fisher"),
+    "ssamd": dict(sparsity=0.5, mask_mode="dynamic"),
+    "friendlysam": dict(friendly_sigma=1.0, friendly_lambda=0.9),
+    "imbsam": {},           # plain SAM mechanics; the tail/head split goes through stash_clean_grad()
+    "fishersam": dict(fisher_eta=1.0, rho=0.1),
+    "gsam": dict(gsam_alpha=0.4),
+    "looksam": dict(looksam_k=10, looksam_alpha=0.7, rho=0.1),
+}
+
+# r bins on the device: right-closed buckets of torch.bucketize(right=True) over these edges.
+# Exact -1, 0 and 1 get buckets of their own (they belong to no checkpoint, B0), as do nan
+# and +inf (g exactly -ratio_eps). FINE_EDGES split checkpoint 1 as the notes' figure does.
+FINE_EDGES = (1.2, 1.5, 2.0, 4.0, 8.0, 16.0)
+FINE_NAMES = ("r1_1.2", "r1.2_1.5", "r1.5_2", "r2_4", "r4_8", "r8_16", "r16_inf")
+#            r<-1 r=-1 (-1,0) r=0 (0,1) r=1 then the 7 fine buckets of r>1, then nan/inf
+BUCKET_BIN = (3, 0, 4, 0, 2, 0) + (1,) * 7 + (0,)
+FIRST_FINE = 6
+STAT_KEYS = (("step",) + tuple(f"ckpt{k}" for k in range(5)) + FINE_NAMES +
+             ("grad_norm", "perturbed_grad_norm", "weight_norm", "cos", "mag_up", "skipped",
+              "persist_t0", "persist_overlap", "persist_running"))
+
+
+class SAM(torch.optim.Optimizer):
+    """Wraps a base optimizer (a class; extra kwargs build it) with SAM and the flags in FLAGS.
+
+    SAM(params, torch.optim.SGD, variant="sam", **flags_and_base_kwargs). The preset named by
+    `variant` (see VARIANTS) sets flags first; flags given explicitly override it. param_groups
+    are shared with the base optimizer. Two-step use (davda54/sam):
+        loss(w).backward();   opt.first_step(zero_grad=True)    # w -> w + e
+        loss(w+e).backward(); opt.second_step(zero_grad=True)   # w + e -> w, base step with d
+    or opt.step(closure), where closure zeroes grads, runs forward and backward, returns the loss.
+    """
+
+    def __init__(self, params, base_optimizer, variant="sam", **kwargs):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown SAM variant {variant!r}; valid: {', '.join(sorted(VARIANTS))}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError("base_optimizer must be a torch.optim.Optimizer class, e.g. torch.optim.SGD")
+        flags = {**FLAGS, **VARIANTS[variant]}
+        flags.update({k: kwargs.pop(k) for k in list(kwargs) if k in FLAGS})
+        self.variant = variant
+        _check_flags(flags)
+        super().__init__(params, flags)
+        try:
+            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{err}; SAM flags are: {', '.join(FLAGS)}") from None
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        for group in self.param_groups:
+            _check_flags(group)
+        for name in set(FLAGS) - set(GROUP_FLAGS):
+            if len({repr(g[name]) for g in self.param_groups}) > 1:
+                raise ValueError(f"SAM flag {name!r} must be the same in every param group")
+        self.flags = {k: self.param_groups[0][k] for k in FLAGS}
+        self._step = 0                 # completed SAM steps
+        self._perturbed = False
+        self._skipped = None           # device counter of skipped (non-finite) steps
+        self._warned_skips = False
+        self._stats = None             # device vector laid out as STAT_KEYS
+        self._persist = None           # per group: (checkpoint-1 set at t0, running intersection)
+        self._clean = None             # imbsam: {param: clean gradient}
+        self._work = None              # per-step buffers between first_step and second_step
+        self._tables = {}              # small constant device tensors (bucket edges, bin tables)
+
+    # ------------------------------------------------------------------ the two passes
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        """Ascent: keep w, then w <- w + e (e from the flags). On one-pass steps, the whole update."""
+        if self.single_pass:
+            self._one_pass_step()
+        else:
+            self._ascend()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        """Descent: w + e -> w exactly, d from (g, g', r), base step at w. Non-finite: skip, keep w."""
+        if not self._perturbed:  # a one-pass step already finished in first_step
+            if zero_grad:
+                self.zero_grad()
+            return
+        self._descend()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Torch convention: calls closure() for each pass it needs; returns the first loss."""
+        if closure is None:
+            raise ValueError("SAM.step needs a closure that zeroes grads, runs forward and backward, "
+                             "and returns the loss; or call first_step() and second_step()")
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        if self._perturbed:
+            closure()
+            self.second_step(zero_grad=True)
+        return loss
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def single_pass(self):
+        """True when this step needs one forward/backward (sgd, sgdhess, LookSAM between refreshes)."""
+        f = self.flags
+        return f["descent"] != "sam" or (f["looksam_k"] > 1 and self._step % f["looksam_k"] != 0)
+
+    @property
+    def create_graph(self):
+        """True for SGDHESS: its backward must be backward(create_graph=True)."""
+        return self.flags["descent"] == "hessian"
+
+    @property
+    def perturbed(self):
+        """True between first_step() and second_step(): the weights are at w + e."""
+        return self._perturbed
+
+    @property
+    def sparse(self):
+        return self.flags["sparsity"] > 0
+
+    @torch.no_grad()
+    def stash_clean_grad(self):
+        """ImbSAM: keep the current grads (of the head-class loss) unperturbed, added to d later."""
+        params, grads = [], []
+        for group in self.param_groups:
+            group_params, group_grads = self._active(group)
+            params += group_params
+            grads += group_grads
+        clean = self._clean if self._clean is not None else {}
+        for p, g in zip(params, unflatten(flatten(grads), grads) if grads else []):
+            clean[p] = clean[p] + g if p in clean else g
+        self._clean = clean
+        self.zero_grad()
+
+    @torch.no_grad()
+    def accumulate_fisher(self):
+        """SSAM-F: add the current squared gradients to the empirical Fisher diagonal."""
+        for group in self.param_groups:
+            params, grads = self._active(group)
+            fisher = [self.state[p].setdefault("fisher", torch.zeros_like(p)) for p in params]
+            torch._foreach_addcmul_(fisher, grads, grads)
+
+    @torch.no_grad()
+    def update_mask(self, progress=0.0):
+        """Sparse SAM: rebuild the global top-k perturbation mask. progress in [0, 1] of training.
+
+        SSAM-F keeps the (1 - sparsity) share with the largest accumulated Fisher score.
+        SSAM-D drops the live entries with the smallest |g| at the death rate
+        drop_rate (1 + cos(pi progress)) / 2, then grows as many at random among the rest.
+        """
+        if not self.sparse:
+            raise ValueError("update_mask() needs a sparse variant (sparsity > 0: ssamf, ssamd)")
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        masks = self._masks(params)
+        flat_mask = torch.cat([m.flatten() for m in masks])
+        n_live = int(round((1 - self.flags["sparsity"]) * flat_mask.numel()))
+        if self.flags["mask_mode"] == "fisher":
+            score = torch.cat([self.state[p].pop("fisher", torch.zeros_like(p)).flatten() for p in params])
+            new = _top_k_mask(score.float(), n_live)
+        else:
+            death = self.flags["drop_rate"] * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
+            n_keep = int(round(n_live * (1 - death)))
+            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+            alive = grad.abs().float().masked_fill(~flat_mask, -1.0)
+            new = _top_k_mask(alive, n_keep)
+            grow = torch.rand(new.shape, device=new.device).masked_fill(new, -1.0)
+            new |= _top_k_mask(grow, n_live - n_keep)
+        for m, part in zip(masks, unflatten(new, masks)):
+            m.copy_(part)
+
+    @property
+    def stats(self):
+        """The latest statistics step as Python floats; this read is the one host sync."""
+        if self._stats is None:
+            device = self.param_groups[0]["params"][0].device
+            self._stats = torch.full((len(STAT_KEYS),), math.nan, dtype=torch.float64, device=device)
+        skipped = self._skipped if self._skipped is not None else torch.zeros((), dtype=torch.long)
+        values = torch.cat([self._stats, skipped.to(self._stats).view(1)]).tolist()
+        stats = dict(zip(STAT_KEYS, values[:-1]), skipped=values[-1])
+        if stats["skipped"] > 0 and not self._warned_skips:
+            self._warned_skips = True
+            warnings.warn(f"SAM skipped {int(stats['skipped'])} step(s) with a non-finite gradient and left "
+                          "the weights unchanged; stats['skipped'] keeps counting", RuntimeWarning)
+        return stats
+
+    def state_dict(self):
+        """SAM's own state, the base optimizer's (momentum, Adam moments) and the step counters."""
+        return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict(),
+                "counters": {"step": self._step, "skipped": self._skipped, "stats": self._stats,
+                             "warned_skips": self._warned_skips, "persist": self._persist}}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict["sam"])
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+        for state in self.state.values():  # torch casts saved tensors to the param dtype
+            if "mask" in state:
+                state["mask"] = state["mask"].bool()
+        counters = state_dict["counters"]
+        self._step, self._skipped, self._stats = counters["step"], counters["skipped"], counters["stats"]
+        self._warned_skips, self._persist = counters["warned_skips"], counters["persist"]
+        self._tables = {}
+
+    # ------------------------------------------------------------------ ascent
+    def _ascend(self):
+        f = self.flags
+        keep_g = self._needs_plain_grad()
+        work, directions = [], []
+        for group in self.param_groups:
+            params, grads = self._active(group)
+            if not params:
+                continue
+            direction = grads
+            if f["friendly_sigma"] > 0:   # official F-SAM: d_0 = g_0, then d_t = g_t - sigma m_{t-1}
+                if any("friendly_m" not in self.state[p] for p in params):
+                    for p, g in zip(params, grads):
+                        self.state[p]["friendly_m"] = g.clone()
+                else:
+                    ema = [self.state[p]["friendly_m"] for p in params]
+                    direction = torch._foreach_add(grads, ema, alpha=-f["friendly_sigma"])
+            scale = None
+            if group["adaptive"]:   # T = |w| + eta; h = T g
+                scale = torch._foreach_add(torch._foreach_abs(params), group["asam_eta"])
+                direction = torch._foreach_mul(direction, scale)
+            directions.append((group, params, grads, direction, scale))
+            work.append(dict(group=group, params=params, old=flatten(params),
+                             g=flatten(grads) if keep_g else None))
+        if not work:
+            return
+        norm = self._ascent_norm(directions)
+        grad_sq = torch.stack([n.to(norm.device) for _, _, grads, _, _ in directions
+                               for n in torch._foreach_norm(grads)]).square().sum()
+        finite = torch.isfinite(grad_sq)
+        for group, params, grads, h, scale in directions:
+            if f["fisher_eta"] > 0:
+                e = torch._foreach_div(h, self._fisher_diagonal(grads))
+            elif f["p"] == 2:
+                e = torch._foreach_mul(h, scale) if scale is not None else h
+            else:   # Hoelder dual of the L_p ball: sign(h) |h|^(q-1), then T once more for ASAM
+                e = torch._foreach_sign(h) if math.isinf(f["p"]) else torch._foreach_mul(
+                    torch._foreach_pow(torch._foreach_abs(h), 1 / (f["p"] - 1)), torch._foreach_sign(h))
+                if scale is not None:
+                    torch._foreach_mul_(e, scale)
+            radius = group["rho"] / (norm + f["norm_eps"]) if f["normalize"] else group["rho"]
+            e = torch._foreach_mul(e, radius)
+            if self.sparse:  # sparse SAM masks e but keeps the full norm: ||e|| <= rho
+                torch._foreach_mul_(e, self._masks(params))
+            torch._foreach_add_(params, e)   # climb to w + e
+        for w in work:
+            w["finite"] = finite
+        self._work = work
+        self._perturbed = True
+
+    def _ascent_norm(self, directions):
+        """The global norm of the ascent direction over every group (the right dual norm for p)."""
+        f = self.flags
+        if not f["normalize"]:
+            return torch.ones((), device=directions[0][1][0].device)
+        device = directions[0][1][0].device
+        if f["fisher_eta"] > 0:   # sqrt(g . g/f)
+            parts = []
+            for _, _, grads, h, _ in directions:
+                weighted = torch._foreach_div(torch._foreach_mul(h, h), self._fisher_diagonal(grads))
+                parts += torch._foreach_norm(weighted, 1)
+            return torch.stack([x.to(device) for x in parts]).sum().sqrt()
+        if math.isinf(f["p"]):
+            return torch.ones((), device=device)   # e = rho T sign(g): nothing to normalise
+        q = f["p"] / (f["p"] - 1)
+        parts = [x.to(device) for _, _, _, h, _ in directions for x in torch._foreach_norm(h, q)]
+        return torch.linalg.vector_norm(torch.stack(parts), q) ** (q - 1)
+
+    # ------------------------------------------------------------------ descent
+    def _descend(self):
+        f = self.flags
+        work, self._work, self._perturbed = self._work, None, False
+        stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
+        device = work[0]["old"].device
+        for w in work:   # back to w, bit for bit
+            torch._foreach_copy_(w["params"], unflatten(w["old"], w["params"]))
+            w["gp_grads"] = [p.grad for p in w["params"]]
+            if any(g is None for g in w["gp_grads"]):
+                raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
+            w["gp"] = flatten(w["gp_grads"])
+        dots = self._global_dots(work) if (stats_step or self._needs_global_dots()) else None
+        # per-step sums on the device: bucket counts, then |g'|>|g| count, ||w||^2, coordinates
+        counts = torch.zeros(len(BUCKET_BIN), dtype=torch.float64, device=device) if stats_step else None
+        sums = torch.zeros(3, dtype=torch.float64, device=device) if stats_step else None
+        persist = []
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        for gi, w in enumerate(work):
+            group, g, gp = w["group"], w["g"], w["gp"]
+            bucket = None
+            if g is not None and (stats_step or self._has_bin_rule(group)):
+                bucket = torch.bucketize(gp / (g + f["ratio_eps"]), self._edges(gp), right=True)
+            if stats_step:
+                counts += torch.bincount(bucket, minlength=len(BUCKET_BIN)).to(counts.device, torch.float64)
+                old = w["old"].float()
+                sums += torch.stack([(gp.abs() > g.abs()).sum().double(), torch.dot(old, old).double(),
+                                     torch.tensor(float(gp.numel()), dtype=torch.float64, device=device)])
+                if f["persist_from"] is not None and self._step >= f["persist_from"]:
+                    persist.append(self._track_persistence(gi, bucket))
+            d = self._direction(group, g, gp, bucket, dots)
+            if self._clean is not None:
+                d = d + flatten([self._clean.get(p, torch.zeros_like(p)) for p in w["params"]])
+            finite &= w["finite"] & torch.isfinite(d.sum())
+            w["d"] = d
+        for w in work:   # a non-finite g or g' gives d = 0 and, below, the old weights back
+            torch._foreach_copy_(w["gp_grads"], unflatten(w["d"].masked_fill_(~finite, 0.0), w["gp_grads"]))
+        self._clean = None
+        if f["friendly_sigma"] > 0:
+            self._update_friendly_ema(work, finite)
+        if f["looksam_k"] > 1:
+            self._store_looksam_direction(work, dots, finite)
+        self.base_optimizer.step()
+        self._restore_on_skip([(w["params"], w["old"]) for w in work], finite)
+        if stats_step:
+            self._record_stats(counts, sums, dots, sum(persist) if persist else None)
+        self._step += 1
+
+    def _direction(self, group, g, gp, bucket, dots):
+        """d before weight decay, on one group's flat gradients."""
+        f = self.flags
+        d = gp
+        if self._has_bin_rule(group):
+            scale, use_sam = self._bin_tables(group, gp)
+            if use_sam is not None:
+                d = torch.where(use_sam[bucket], gp, g)
+            if scale is not None:
+                d = d * scale[bucket]
+        if group["combine"] == "magnitude":
+            d = gp.abs() * g.sign()
+        elif group["combine"] == "direction":
+            d = gp.sign() * g.abs()
+        if f["gsam_alpha"] > 0:   # g_perp = g - (<g,g'>/||g'||^2) g'
+            coef = dots["g_gp"] / (dots["gp_gp"] + f["norm_eps"])
+            d = d - f["gsam_alpha"] * (g - coef * gp)
+        return d
+
+    # ------------------------------------------------------------------ one-pass steps
+    def _one_pass_step(self):
+        f = self.flags
+        active = [(group, *self._active(group)) for group in self.param_groups]
+        active = [(group, params, grads) for group, params, grads in active if params]
+        if not active:
+            return
+        if f["looksam_k"] > 1:   # g + alpha ||g||/||g_v|| g_v with g_v from the last refresh (global norms)
+            gvs = [[self.state[p].get("looksam_gv", torch.zeros_like(p)) for p in params] for _, params, _ in active]
+            ratio = self._norm([g for _, _, grads in active for g in grads]) / (
+                self._norm([v for gv in gvs for v in gv]) + f["norm_eps"])
+        old, finite = [], None
+        for i, (group, params, grads) in enumerate(active):
+            if f["descent"] == "hessian":
+                d = self._hessian_direction(group, params, grads)
+            elif f["looksam_k"] > 1:
+                d = torch._foreach_add(grads, torch._foreach_mul(gvs[i], f["looksam_alpha"] * ratio))
+            else:
+                d = grads
+            flat = flatten([x.detach() for x in d])
+            ok = torch.isfinite(flat.sum())
+            finite = ok if finite is None else finite & ok
+            old.append((params, flatten(params), grads, flat))
+        for params, _, grads, flat in old:
+            torch._foreach_copy_(grads, unflatten(flat.masked_fill_(~finite, 0.0), grads))
+        self.base_optimizer.step()
+        self._restore_on_skip([(params, flat_w) for params, flat_w, _, _ in old], finite)
+        self._step += 1
+
+    def _restore_on_skip(self, params_and_old, finite):
+        """After the base step: lerp with weight 0 keeps the new weights, weight 1 restores the old, exactly."""
+        skip = ~finite
+        for params, old in params_and_old:
+            torch._foreach_lerp_(params, unflatten(old, params), skip.to(old.dtype))
+        self._skipped = skip.long() + (self._skipped if self._skipped is not None else 0)
+        self._opt_called = True   # lets LR schedulers attached to this wrapper see the step
+
+    def _hessian_direction(self, group, params, grads):
+        """SGDHESS (seed 002): d = (1 + rho_H |Hz|) g, one Rademacher probe z, conv kernels averaged
+        over their spatial dims (origin 1.15)."""
+        if self._step % self.flags["hessian_every"] == 0 or "hess_d" not in self.state[params[0]]:
+            if not all(g.requires_grad for g in grads):
+                raise ValueError("sgdhess needs the first backward with create_graph=True (see opt.create_graph)")
+            probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+            with torch.enable_grad():
+                hz = torch.autograd.grad(grads, params, grad_outputs=probes)
+            for p, h in zip(params, hz):   # the averaging differs by tensor rank: once per refresh
+                h = h.abs()
+                self.state[p]["hess_d"] = h.mean(dim=(2, 3), keepdim=True).expand_as(h).clone() if h.dim() == 4 else h
+        curv = [self.state[p]["hess_d"] for p in params]
+        return torch._foreach_addcmul([g.detach() for g in grads], curv, [g.detach() for g in grads],
+                                      value=group["rho"])
+
+    # ------------------------------------------------------------------ small helpers
+    def _active(self, group=None):
+        groups = [group] if group is not None else self.param_groups
+        params = [p for g in groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise TypeError("SAM does not support sparse gradients")
+        if len({(g.device, g.dtype) for g in grads}) > 1:
+            raise ValueError("all parameters of a param group must share device and dtype; "
+                             "put the others in a param group of their own")
+        return params, grads
+
+    def _needs_plain_grad(self):
+        f = self.flags
+        stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
+        return (stats_step or f["gsam_alpha"] > 0 or f["looksam_k"] > 1 or f["friendly_sigma"] > 0
+                or any(self._has_bin_rule(g) or g["combine"] for g in self.param_groups))
+
+    def _needs_global_dots(self):
+        return self.flags["gsam_alpha"] > 0 or self.flags["looksam_k"] > 1
+
+    @staticmethod
+    def _has_bin_rule(group):
+        return tuple(group["bin_scale"]) != (1, 1, 1, 1, 1) or group["sam_bins"] != "01234"
+
+    def _bin_tables(self, group, like):
+        """Per-bucket multiplier and source (g' or g) of the bin rule, as small device tensors.
+
+        The multiplier is const + c * of_c + (1/c) * of_inv_c with c a kernel argument, so a
+        warming-up c costs no host-to-device copy."""
+        c = group["condition"]
+        if self.flags["condition_warmup"] > 0:
+            c = 1 + (c - 1) * min(1.0, self._step / self.flags["condition_warmup"])
+        key = (tuple(group["bin_scale"]), group["sam_bins"], like.device, like.dtype)
+        if key not in self._tables:
+            coef = {"c": (0.0, 1.0, 0.0), "1/c": (0.0, 0.0, 1.0)}
+            per_bin = [coef[s] if isinstance(s, str) else (float(s), 0.0, 0.0) for s in group["bin_scale"]]
+            table = torch.tensor([per_bin[b] for b in BUCKET_BIN], dtype=like.dtype).T.to(like.device)
+            use_sam = torch.tensor([str(b) in group["sam_bins"] for b in BUCKET_BIN]).to(like.device)
+            self._tables[key] = (table, None if group["sam_bins"] == "01234" else use_sam)
+        (const, of_c, of_inv_c), use_sam = self._tables[key]
+        neutral = tuple(group["bin_scale"]) == (1, 1, 1, 1, 1)
+        return None if neutral else const + c * of_c + (1 / c) * of_inv_c, use_sam
+
+    def _edges(self, like):
+        """Bucket edges for r in like's dtype: nextafter gives exact -1, 0 and 1 their own buckets."""
+        key = ("edges", like.device, like.dtype)
+        if key not in self._tables:
+            one = torch.ones((), dtype=like.dtype)
+            up = lambda x: torch.nextafter(x, x + 1)
+            edges = [-one, up(-one), 0 * one, up(0 * one), one, up(one)] + [one * e for e in FINE_EDGES]
+            self._tables[key] = torch.stack(edges + [one * math.inf]).to(like.device)
+        return self._tables[key]
+
+    def _global_dots(self, work):
+        """<g,g>, <g',g'>, <g,g'> over every group, in float64 on the device."""
+        device = work[0]["old"].device
+        acc = torch.zeros(3, dtype=torch.float64, device=device)
+        for w in work:
+            g, gp = w["g"], w["gp"]
+            acc += torch.stack([torch.dot(g, g), torch.dot(gp, gp), torch.dot(g, gp)]).to(device, torch.float64)
+        return dict(g_g=acc[0], gp_gp=acc[1], g_gp=acc[2])
+
+    @staticmethod
+    def _norm(tensors):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+    def _fisher_diagonal(self, grads):
+        """f = 1 + fisher_eta g^2, the diagonal Fisher of Fisher SAM from the same mini-batch."""
+        return torch._foreach_add(torch._foreach_mul(torch._foreach_mul(grads, grads), self.flags["fisher_eta"]), 1.0)
+
+    def _masks(self, params):
+        """Sparse SAM masks (bool). Built over all trainable parameters at first use: SSAM-D at random
+        with exactly (1 - sparsity) N live entries, SSAM-F empty until its first Fisher mask."""
+        if any("mask" not in self.state[p] for p in params):
+            every = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            n = sum(p.numel() for p in every)
+            if self.flags["mask_mode"] == "dynamic":
+                live = _top_k_mask(torch.rand(n), int(round((1 - self.flags["sparsity"]) * n)))
+            else:
+                live = torch.zeros(n, dtype=torch.bool)
+            for p, part in zip(every, unflatten(live, every)):
+                self.state[p]["mask"] = part.to(p.device).clone()
+        return [self.state[p]["mask"] for p in params]
+
+    def _update_friendly_ema(self, work, finite):
+        weight = (1 - self.flags["friendly_lambda"]) * finite.to(work[0]["old"].dtype)
+        for w in work:   # m <- lambda m + (1 - lambda) g; kept as it was on a skipped step
+            ema = [self.state[p]["friendly_m"] for p in w["params"]]
+            torch._foreach_lerp_(ema, unflatten(torch.nan_to_num(w["g"]), w["params"]), weight)
+
+    def _store_looksam_direction(self, work, dots, finite):
+        """g_v = g' - (<g,g'>/||g||^2) g: the part of the SAM gradient orthogonal to g."""
+        coef = dots["g_gp"] / (dots["g_g"] + self.flags["norm_eps"])
+        for w in work:
+            gv = (w["gp"] - coef.to(w["gp"].dtype) * w["g"]).masked_fill_(~finite, 0.0)
+            for p, part in zip(w["params"], unflatten(gv, w["params"])):
+                self.state[p]["looksam_gv"] = part
+
+    def _track_persistence(self, gi, bucket):
+        """Counts of: the checkpoint-1 set at t0, its overlap with this step's, the running intersection."""
+        in_ckpt1 = (bucket >= FIRST_FINE) & (bucket < FIRST_FINE + len(FINE_NAMES))
+        if self._persist is None:
+            self._persist = {}
+        if gi not in self._persist:
+            self._persist[gi] = (in_ckpt1.clone(), in_ckpt1.clone())
+        at_t0, running = self._persist[gi]
+        running &= in_ckpt1
+        return torch.stack([at_t0.sum(), (at_t0 & in_ckpt1).sum(), running.sum()]).double()
+
+    def _record_stats(self, counts, sums, dots, persist):
+        device = counts.device
+        if "bin_of_bucket" not in self._tables:
+            self._tables["bin_of_bucket"] = torch.tensor(BUCKET_BIN).to(device)
+        bins = torch.zeros(5, dtype=torch.float64, device=device).index_add_(0, self._tables["bin_of_bucket"], counts)
+        fine = counts[FIRST_FINE:FIRST_FINE + len(FINE_NAMES)]
+        n = sums[2]
+        g_norm, gp_norm = dots["g_g"].sqrt(), dots["gp_gp"].sqrt()
+        cos = dots["g_gp"] / (g_norm * gp_norm).clamp_min(1e-300)
+        if persist is None:
+            persist = torch.full((3,), math.nan, dtype=torch.float64, device=device)
+        self._stats = torch.cat([torch.full((1,), float(self._step), dtype=torch.float64, device=device),
+                                 100 * bins / n, 100 * fine / n,
+                                 torch.stack([g_norm, gp_norm, sums[1].sqrt(), cos, 100 * sums[0] / n]),
+                                 torch.zeros(1, dtype=torch.float64, device=device), persist])
+
+
+def _resolve(value, c):
+    return {"c": c, "1/c": 1 / c}.get(value, value) if isinstance(value, str) else float(value)
+
+
+def _top_k_mask(score, k):
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(score, k).indices] = True
+    return mask
+
+
+def _check_flags(flags):
+    """Clear errors for flag values that cannot work, or that cannot work together."""
+    if not isinstance(flags["rho"], (int, float)) or flags["rho"] < 0:
+        raise ValueError(f"rho must be a number >= 0, got {flags['rho']!r}")
+    if not flags["p"] > 1:
+        raise ValueError(f"p must be > 1 (2 is SAM, inf the L-inf ball), got {flags['p']!r}")
+    if flags["descent"] not in ("sam", "sgd", "hessian"):
+        raise ValueError(f"descent must be 'sam', 'sgd' or 'hessian', got {flags['descent']!r}")
+    if flags["combine"] not in ("", "magnitude", "direction"):
+        raise ValueError(f"combine must be '', 'magnitude' or 'direction', got {flags['combine']!r}")
+    if flags["mask_mode"] not in ("fisher", "dynamic"):
+        raise ValueError(f"mask_mode must be 'fisher' or 'dynamic', got {flags['mask_mode']!r}")
+    if not 0 <= flags["sparsity"] < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {flags['sparsity']!r}")
+    if len(flags["bin_scale"]) != 5 or any(isinstance(s, str) and s not in ("c", "1/c") for s in flags["bin_scale"]):
+        raise ValueError(f"bin_scale needs 5 entries (B0..B4), numbers or 'c' or '1/c'; got {flags['bin_scale']!r}")
+    if not set(flags["sam_bins"]) <= set("01234"):
+        raise ValueError(f"sam_bins names bins among '01234', got {flags['sam_bins']!r}")
+    if flags["condition"] <= 0:
+        raise ValueError(f"condition must be > 0, got {flags['condition']!r}")
+    if int(flags["looksam_k"]) != flags["looksam_k"] or flags["looksam_k"] < 1:
+        raise ValueError(f"looksam_k must be an integer >= 1, got {flags['looksam_k']!r}")
+    if flags["hessian_every"] < 1 or flags["stats_every"] < 0:
+        raise ValueError("hessian_every must be >= 1 and stats_every >= 0")
+    if not flags["normalize"] and flags["p"] != 2:
+        raise ValueError("normalize=False (USAM) is defined for p=2 only")
+    if flags["fisher_eta"] > 0 and (flags["adaptive"] or flags["p"] != 2 or not flags["normalize"]):
+        raise ValueError("fisher_eta (Fisher SAM) is its own geometry: use it without adaptive, p or normalize=False")
+    rule = tuple(flags["bin_scale"]) != (1, 1, 1, 1, 1) or flags["sam_bins"] != "01234"
+    if flags["combine"] and rule:
+        raise ValueError("combine (sammagnitude/samdirection) replaces the bin rule: set one of them")
+    if flags["looksam_k"] > 1 and (rule or flags["combine"] or flags["gsam_alpha"] > 0):
+        raise ValueError("LookSAM reuses g' itself: it does not combine with bin rules, combine or GSAM")
+    if flags["descent"] != "sam" and (rule or flags["combine"] or flags["gsam_alpha"] > 0 or flags["looksam_k"] > 1):
+        raise ValueError(f"descent={flags['descent']!r} takes one pass and has no g': no bin rule, combine, GSAM or LookSAM")
+
+
+def disable_running_stats(model):
+    """Keep BatchNorm running statistics out of this pass (momentum 0), as davda54/sam's example."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not hasattr(module, "_sam_momentum"):
+            module._sam_momentum = module.momentum
+            module.momentum = 0.0
+
+
+def enable_running_stats(model):
+    """Undo disable_running_stats before the next step's first pass."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and hasattr(module, "_sam_momentum"):
+            module.momentum = module._sam_momentum
+            del module._sam_momentum
