@@ -13,7 +13,9 @@ Named presets live in VARIANTS. The ratio statistics (share of each checkpoint, 
 bins, norms, cosine, persistence of the checkpoint-1 set) are computed on the device and read
 with `opt.stats`, the one host sync. Depends on torch alone: copy this file.
 """
+import inspect
 import math
+import numbers
 import warnings
 
 import torch
@@ -92,8 +94,6 @@ VARIANTS = {
 FINE_EDGES = (1.2, 1.5, 2.0, 4.0, 8.0, 16.0)
 FINE_NAMES = ("r1_1.2", "r1.2_1.5", "r1.5_2", "r2_4", "r4_8", "r8_16", "r16_inf")
 #            r<-1 r=-1 (-1,0) r=0 (0,1) r=1 then the 7 fine buckets of r>1, then nan/inf
-BUCKET_BIN = (3, 0, 4, 0, 2, 0) + (1,) * 7 + (0,)
-FIRST_FINE = 6
 STAT_KEYS = (("step",) + tuple(f"ckpt{k}" for k in range(5)) + FINE_NAMES +
              ("grad_norm", "perturbed_grad_norm", "weight_norm", "cos", "mag_up", "skipped",
               "persist_t0", "persist_overlap", "persist_running"))
@@ -120,6 +120,8 @@ class SAM(torch.optim.Optimizer):
         self.variant = variant
         _check_flags(flags)
         super().__init__(params, flags)
+        if "foreach" in inspect.signature(base_optimizer).parameters:
+            kwargs.setdefault("foreach", True)   # torch picks the per-tensor loop on CPU by default
         try:
             self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         except TypeError as err:
@@ -134,33 +136,40 @@ class SAM(torch.optim.Optimizer):
         self.flags = {k: self.param_groups[0][k] for k in FLAGS}
         self._step = 0                 # completed SAM steps
         self._perturbed = False
+        self._finished_in_first_step = False
         self._skipped = None           # device counter of skipped (non-finite) steps
         self._warned_skips = False
         self._stats = None             # device vector laid out as STAT_KEYS
         self._persist = None           # per group: (checkpoint-1 set at t0, running intersection)
         self._clean = None             # imbsam: {param: clean gradient}
         self._work = None              # per-step buffers between first_step and second_step
-        self._tables = {}              # small constant device tensors (bucket edges, bin tables)
+        self._buffers = {}             # per param group: persistent flat buffers (see _workspace)
 
     # ------------------------------------------------------------------ the two passes
     @torch.no_grad()
     def first_step(self, zero_grad=False):
         """Ascent: keep w, then w <- w + e (e from the flags). On one-pass steps, the whole update."""
-        if self.single_pass:
-            self._one_pass_step()
-        else:
-            self._ascend()
+        if self._perturbed:
+            raise RuntimeError("first_step() called twice: call second_step() to return to w first")
+        with _full_precision(self.param_groups):
+            if self.single_pass:
+                self._one_pass_step()
+                self._finished_in_first_step = True
+            else:
+                self._ascend(grads_disposable=zero_grad)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
         """Descent: w + e -> w exactly, d from (g, g', r), base step at w. Non-finite: skip, keep w."""
-        if not self._perturbed:  # a one-pass step already finished in first_step
-            if zero_grad:
-                self.zero_grad()
-            return
-        self._descend()
+        if self._perturbed:
+            with _full_precision(self.param_groups):
+                self._descend()
+        elif self._finished_in_first_step:   # a one-pass step needs no second pass
+            self._finished_in_first_step = False
+        else:
+            raise RuntimeError("second_step() without first_step(): nothing to descend from")
         if zero_grad:
             self.zero_grad()
 
@@ -175,7 +184,7 @@ class SAM(torch.optim.Optimizer):
         self.first_step(zero_grad=True)
         if self._perturbed:
             closure()
-            self.second_step(zero_grad=True)
+        self.second_step(zero_grad=True)
         return loss
 
     # ------------------------------------------------------------------ public helpers
@@ -280,13 +289,18 @@ class SAM(torch.optim.Optimizer):
         counters = state_dict["counters"]
         self._step, self._skipped, self._stats = counters["step"], counters["skipped"], counters["stats"]
         self._warned_skips, self._persist = counters["warned_skips"], counters["persist"]
-        self._tables = {}
+        self.flags = {k: self.param_groups[0][k] for k in FLAGS}
+        self._buffers = {}
 
     # ------------------------------------------------------------------ ascent
-    def _ascend(self):
+    def _ascend(self, grads_disposable):
         f = self.flags
         keep_g = self._needs_plain_grad()
-        work, directions = [], []
+        # e along g itself: ||g|| comes from one dot product on a flat copy, far cheaper than a
+        # norm per tensor; the flat copy is the kept g, or the weight buffer before it holds w
+        plain_norm = f["p"] == 2 and f["normalize"] and f["fisher_eta"] == 0 and f["friendly_sigma"] == 0 \
+            and not any(group["adaptive"] for group in self.param_groups)
+        work, directions, squares = [], [], []
         for group in self.param_groups:
             params, grads = self._active(group)
             if not params:
@@ -304,14 +318,17 @@ class SAM(torch.optim.Optimizer):
                 scale = torch._foreach_add(torch._foreach_abs(params), group["asam_eta"])
                 direction = torch._foreach_mul(direction, scale)
             directions.append((group, params, grads, direction, scale))
-            work.append(dict(group=group, params=params, old=flatten(params),
-                             g=flatten(grads) if keep_g else None))
+            w = self._workspace(group, params, keep_g)
+            flat_g = w["g"] if keep_g else w["buf"]
+            if keep_g or plain_norm:
+                torch._foreach_copy_(w["g_views"] if keep_g else w["views"], grads)
+                squares.append(torch.dot(flat_g, flat_g))
+            torch._foreach_copy_(w["views"], params)   # keep w
+            work.append(w)
         if not work:
             return
-        norm = self._ascent_norm(directions)
-        grad_sq = torch.stack([n.to(norm.device) for _, _, grads, _, _ in directions
-                               for n in torch._foreach_norm(grads)]).square().sum()
-        finite = torch.isfinite(grad_sq)
+        norm = sum(squares).sqrt() if plain_norm else self._ascent_norm(directions)
+        finite = torch.isfinite(sum(squares) if squares else self._norm([g for d in directions for g in d[2]]))
         for group, params, grads, h, scale in directions:
             if f["fisher_eta"] > 0:
                 e = torch._foreach_div(h, self._fisher_diagonal(grads))
@@ -323,7 +340,10 @@ class SAM(torch.optim.Optimizer):
                 if scale is not None:
                     torch._foreach_mul_(e, scale)
             radius = group["rho"] / (norm + f["norm_eps"]) if f["normalize"] else group["rho"]
-            e = torch._foreach_mul(e, radius)
+            if e is grads and grads_disposable:   # the grads are zeroed next: scale them in place
+                torch._foreach_mul_(e, radius)
+            else:
+                e = torch._foreach_mul(e, radius)
             if self.sparse:  # sparse SAM masks e but keeps the full norm: ||e|| <= rho
                 torch._foreach_mul_(e, self._masks(params))
             torch._foreach_add_(params, e)   # climb to w + e
@@ -352,70 +372,81 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ descent
     def _descend(self):
+        """One flat buffer per group serves three roles in turn: w (restore), g' (to build d), w again
+        (to undo a skipped step). With g kept for the ratio, that is two parameter-sized buffers."""
         f = self.flags
         work, self._work, self._perturbed = self._work, None, False
         stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
-        device = work[0]["old"].device
-        for w in work:   # back to w, bit for bit
-            torch._foreach_copy_(w["params"], unflatten(w["old"], w["params"]))
+        device = work[0]["buf"].device
+        for w in work:
             w["gp_grads"] = [p.grad for p in w["params"]]
             if any(g is None for g in w["gp_grads"]):
                 raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
-            w["gp"] = flatten(w["gp_grads"])
-        dots = self._global_dots(work) if (stats_step or self._needs_global_dots()) else None
-        # per-step sums on the device: bucket counts, then |g'|>|g| count, ||w||^2, coordinates
-        counts = torch.zeros(len(BUCKET_BIN), dtype=torch.float64, device=device) if stats_step else None
-        sums = torch.zeros(3, dtype=torch.float64, device=device) if stats_step else None
-        persist = []
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        for gi, w in enumerate(work):
-            group, g, gp = w["group"], w["g"], w["gp"]
-            bucket = None
-            if g is not None and (stats_step or self._has_bin_rule(group)):
-                bucket = torch.bucketize(gp / (g + f["ratio_eps"]), self._edges(gp), right=True)
             if stats_step:
-                counts += torch.bincount(bucket, minlength=len(BUCKET_BIN)).to(counts.device, torch.float64)
-                old = w["old"].float()
-                sums += torch.stack([(gp.abs() > g.abs()).sum().double(), torch.dot(old, old).double(),
-                                     torch.tensor(float(gp.numel()), dtype=torch.float64, device=device)])
-                if f["persist_from"] is not None and self._step >= f["persist_from"]:
-                    persist.append(self._track_persistence(gi, bucket))
-            d = self._direction(group, g, gp, bucket, dots)
+                w["w_sq"] = torch.dot(w["buf"], w["buf"])
+            torch._foreach_copy_(w["params"], w["views"])    # back to w, bit for bit
+            torch._foreach_copy_(w["views"], w["gp_grads"])  # the buffer now holds g'
+        dots = self._global_dots(work) if (stats_step or self._needs_global_dots()) else None
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        counts, persist = [], []
+        for gi, w in enumerate(work):
+            group, g, gp = w["group"], w["g"], w["buf"]
+            if g is not None and (stats_step or self._has_bin_rule(group)):
+                masks = _checkpoint_masks(gp / (g + f["ratio_eps"]), want_fine=stats_step)
+                if stats_step:
+                    counts.append(torch.cat([torch.stack([torch.count_nonzero(m) for m in masks]).double(),
+                                             w["w_sq"].double().view(1)]))
+                    if f["persist_from"] is not None and self._step >= f["persist_from"]:
+                        persist.append(self._track_persistence(gi, masks[0]))
+                self._apply_rule(group, g, gp, masks[:4])
+            self._combine(group, g, gp, dots)
             if self._clean is not None:
-                d = d + flatten([self._clean.get(p, torch.zeros_like(p)) for p in w["params"]])
-            finite &= w["finite"] & torch.isfinite(d.sum())
-            w["d"] = d
-        for w in work:   # a non-finite g or g' gives d = 0 and, below, the old weights back
-            torch._foreach_copy_(w["gp_grads"], unflatten(w["d"].masked_fill_(~finite, 0.0), w["gp_grads"]))
+                torch._foreach_add_(w["views"], [self._clean.get(p, torch.zeros_like(p)) for p in w["params"]])
+            finite &= w["finite"] & torch.isfinite(torch.dot(gp, gp))
+        self._hand_over(work, finite)
         self._clean = None
         if f["friendly_sigma"] > 0:
             self._update_friendly_ema(work, finite)
         if f["looksam_k"] > 1:
-            self._store_looksam_direction(work, dots, finite)
-        self.base_optimizer.step()
-        self._restore_on_skip([(w["params"], w["old"]) for w in work], finite)
+            self._store_looksam_direction(work, dots)
+        self._base_step(work, finite)
         if stats_step:
-            self._record_stats(counts, sums, dots, sum(persist) if persist else None)
+            self._record_stats(torch.stack(counts).sum(0), dots, sum(persist) if persist else None,
+                               sum(w["buf"].numel() for w in work))
         self._step += 1
 
-    def _direction(self, group, g, gp, bucket, dots):
-        """d before weight decay, on one group's flat gradients."""
-        f = self.flags
-        d = gp
-        if self._has_bin_rule(group):
-            scale, use_sam = self._bin_tables(group, gp)
-            if use_sam is not None:
-                d = torch.where(use_sam[bucket], gp, g)
-            if scale is not None:
-                d = d * scale[bucket]
-        if group["combine"] == "magnitude":
-            d = gp.abs() * g.sign()
-        elif group["combine"] == "direction":
-            d = gp.sign() * g.abs()
-        if f["gsam_alpha"] > 0:   # g_perp = g - (<g,g'>/||g'||^2) g'
-            coef = dots["g_gp"] / (dots["gp_gp"] + f["norm_eps"])
-            d = d - f["gsam_alpha"] * (g - coef * gp)
-        return d
+    def _apply_rule(self, group, g, d, masks):
+        """The bin rule in place on d = g': source g' or g per bin, then a multiplier per bin."""
+        if group["sam_bins"] != "01234":
+            use_sam = torch.zeros_like(masks[0])
+            for k in range(1, 5):
+                if str(k) in group["sam_bins"]:
+                    use_sam |= masks[k - 1]
+            if "0" in group["sam_bins"]:   # leftovers: in no checkpoint
+                use_sam |= ~(masks[0] | masks[1] | masks[2] | masks[3])
+            torch.where(use_sam, d, g, out=d)
+        scale = [_resolve(s, self._condition(group)) for s in group["bin_scale"]]
+        if scale != [1, 1, 1, 1, 1]:
+            factor = torch.full_like(d, scale[0])
+            for k in range(1, 5):
+                if scale[k] != scale[0]:
+                    factor.masked_fill_(masks[k - 1], scale[k])
+            d.mul_(factor)
+
+    def _combine(self, group, g, d, dots):
+        """sammagnitude, samdirection and GSAM, in place on d = g'."""
+        if group["combine"] == "magnitude":     # SAM's magnitude, SGD's sign
+            d.abs_().mul_(g.sign())
+        elif group["combine"] == "direction":   # SAM's sign, SGD's magnitude
+            d.sign_().mul_(g.abs())
+        alpha = self.flags["gsam_alpha"]
+        if alpha > 0:   # d = g' - alpha (g - (<g,g'>/||g'||^2) g')
+            coef = dots["g_gp"] / (dots["gp_gp"] + self.flags["norm_eps"])
+            d.mul_(1 + alpha * coef.to(d.dtype)).add_(g, alpha=-alpha)
+
+    def _condition(self, group):
+        c, warm = group["condition"], self.flags["condition_warmup"]
+        return 1 + (c - 1) * min(1.0, self._step / warm) if warm > 0 else c
 
     # ------------------------------------------------------------------ one-pass steps
     def _one_pass_step(self):
@@ -428,7 +459,7 @@ class SAM(torch.optim.Optimizer):
             gvs = [[self.state[p].get("looksam_gv", torch.zeros_like(p)) for p in params] for _, params, _ in active]
             ratio = self._norm([g for _, _, grads in active for g in grads]) / (
                 self._norm([v for gv in gvs for v in gv]) + f["norm_eps"])
-        old, finite = [], None
+        work, finite = [], None
         for i, (group, params, grads) in enumerate(active):
             if f["descent"] == "hessian":
                 d = self._hessian_direction(group, params, grads)
@@ -436,21 +467,39 @@ class SAM(torch.optim.Optimizer):
                 d = torch._foreach_add(grads, torch._foreach_mul(gvs[i], f["looksam_alpha"] * ratio))
             else:
                 d = grads
-            flat = flatten([x.detach() for x in d])
-            ok = torch.isfinite(flat.sum())
+            w = self._workspace(group, params, keep_g=False)
+            torch._foreach_copy_(w["views"], [x.detach() for x in d])
+            w["gp_grads"] = grads
+            ok = torch.isfinite(torch.dot(w["buf"], w["buf"]))
             finite = ok if finite is None else finite & ok
-            old.append((params, flatten(params), grads, flat))
-        for params, _, grads, flat in old:
-            torch._foreach_copy_(grads, unflatten(flat.masked_fill_(~finite, 0.0), grads))
-        self.base_optimizer.step()
-        self._restore_on_skip([(params, flat_w) for params, flat_w, _, _ in old], finite)
+            work.append(w)
+        stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
+        if stats_step:   # no g' on a one-pass step: only the norms are defined
+            g_sq = sum(self._norm([g.detach() for g in grads]).square().double() for _, _, grads in active)
+            w_sq = sum(self._norm(params).square().double() for _, params, _ in active)
+        self._hand_over(work, finite)
+        self._base_step(work, finite)
+        if stats_step:
+            nan = torch.full((), math.nan, dtype=torch.float64, device=g_sq.device)
+            counts = torch.cat([nan.expand(4 + len(FINE_EDGES)), w_sq.view(1)])
+            self._record_stats(counts, dict(g_g=g_sq, gp_gp=nan, g_gp=nan), None, 1)
         self._step += 1
 
-    def _restore_on_skip(self, params_and_old, finite):
-        """After the base step: lerp with weight 0 keeps the new weights, weight 1 restores the old, exactly."""
+    def _hand_over(self, work, finite):
+        """Write d (in each buffer) into p.grad for the base optimizer: d = 0 on a non-finite step."""
+        keep = finite.to(work[0]["buf"].dtype)
+        for w in work:
+            w["buf"].mul_(keep).nan_to_num_(0.0, 0.0, 0.0)
+            torch._foreach_copy_(w["gp_grads"], w["views"])
+
+    def _base_step(self, work, finite):
+        """The base optimizer's step at w; on a skipped step the weights come back exactly."""
+        for w in work:
+            torch._foreach_copy_(w["views"], w["params"])   # the buffer holds w again
+        self.base_optimizer.step()
         skip = ~finite
-        for params, old in params_and_old:
-            torch._foreach_lerp_(params, unflatten(old, params), skip.to(old.dtype))
+        for w in work:   # lerp with weight 0 keeps the new weights, with weight 1 restores w, exactly
+            torch._foreach_lerp_(w["params"], w["views"], skip.to(w["buf"].dtype))
         self._skipped = skip.long() + (self._skipped if self._skipped is not None else 0)
         self._opt_called = True   # lets LR schedulers attached to this wrapper see the step
 
@@ -495,41 +544,25 @@ class SAM(torch.optim.Optimizer):
     def _has_bin_rule(group):
         return tuple(group["bin_scale"]) != (1, 1, 1, 1, 1) or group["sam_bins"] != "01234"
 
-    def _bin_tables(self, group, like):
-        """Per-bucket multiplier and source (g' or g) of the bin rule, as small device tensors.
-
-        The multiplier is const + c * of_c + (1/c) * of_inv_c with c a kernel argument, so a
-        warming-up c costs no host-to-device copy."""
-        c = group["condition"]
-        if self.flags["condition_warmup"] > 0:
-            c = 1 + (c - 1) * min(1.0, self._step / self.flags["condition_warmup"])
-        key = (tuple(group["bin_scale"]), group["sam_bins"], like.device, like.dtype)
-        if key not in self._tables:
-            coef = {"c": (0.0, 1.0, 0.0), "1/c": (0.0, 0.0, 1.0)}
-            per_bin = [coef[s] if isinstance(s, str) else (float(s), 0.0, 0.0) for s in group["bin_scale"]]
-            table = torch.tensor([per_bin[b] for b in BUCKET_BIN], dtype=like.dtype).T.to(like.device)
-            use_sam = torch.tensor([str(b) in group["sam_bins"] for b in BUCKET_BIN]).to(like.device)
-            self._tables[key] = (table, None if group["sam_bins"] == "01234" else use_sam)
-        (const, of_c, of_inv_c), use_sam = self._tables[key]
-        neutral = tuple(group["bin_scale"]) == (1, 1, 1, 1, 1)
-        return None if neutral else const + c * of_c + (1 / c) * of_inv_c, use_sam
-
-    def _edges(self, like):
-        """Bucket edges for r in like's dtype: nextafter gives exact -1, 0 and 1 their own buckets."""
-        key = ("edges", like.device, like.dtype)
-        if key not in self._tables:
-            one = torch.ones((), dtype=like.dtype)
-            up = lambda x: torch.nextafter(x, x + 1)
-            edges = [-one, up(-one), 0 * one, up(0 * one), one, up(one)] + [one * e for e in FINE_EDGES]
-            self._tables[key] = torch.stack(edges + [one * math.inf]).to(like.device)
-        return self._tables[key]
+    def _workspace(self, group, params, keep_g):
+        """Persistent flat buffers of a group (reused every step: no allocation on the hot path)."""
+        key = tuple(map(id, params))
+        ws = self._buffers.get(id(group))
+        if ws is None or ws["key"] != key:
+            buf = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            ws = dict(key=key, group=group, params=params, buf=buf, views=unflatten(buf, params), g=None)
+            self._buffers[id(group)] = ws
+        if keep_g and ws["g"] is None:
+            ws["g"] = torch.empty_like(ws["buf"])
+            ws["g_views"] = unflatten(ws["g"], params)
+        return ws
 
     def _global_dots(self, work):
         """<g,g>, <g',g'>, <g,g'> over every group, in float64 on the device."""
-        device = work[0]["old"].device
+        device = work[0]["buf"].device
         acc = torch.zeros(3, dtype=torch.float64, device=device)
         for w in work:
-            g, gp = w["g"], w["gp"]
+            g, gp = w["g"], w["buf"]
             acc += torch.stack([torch.dot(g, g), torch.dot(gp, gp), torch.dot(g, gp)]).to(device, torch.float64)
         return dict(g_g=acc[0], gp_gp=acc[1], g_gp=acc[2])
 
@@ -556,22 +589,21 @@ class SAM(torch.optim.Optimizer):
         return [self.state[p]["mask"] for p in params]
 
     def _update_friendly_ema(self, work, finite):
-        weight = (1 - self.flags["friendly_lambda"]) * finite.to(work[0]["old"].dtype)
+        weight = (1 - self.flags["friendly_lambda"]) * finite.to(work[0]["buf"].dtype)
         for w in work:   # m <- lambda m + (1 - lambda) g; kept as it was on a skipped step
             ema = [self.state[p]["friendly_m"] for p in w["params"]]
             torch._foreach_lerp_(ema, unflatten(torch.nan_to_num(w["g"]), w["params"]), weight)
 
-    def _store_looksam_direction(self, work, dots, finite):
+    def _store_looksam_direction(self, work, dots):
         """g_v = g' - (<g,g'>/||g||^2) g: the part of the SAM gradient orthogonal to g."""
         coef = dots["g_gp"] / (dots["g_g"] + self.flags["norm_eps"])
-        for w in work:
-            gv = (w["gp"] - coef.to(w["gp"].dtype) * w["g"]).masked_fill_(~finite, 0.0)
+        for w in work:   # w["buf"] holds d = g' (zero on a skipped step)
+            gv = w["buf"] - coef.to(w["buf"].dtype) * w["g"].nan_to_num()
             for p, part in zip(w["params"], unflatten(gv, w["params"])):
                 self.state[p]["looksam_gv"] = part
 
-    def _track_persistence(self, gi, bucket):
+    def _track_persistence(self, gi, in_ckpt1):
         """Counts of: the checkpoint-1 set at t0, its overlap with this step's, the running intersection."""
-        in_ckpt1 = (bucket >= FIRST_FINE) & (bucket < FIRST_FINE + len(FINE_NAMES))
         if self._persist is None:
             self._persist = {}
         if gi not in self._persist:
@@ -580,21 +612,35 @@ class SAM(torch.optim.Optimizer):
         running &= in_ckpt1
         return torch.stack([at_t0.sum(), (at_t0 & in_ckpt1).sum(), running.sum()]).double()
 
-    def _record_stats(self, counts, sums, dots, persist):
+    def _record_stats(self, counts, dots, persist, n):
+        """counts: B1..B4, then r >= each fine edge, then ||w||^2 (summed over groups)."""
         device = counts.device
-        if "bin_of_bucket" not in self._tables:
-            self._tables["bin_of_bucket"] = torch.tensor(BUCKET_BIN).to(device)
-        bins = torch.zeros(5, dtype=torch.float64, device=device).index_add_(0, self._tables["bin_of_bucket"], counts)
-        fine = counts[FIRST_FINE:FIRST_FINE + len(FINE_NAMES)]
-        n = sums[2]
+        b1, b2, b3, b4 = counts[:4]
+        at_least = counts[4:4 + len(FINE_EDGES)]
+        fine = torch.cat([(b1 - at_least[0]).view(1), at_least[:-1] - at_least[1:], at_least[-1:]])
+        bins = torch.stack([n - counts[:4].sum(), b1, b2, b3, b4])
         g_norm, gp_norm = dots["g_g"].sqrt(), dots["gp_gp"].sqrt()
         cos = dots["g_gp"] / (g_norm * gp_norm).clamp_min(1e-300)
         if persist is None:
             persist = torch.full((3,), math.nan, dtype=torch.float64, device=device)
         self._stats = torch.cat([torch.full((1,), float(self._step), dtype=torch.float64, device=device),
                                  100 * bins / n, 100 * fine / n,
-                                 torch.stack([g_norm, gp_norm, sums[1].sqrt(), cos, 100 * sums[0] / n]),
+                                 torch.stack([g_norm, gp_norm, counts[-1].sqrt(), cos, 100 * (b1 + b3) / n]),
                                  torch.zeros(1, dtype=torch.float64, device=device), persist])
+
+
+def _checkpoint_masks(r, want_fine):
+    """Bool masks of the four checkpoints (strict inequalities; r exactly 0, -1, 1 or nan is in none),
+    then, for statistics, r >= each fine edge."""
+    masks = [r > 1, (r > 0) & (r < 1), r < -1, (r < 0) & (r > -1)]
+    if want_fine:
+        masks += [r >= edge for edge in FINE_EDGES]
+    return masks
+
+
+def _full_precision(param_groups):
+    """SAM's own arithmetic (norms, ratios, masks) in the parameters' precision, even inside autocast."""
+    return torch.autocast(param_groups[0]["params"][0].device.type, enabled=False)
 
 
 def _resolve(value, c):
@@ -610,7 +656,7 @@ def _top_k_mask(score, k):
 
 def _check_flags(flags):
     """Clear errors for flag values that cannot work, or that cannot work together."""
-    if not isinstance(flags["rho"], (int, float)) or flags["rho"] < 0:
+    if not isinstance(flags["rho"], numbers.Real) or flags["rho"] < 0:
         raise ValueError(f"rho must be a number >= 0, got {flags['rho']!r}")
     if not flags["p"] > 1:
         raise ValueError(f"p must be > 1 (2 is SAM, inf the L-inf ball), got {flags['p']!r}")
