@@ -65,7 +65,7 @@ VARIANTS = {
     "samme4": dict(bin_scale=(1, 1, 1, 1, "c")),
     "samme12": dict(bin_scale=(1, "c", "c", 1, 1)),
     "samme13": dict(bin_scale=(1, "c", 1, "c", 1)),
-    "samme134": dict(bin_scale=("1/c", "c", "1/c", "c", "c")),  # two-sided, as the origin's sameckpt134
+    "samme134": dict(bin_scale=("c", "c", "1/c", "c", "c")),  # two-sided: /c on B2 only, as the origin
     "samme234": dict(bin_scale=(1, 1, "c", "c", "c")),
     "saner": dict(bin_scale=(1, 1, "c", 1, 1), condition=0.5),   # lhchau/saner: alpha on B2, warmed up
     # CustomSAME (seed 001): increase B1, keep B2, reduce B3, increase B4; d = 0 on leftovers (origin v1)
@@ -327,7 +327,9 @@ class SAM(torch.optim.Optimizer):
             work.append(w)
         if not work:
             return
-        norm = sum(squares).sqrt() if plain_norm else self._ascent_norm(directions)
+        # e = rho T^2 g (USAM) and e = rho T sign(g) (L-inf ball) have nothing to normalise
+        normalized = f["normalize"] and not math.isinf(f["p"])
+        norm = sum(squares).sqrt() if plain_norm else self._ascent_norm(directions) if normalized else None
         finite = torch.isfinite(sum(squares) if squares else self._norm([g for d in directions for g in d[2]]))
         for group, params, grads, h, scale in directions:
             if f["fisher_eta"] > 0:
@@ -339,7 +341,7 @@ class SAM(torch.optim.Optimizer):
                     torch._foreach_pow(torch._foreach_abs(h), 1 / (f["p"] - 1)), torch._foreach_sign(h))
                 if scale is not None:
                     torch._foreach_mul_(e, scale)
-            radius = group["rho"] / (norm + f["norm_eps"]) if f["normalize"] else group["rho"]
+            radius = group["rho"] / (norm + f["norm_eps"]) if normalized else group["rho"]
             if e is grads and grads_disposable:   # the grads are zeroed next: scale them in place
                 torch._foreach_mul_(e, radius)
             else:
@@ -355,8 +357,6 @@ class SAM(torch.optim.Optimizer):
     def _ascent_norm(self, directions):
         """The global norm of the ascent direction over every group (the right dual norm for p)."""
         f = self.flags
-        if not f["normalize"]:
-            return torch.ones((), device=directions[0][1][0].device)
         device = directions[0][1][0].device
         if f["fisher_eta"] > 0:   # sqrt(g . g/f)
             parts = []
@@ -364,8 +364,6 @@ class SAM(torch.optim.Optimizer):
                 weighted = torch._foreach_div(torch._foreach_mul(h, h), self._fisher_diagonal(grads))
                 parts += torch._foreach_norm(weighted, 1)
             return torch.stack([x.to(device) for x in parts]).sum().sqrt()
-        if math.isinf(f["p"]):
-            return torch.ones((), device=device)   # e = rho T sign(g): nothing to normalise
         q = f["p"] / (f["p"] - 1)
         parts = [x.to(device) for _, _, _, h, _ in directions for x in torch._foreach_norm(h, q)]
         return torch.linalg.vector_norm(torch.stack(parts), q) ** (q - 1)
@@ -408,7 +406,7 @@ class SAM(torch.optim.Optimizer):
         if f["friendly_sigma"] > 0:
             self._update_friendly_ema(work, finite)
         if f["looksam_k"] > 1:
-            self._store_looksam_direction(work, dots)
+            self._store_looksam_direction(work, dots, finite)
         self._base_step(work, finite)
         if stats_step:
             self._record_stats(torch.stack(counts).sum(0), dots, sum(persist) if persist else None,
@@ -594,11 +592,12 @@ class SAM(torch.optim.Optimizer):
             ema = [self.state[p]["friendly_m"] for p in w["params"]]
             torch._foreach_lerp_(ema, unflatten(torch.nan_to_num(w["g"]), w["params"]), weight)
 
-    def _store_looksam_direction(self, work, dots):
-        """g_v = g' - (<g,g'>/||g||^2) g: the part of the SAM gradient orthogonal to g."""
+    def _store_looksam_direction(self, work, dots, finite):
+        """g_v = g' - (<g,g'>/||g||^2) g: the part of the SAM gradient orthogonal to g (kept on a skip)."""
         coef = dots["g_gp"] / (dots["g_g"] + self.flags["norm_eps"])
-        for w in work:   # w["buf"] holds d = g' (zero on a skipped step)
-            gv = w["buf"] - coef.to(w["buf"].dtype) * w["g"].nan_to_num()
+        for w in work:
+            previous = flatten([self.state[p].get("looksam_gv", torch.zeros_like(p)) for p in w["params"]])
+            gv = torch.where(finite, w["buf"] - coef.to(w["buf"].dtype) * w["g"], previous)
             for p, part in zip(w["params"], unflatten(gv, w["params"])):
                 self.state[p]["looksam_gv"] = part
 

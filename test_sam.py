@@ -1,0 +1,1117 @@
+# ---- sam.py
+"""sam.py against references written straight from the formulas (float64, tiny tensors, plain
+per-tensor torch), in the style of micrograd (an independent oracle) and schedule_free (synthetic
+gradients, equivalence checks after every step).
+
+Notation (../shared/spec/origin.md section 0): g = gradient at w, g' = gradient at w + e,
+r = g' / (g + 1e-8) with the eps added (not sign-aware); checkpoints with strict inequalities
+B1: r > 1, B2: 0 < r < 1, B3: r < -1, B4: -1 < r < 0, B0 the rest. The base optimizer sees d
+at the unperturbed w; its weight decay and momentum act after d and are never scaled.
+"""
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+import sam
+from sam import SAM, VARIANTS, disable_running_stats, enable_running_stats
+
+DT = torch.float64
+SHAPES = [(3, 4), (6,), (2, 2, 2, 2)]        # 34 coordinates, a conv-shaped kernel among them
+N_COORD = 34
+LR, MOM, WD, RHO = 0.1, 0.9, 0.01, 0.1
+RATIO_EPS, NORM_EPS = 1e-8, 1e-12
+# SGDHESS's documented protocol is backward(create_graph=True); torch warns about the grad cycle
+pytestmark = pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True:UserWarning")
+# g' = q g: each q lands in one checkpoint (B1 through every fine r > 1 bin, B2, B3, B4; q = 0 is B0)
+Q_CYCLE = (3.0, 0.5, -3.0, -0.5, 0.0, 1.1, 1.3, 1.7, 6.0, 12.0, 20.0)
+# near-zero g: the added ratio eps, not the sign of g, decides the sign of r
+TINY_G = ((0.0, 0.5), (1e-12, -0.2), (-3e-8, 0.4), (-5e-9, 0.4), (-5e-9, -0.4))
+TINY_AT = (2, 9, 15, 22, 30)
+
+
+# ------------------------------------------------------------------ reference math (float64, per tensor)
+def split(flat, shapes=SHAPES):
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(flat[i:i + n].reshape(s).clone())
+        i += n
+    return out
+
+
+def norm(ts, q=2.0):
+    return sum((t.abs() ** q).sum() for t in ts) ** (1.0 / q)
+
+
+def dot(a, b):
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def checkpoints(g, gp, eps=RATIO_EPS):
+    """B0..B4 of one tensor, strict inequalities, r = g'/(g + eps)."""
+    r = gp / (g + eps)
+    b1, b2, b3, b4 = r > 1, (r > 0) & (r < 1), r < -1, (r > -1) & (r < 0)
+    return [~(b1 | b2 | b3 | b4), b1, b2, b3, b4]
+
+
+def synthetic_pair(step, shapes=SHAPES, seed=1):
+    """(g, g') lists with every checkpoint, B0 (g' = 0) and near-zero g present."""
+    n = sum(math.prod(s) for s in shapes)
+    gen = torch.Generator().manual_seed(seed + 100 * step)
+    sign = torch.randint(0, 2, (n,), generator=gen).to(DT) * 2 - 1
+    g = (torch.rand(n, generator=gen, dtype=DT) + 0.2) * sign
+    q = torch.tensor([Q_CYCLE[(i + 3 * step) % len(Q_CYCLE)] for i in range(n)], dtype=DT)
+    gp = q * g
+    for (a, b), at in zip(TINY_G, TINY_AT):
+        g[(at + step) % n], gp[(at + step) % n] = a, b
+    return split(g, shapes), split(gp, shapes)
+
+
+def synthetic(t, point, which):
+    g, gp = synthetic_pair(t)
+    return g if which == "g" else gp
+
+
+def make_params(seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen, dtype=DT) + 0.1).requires_grad_() for s in shapes]
+
+
+def top_k_mask(score_list, k):
+    flat = torch.cat([s.flatten() for s in score_list])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat, descending=True)[:k]] = True
+    return split(keep, [tuple(s.shape) for s in score_list])
+
+
+def where_bins(B, ks, a, b):
+    m = torch.zeros_like(B[0])
+    for k in ks:
+        m = m | B[k]
+    return torch.where(m, a, b)
+
+
+# d from (g, g', checkpoints, c) for each preset, per tensor, as the issue and origin sections 1.5-1.7 write it
+def _scaled(**scale):
+    def d(g, gp, B, c):
+        out = gp.clone()
+        for k, s in scale.items():
+            out = torch.where(B[int(k[1])], (c if s == "c" else 1 / c if s == "1/c" else s) * gp, out)
+        return out
+    return d
+
+
+DIRECTIONS = {
+    "samme1": _scaled(b1="c"), "samme2": _scaled(b2="c"), "samme3": _scaled(b3="c"), "samme4": _scaled(b4="c"),
+    "samme12": _scaled(b1="c", b2="c"), "samme13": _scaled(b1="c", b3="c"),
+    # two-sided (origin 1.6): g'/c on B2 and c g' everywhere else, leftovers included
+    "samme134": lambda g, gp, B, c: torch.where(B[2], gp / c, c * gp),
+    "samme234": _scaled(b2="c", b3="c", b4="c"),
+    "saner": _scaled(b2="c"),
+    # CustomSAME v1: x c on B1, x 1 on B2, / c on B3, x c on B4, 0 on leftovers
+    "customsame": lambda g, gp, B, c: gp * sum(s * b.to(DT) for s, b in zip((0.0, c, 1.0, 1 / c, c), B)),
+    "customsame-pos": lambda g, gp, B, c: gp * (gp / (g + RATIO_EPS) > 0),
+    "customsame-no3": lambda g, gp, B, c: gp * ~B[3],
+    **{f"samckpt{b}": (lambda ks: lambda g, gp, B, c: where_bins(B, ks, gp, g))([int(k) for k in b])
+       for b in ("1", "2", "3", "4", "12", "13", "14", "23", "34", "123", "124", "134", "234")},
+    "sammagnitude": lambda g, gp, B, c: gp.abs() * g.sign(),
+    "samdirection": lambda g, gp, B, c: gp.sign() * g.abs(),
+}
+CONDITION = {"saner": 0.5}          # the notes' c = 2 ("g' + g' mask"); SANER's alpha = 0.5
+# presets whose ascent is not rho g/||g|| or whose passes differ, with the documented hyper-parameters
+SPECIAL = {"sgd", "usam", "asam", "linf", "sgdhess", "ssamf", "ssamd", "friendlysam", "imbsam", "fishersam",
+           "gsam", "looksam", "sam"}
+
+
+def ascent(kind, w, h, rho, p=2.0, eta=0.0, fisher_eta=0.0):
+    """e from the formula. kind: sam | usam | lp | asam | asam_usam | fisher."""
+    if kind == "sam":
+        n = norm(h)
+        return [rho * x / (n + NORM_EPS) for x in h]
+    if kind == "usam":
+        return [rho * x for x in h]
+    if kind == "lp":   # Hoelder dual, 1/p + 1/q = 1: rho sign(g)|g|^(q-1)/||g||_q^(q-1); p = inf: rho sign(g)
+        if math.isinf(p):
+            return [rho * x.sign() for x in h]
+        q = p / (p - 1)
+        n = norm(h, q)
+        return [rho * x.sign() * x.abs() ** (q - 1) / (n ** (q - 1) + NORM_EPS) for x in h]
+    if kind == "asam":   # T = |w| + eta: rho T^2 g/||T g||; p = inf: rho T sign(g)
+        T = [x.abs() + eta for x in w]
+        if math.isinf(p):
+            return [rho * t * x.sign() for t, x in zip(T, h)]
+        n = norm([t * x for t, x in zip(T, h)])
+        return [rho * t * t * x / (n + NORM_EPS) for t, x in zip(T, h)]
+    if kind == "asam_usam":
+        return [rho * x.abs() ** 2 * y for x, y in zip(w, h)]
+    if kind == "fisher":   # f = 1 + eta g^2: rho (g/f)/sqrt(g.(g/f))
+        f = [1 + fisher_eta * x * x for x in h]
+        n = sum((x * x / fi).sum() for x, fi in zip(h, f)).sqrt()
+        return [rho * x / fi / (n + NORM_EPS) for x, fi in zip(h, f)]
+    raise AssertionError(kind)
+
+
+class SGDRef:
+    """torch.optim.SGD written out: d + wd w at the unperturbed w, then heavy ball (no dampening)."""
+
+    def __init__(self, lr=LR, momentum=MOM, weight_decay=WD, nesterov=False):
+        self.lr, self.mom, self.wd, self.nesterov, self.buf = lr, momentum, weight_decay, nesterov, None
+
+    def step(self, w, d):
+        d = [x + self.wd * y for x, y in zip(d, w)]
+        self.buf = d if self.buf is None else [self.mom * b + x for b, x in zip(self.buf, d)]
+        upd = [x + self.mom * b for x, b in zip(d, self.buf)] if self.nesterov else self.buf
+        return [y - self.lr * u for y, u in zip(w, upd)]
+
+
+def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, looksam_k=10, **kw):
+    """Points w + e (None on one-pass steps) and weights after each step of preset `name`."""
+    base = base or SGDRef()
+    w = [x.detach().clone() for x in w0]
+    c_target = kw.get("condition", CONDITION.get(name, 2.0))
+    warmup = kw.get("condition_warmup", 0)
+    m = gv = None
+    points, weights = [], []
+    for t in range(steps):
+        g = grad_fn(t, w, "g")
+        single = name == "sgd" or (name == "looksam" and t % looksam_k != 0)
+        if single:
+            if name == "sgd":
+                d = g
+            else:   # LookSAM cheap step: g + alpha ||g||/||g_v|| g_v
+                d = [x + 0.7 * norm(g) / norm(gv) * v for x, v in zip(g, gv)]
+            points.append(None)
+        else:
+            if name == "usam":
+                e = ascent("usam", w, g, rho)
+            elif name == "asam":
+                e = ascent("asam", w, g, rho, eta=0.0)
+            elif name == "linf":
+                e = ascent("lp", w, g, rho, p=math.inf)
+            elif name == "fishersam":
+                e = ascent("fisher", w, g, rho, fisher_eta=1.0)
+            elif name == "friendlysam":   # official order: d_0 = g_0, m_0 = g_0; d_t = g_t - sigma m_{t-1}
+                sigma, lam = kw.get("friendly_sigma", 1.0), kw.get("friendly_lambda", 0.9)
+                h = g if m is None else [x - sigma * y for x, y in zip(g, m)]
+                m = g if m is None else [lam * y + (1 - lam) * x for x, y in zip(g, m)]
+                e = ascent("sam", w, h, rho)
+            elif name in ("ssamf", "ssamd"):   # masked e, normalised by the FULL ||g||
+                e = [x * mk for x, mk in zip(ascent("sam", w, g, rho), masks)]
+            else:
+                e = ascent("sam", w, g, rho)
+            point = [x + y for x, y in zip(w, e)]
+            points.append(point)
+            gp = grad_fn(t, point, "gp")
+            c = 1 + (c_target - 1) * min(1.0, t / warmup) if warmup else c_target
+            if name in DIRECTIONS:
+                d = [DIRECTIONS[name](x, y, checkpoints(x, y), c) for x, y in zip(g, gp)]
+            elif name == "gsam":   # g' - alpha g_perp, g_perp = g - (<g,g'>/||g'||^2) g'
+                coef = dot(g, gp) / dot(gp, gp)
+                d = [y - 0.4 * (x - coef * y) for x, y in zip(g, gp)]
+            else:
+                d = gp
+            if name == "looksam":   # g_v = g' - (<g,g'>/||g||^2) g, the part of g' orthogonal to g
+                coef = dot(g, gp) / dot(g, g)
+                gv = [y - coef * x for x, y in zip(g, gp)]
+        w = base.step(w, d)
+        weights.append(w)
+    return points, weights
+
+
+# ------------------------------------------------------------------ driving sam.py with given gradients
+def snap(params):
+    return [p.detach().clone() for p in params]
+
+
+def set_grads(params, grads):
+    for p, x in zip(params, grads):
+        p.grad = None if x is None else x.detach().clone()
+
+
+def drive(opt, params, grad_fn, steps, before_first=None):
+    """Two-step protocol with gradients from grad_fn(t, point, "g"|"gp"); one pass when single_pass."""
+    points, weights = [], []
+    for t in range(steps):
+        set_grads(params, grad_fn(t, snap(params), "g"))
+        single = opt.single_pass
+        opt.first_step(zero_grad=True)
+        if before_first is not None:
+            before_first(t)
+        if single:
+            assert not opt.perturbed
+            points.append(None)
+        else:
+            assert opt.perturbed
+            points.append(snap(params))
+            set_grads(params, grad_fn(t, snap(params), "gp"))
+            opt.second_step(zero_grad=True)
+        weights.append(snap(params))
+    return points, weights
+
+
+def assert_lists_close(actual, expected, rtol=1e-10, atol=1e-12):
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+# ------------------------------------------------------------------ one step of every preset
+def test_synthetic_gradients_exercise_every_checkpoint_and_the_leftover_bin():
+    for t in range(3):
+        g, gp = synthetic_pair(t)
+        B = [torch.cat([checkpoints(x, y)[k].flatten() for x, y in zip(g, gp)]) for k in range(5)]
+        assert all(b.sum() >= 2 for b in B)
+        assert (torch.stack(B).sum(0) == 1).all()
+        assert any((x == 0).any() and (y == 0).any() for x, y in zip(g, gp))
+
+
+def test_every_preset_has_a_reference():
+    assert set(VARIANTS) <= set(DIRECTIONS) | SPECIAL
+
+
+@pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"sgdhess"}))
+def test_preset_steps_match_formula(name):
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    masks = None
+    if name == "ssamf":   # Fisher diagonal from two "samples", then the top (1 - sparsity) N scores
+        srcs = [make_params(seed=s) for s in (5, 6)]
+        for src in srcs:
+            set_grads(params, src)
+            opt.accumulate_fisher()
+        opt.update_mask()
+        opt.zero_grad()
+        masks = top_k_mask([a ** 2 + b ** 2 for a, b in zip(*srcs)], N_COORD // 2)
+    got_points, got = drive(opt, params, synthetic, 3)
+    if name == "ssamd":   # random mask: exactly (1 - sparsity) N live entries, bool
+        masks = [opt.state[p]["mask"] for p in params]
+        assert all(mk.dtype == torch.bool for mk in masks)
+        assert sum(int(mk.sum()) for mk in masks) == N_COORD // 2
+    points, weights = reference_run(name, make_params(), synthetic, 3, masks=masks)
+    assert_lists_close(got_points, points)
+    assert_lists_close(got, weights)
+
+
+def test_looksam_refreshes_every_k_steps_and_takes_cheap_single_pass_steps_between():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, rho=RHO, lr=LR, momentum=MOM,
+              weight_decay=WD)
+    got_points, got = drive(opt, params, synthetic, 5)
+    assert [p is None for p in got_points] == [False, True, False, True, False]
+    points, weights = reference_run("looksam", make_params(), synthetic, 5, looksam_k=2)
+    assert_lists_close(got_points, points)
+    assert_lists_close(got, weights)
+
+
+@pytest.mark.parametrize("sigma,lam", [(0.5, 0.6), (2.0, 0.95)])
+def test_friendlysam_ascends_along_g_minus_sigma_times_the_previous_ema(sigma, lam):
+    # at sigma = 1 the m_{t-1} and m_t orders differ only by a scale that the normalisation removes
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="friendlysam", friendly_sigma=sigma, friendly_lambda=lam,
+              rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    got_points, got = drive(opt, params, synthetic, 4)
+    points, weights = reference_run("friendlysam", make_params(), synthetic, 4, friendly_sigma=sigma,
+                                    friendly_lambda=lam)
+    assert_lists_close(got_points, points)
+    assert_lists_close(got, weights)
+
+
+def test_condition_warmup_rises_linearly_from_one_for_saner():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="saner", condition_warmup=2, rho=RHO, lr=LR,
+              momentum=MOM, weight_decay=WD)
+    _, got = drive(opt, params, synthetic, 4)
+    _, weights = reference_run("saner", make_params(), synthetic, 4, condition_warmup=2)
+    assert_lists_close(got, weights)
+    # step 0 of the warm-up is plain SAM
+    plain = make_params()
+    _, sam_w = drive(SAM(plain, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD), plain,
+                     synthetic, 1)
+    assert_same(got[0], sam_w[0])
+
+
+@pytest.mark.parametrize("name,c", [("samme1", 3.0), ("samme134", 0.3), ("customsame", 1.5), ("samme2", 0.5)])
+def test_condition_flag_sets_c(name, c):
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, condition=c, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    _, got = drive(opt, params, synthetic, 2)
+    _, weights = reference_run(name, make_params(), synthetic, 2, condition=c)
+    assert_lists_close(got, weights)
+
+
+def one_step_direction(name, g, gp, **flags):
+    """d handed to the base optimizer, read off a step with lr 1, no momentum, no weight decay."""
+    params = [torch.zeros(len(g), dtype=DT, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=1.0, **flags)
+    set_grads(params, [torch.tensor(g, dtype=DT)])
+    opt.first_step(zero_grad=True)
+    set_grads(params, [torch.tensor(gp, dtype=DT)])
+    opt.second_step(zero_grad=True)
+    return (-params[0].detach()).tolist()
+
+
+def test_samckpt14_is_done_right_and_samckpt23_is_the_origins_inverted_rule():
+    #    B1    B2    B3    B4    B0(g'=0)
+    g = [1.0, 1.0, 1.0, 1.0, 1.0]
+    gp = [3.0, 0.5, -3.0, -0.5, 0.0]
+    assert one_step_direction("samckpt14", g, gp) == [3.0, 1.0, 1.0, -0.5, 1.0]
+    assert one_step_direction("samckpt23", g, gp) == [1.0, 0.5, -3.0, 1.0, 1.0]
+    assert one_step_direction("samckpt1", g, gp) == [3.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_sammagnitude_and_samdirection_have_the_reported_meanings():
+    g = [0.5, -2.0, 1.0, 0.0]
+    gp = [-3.0, -1.0, 0.0, 4.0]
+    assert one_step_direction("sammagnitude", g, gp) == [3.0, -1.0, 0.0, 0.0]    # |g'| sign(g)
+    assert one_step_direction("samdirection", g, gp) == [-0.5, -2.0, 0.0, 0.0]   # sign(g') |g|
+
+
+def test_weight_decay_is_added_after_the_bin_rule_and_never_scaled():
+    #    B1    B2    B3    B4    B0(g'=0)
+    g = [1.0, 1.0, 1.0, 1.0, 1.0]
+    gp = [3.0, 0.5, -3.0, -0.5, 0.0]
+    params = [torch.ones(5, dtype=DT, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, variant="customsame", condition=2.0, rho=RHO, lr=1.0, weight_decay=0.1)
+    set_grads(params, [torch.tensor(g, dtype=DT)])
+    opt.first_step(zero_grad=True)
+    set_grads(params, [torch.tensor(gp, dtype=DT)])
+    opt.second_step(zero_grad=True)
+    d = [6.0, 0.5, -1.5, -1.0, 0.0]    # x c, x 1, / c, x c, 0 on the leftovers; then + 0.1 w, unscaled
+    assert (1 - params[0].detach()).tolist() == pytest.approx([x + 0.1 for x in d], rel=1e-12)
+
+
+def test_samme134_is_two_sided_leftovers_included():
+    # origin 1.6 and the issue: g'/c on B2, c g' on B1, B3, B4 AND the leftovers (here r exactly 1)
+    g = [1.0, 1.0, 1.0, 1.0, 0.25]
+    gp = [3.0, 0.5, -3.0, -0.5, 0.25 + RATIO_EPS]   # the last r is exactly 1: in no checkpoint
+    assert gp[4] / (g[4] + RATIO_EPS) == 1.0
+    got = one_step_direction("samme134", g, gp)
+    assert got == pytest.approx([6.0, 0.25, -6.0, -1.0, 2 * gp[4]], rel=1e-12)
+
+
+def test_checkpoint_edges_follow_the_strict_inequalities():
+    # r exactly 1, -1, 0 and nan are in no checkpoint (B0); g = -1e-8 exactly gives r = +-inf, which
+    # lands in the |r| > 1 checkpoints (origin section 0)
+    a = 0.25 + RATIO_EPS
+    g = [0.25, 0.25, 0.25, -RATIO_EPS, -RATIO_EPS, -RATIO_EPS, 1.0]
+    gp = [a, -a, 0.0, 0.5, -0.5, 0.0, 3.0]
+    r = torch.tensor(gp, dtype=DT) / (torch.tensor(g, dtype=DT) + RATIO_EPS)
+    assert r[:3].tolist() == [1.0, -1.0, 0.0] and r[3:6].tolist()[:2] == [math.inf, -math.inf] and r[5].isnan()
+    params = [torch.zeros(7, dtype=DT, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, lr=1.0)
+    set_grads(params, [torch.tensor(g, dtype=DT)])
+    opt.first_step(zero_grad=True)
+    set_grads(params, [torch.tensor(gp, dtype=DT)])
+    opt.second_step(zero_grad=True)
+    s = opt.stats
+    assert [s[f"ckpt{k}"] for k in range(5)] == pytest.approx([400 / 7, 200 / 7, 0.0, 100 / 7, 0.0])
+    assert one_step_direction("samme1", g, gp) == pytest.approx([a, -a, 0.0, 1.0, -0.5, 0.0, 6.0], rel=1e-12)
+    assert one_step_direction("samme3", g, gp) == pytest.approx([a, -a, 0.0, 0.5, -1.0, 0.0, 3.0], rel=1e-12)
+
+
+# ------------------------------------------------------------------ ascent geometries
+@pytest.mark.parametrize("flags,kind,kw", [
+    (dict(), "sam", {}),
+    (dict(normalize=False), "usam", {}),
+    (dict(p=math.inf), "lp", dict(p=math.inf)),
+    (dict(p=3.0), "lp", dict(p=3.0)),
+    (dict(p=1.5), "lp", dict(p=1.5)),
+    (dict(adaptive=True), "asam", dict(eta=0.0)),
+    (dict(adaptive=True, asam_eta=0.01), "asam", dict(eta=0.01)),
+    (dict(adaptive=True, asam_eta=0.01, p=math.inf), "asam", dict(eta=0.01, p=math.inf)),
+    (dict(adaptive=True, normalize=False), "asam_usam", {}),
+    (dict(fisher_eta=1.0), "fisher", dict(fisher_eta=1.0)),
+    (dict(fisher_eta=0.3), "fisher", dict(fisher_eta=0.3)),
+])
+def test_ascent_point_matches_formula(flags, kind, kw):
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, **flags)
+    g, _ = synthetic_pair(0)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)
+    e = ascent(kind, w, g, RHO, **kw)
+    assert_lists_close([snap(params)], [[x + y for x, y in zip(w, e)]])
+
+
+@pytest.mark.parametrize("p", [1.5, 2.0, 3.0, math.inf])
+def test_lp_ascent_has_p_norm_rho(p):
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, p=p)
+    set_grads(params, make_params(seed=3))
+    opt.first_step()
+    e = [a - b for a, b in zip(snap(params), w)]
+    size = max(x.abs().max() for x in e) if math.isinf(p) else norm(e, p)
+    assert float(size) == pytest.approx(RHO, rel=1e-9)
+
+
+def test_per_group_rho_uses_the_global_norm():
+    params = make_params()
+    w = snap(params)
+    opt = SAM([{"params": params[:2], "rho": 0.05}, {"params": params[2:], "rho": 0.3}], torch.optim.SGD,
+              lr=LR, momentum=MOM, weight_decay=WD)
+    g, gp = synthetic_pair(0)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)
+    n = norm(g)
+    rhos = [0.05, 0.05, 0.3]
+    assert_lists_close([snap(params)], [[x + r * y / n for x, y, r in zip(w, g, rhos)]])
+    set_grads(params, gp)
+    opt.second_step(zero_grad=True)
+    assert_lists_close([snap(params)], [SGDRef().step(w, gp)])
+
+
+def test_per_group_condition_with_one_bin_rule():
+    params = make_params()
+    opt = SAM([{"params": params[:1], "condition": 3.0}, {"params": params[1:]}], torch.optim.SGD,
+              variant="samme1", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    _, got = drive(opt, params, synthetic, 1)
+    _, a = reference_run("samme1", make_params(), synthetic, 1, condition=3.0)
+    _, b = reference_run("samme1", make_params(), synthetic, 1, condition=2.0)
+    assert_lists_close([got[0][:1]], [a[0][:1]])
+    assert_lists_close([got[0][1:]], [b[0][1:]])
+
+
+def test_sparse_sam_update_mask_keeps_the_live_count_and_the_largest_gradients():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=0.5, lr=LR)
+    set_grads(params, make_params(seed=4))
+    opt.first_step()   # builds the initial random mask
+    old = [opt.state[p]["mask"].clone() for p in params]
+    opt.second_step(zero_grad=True)
+    grads = make_params(seed=8)
+    set_grads(params, grads)
+    opt.update_mask(progress=0.0)   # death rate drop_rate (1 + cos 0)/2 = 0.5
+    new = [opt.state[p]["mask"] for p in params]
+    assert sum(int(m.sum()) for m in new) == N_COORD // 2
+    alive = torch.cat([(x.abs() * mk - (~mk) * 1.0).flatten() for x, mk in zip(grads, old)])
+    kept = torch.argsort(alive, descending=True)[:math.floor(N_COORD // 2 * 0.5)]
+    assert torch.cat([m.flatten() for m in new])[kept].all()
+
+
+def test_imbsam_adds_the_clean_head_gradient_to_the_perturbed_tail_gradient():
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, variant="imbsam", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    head, tail, tail_p = make_params(seed=11), make_params(seed=12), make_params(seed=13)
+    set_grads(params, head)
+    opt.stash_clean_grad()
+    assert all(p.grad is None or (p.grad == 0).all() for p in params)
+    set_grads(params, tail)
+    opt.first_step(zero_grad=True)
+    e = ascent("sam", w, snap(tail), RHO)
+    assert_lists_close([snap(params)], [[x + y for x, y in zip(w, e)]])
+    set_grads(params, tail_p)
+    opt.second_step(zero_grad=True)
+    assert_lists_close([snap(params)], [SGDRef().step(w, [a.detach() + b.detach() for a, b in zip(tail_p, head)])])
+
+
+# ------------------------------------------------------------------ SGDHESS on a quadratic with a full Hessian
+HESS_SHAPES = [(2, 3, 2, 2), (3, 4), (4,)]
+
+
+def _hess_problem():
+    n = sum(math.prod(s) for s in HESS_SHAPES)
+    gen = torch.Generator().manual_seed(21)
+    a = torch.randn(n, n, generator=gen, dtype=DT)
+    return (a + a.T) / 4
+
+
+@pytest.mark.parametrize("hessian_every", [1, 2])
+def test_sgdhess_matches_one_plus_rho_abs_hz_times_g(hessian_every):
+    A = _hess_problem()
+    params = make_params(seed=2, shapes=HESS_SHAPES)
+    opt = SAM(params, torch.optim.SGD, variant="sgdhess", rho=0.5, hessian_every=hessian_every,
+              lr=LR, momentum=MOM, weight_decay=WD)
+    assert opt.create_graph and opt.single_pass
+    w = snap(params)
+    base, D = SGDRef(), None
+    for t in range(3):
+        torch.manual_seed(100 + t)
+        theta = torch.cat([p.flatten() for p in params])
+        (0.5 * theta @ A @ theta).backward(create_graph=True)
+        opt.first_step(zero_grad=True)
+        opt.second_step(zero_grad=True)   # a no-op on one-pass steps
+        # reference: g = A w, one Rademacher probe z per tensor (same seed), D = |A z|,
+        # averaged over the spatial dims of conv kernels; d = (1 + rho D) g
+        g = split(A @ torch.cat([x.flatten() for x in w]), HESS_SHAPES)
+        if t % hessian_every == 0:
+            torch.manual_seed(100 + t)
+            z = [torch.randint_like(x, 2) * 2 - 1 for x in w]
+            hz = split((A @ torch.cat([x.flatten() for x in z])).abs(), HESS_SHAPES)
+            D = [h.mean(dim=(2, 3), keepdim=True).expand_as(h) if h.dim() == 4 else h for h in hz]
+        w = base.step(w, [(1 + 0.5 * dd) * x for dd, x in zip(D, g)])
+        assert_lists_close([snap(params)], [w])
+
+
+def test_sgdhess_without_create_graph_raises():
+    params = make_params(shapes=HESS_SHAPES)
+    opt = SAM(params, torch.optim.SGD, variant="sgdhess", lr=LR)
+    sum((p ** 3).sum() for p in params).backward()
+    with pytest.raises(ValueError, match="create_graph"):
+        opt.first_step()
+
+
+# ------------------------------------------------------------------ a tiny MLP with autograd at w + e
+def mlp_loss(ws, x, y):
+    w1, b1, w2, b2 = ws
+    return ((torch.tanh(x @ w1.T + b1) @ w2.T + b2 - y) ** 2).mean()
+
+
+def mlp_data(step):
+    gen = torch.Generator().manual_seed(50 + step)
+    return torch.randn(8, 3, generator=gen, dtype=DT), torch.randn(8, 2, generator=gen, dtype=DT)
+
+
+def mlp_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=DT).requires_grad_() for s in [(4, 3), (4,), (2, 4), (2,)]]
+
+
+def mlp_grad(t, point, which):
+    pts = [x.detach().clone().requires_grad_() for x in point]
+    return list(torch.autograd.grad(mlp_loss(pts, *mlp_data(t)), pts))
+
+
+@pytest.mark.parametrize("name", ["sam", "usam", "asam", "fishersam", "friendlysam", "samme1", "samme134",
+                                  "samckpt1", "sammagnitude", "gsam"])
+def test_closure_step_on_an_mlp_matches_autograd_reference(name):
+    params = mlp_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    losses = []
+    for t in range(3):
+        x, y = mlp_data(t)
+
+        def closure():
+            opt.zero_grad()
+            loss = mlp_loss(params, x, y)
+            loss.backward()
+            return loss
+        w = snap(params)
+        losses.append(float(opt.step(closure).detach()))
+        assert losses[-1] == pytest.approx(float(mlp_loss(w, x, y)), rel=1e-12)   # the first (clean) loss
+    _, weights = reference_run(name, mlp_params(), mlp_grad, 3)
+    assert_lists_close([snap(params)], [weights[-1]])
+
+
+# ------------------------------------------------------------------ equivalences
+BASES = [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)),
+    (torch.optim.SGD, dict(lr=0.1)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+]
+
+
+def run_mlp(opt_fn, steps, params):
+    opt = opt_fn(params)
+    for t in range(steps):
+        x, y = mlp_data(t)
+
+        def closure():
+            opt.zero_grad()
+            loss = mlp_loss(params, x, y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return opt
+
+
+@pytest.mark.parametrize("base,kw", BASES)
+@pytest.mark.parametrize("name", ["sam", "usam", "asam", "linf", "fishersam", "friendlysam", "ssamd", "imbsam"])
+def test_rho_zero_equals_the_bare_base_optimizer(base, kw, name):
+    a, b = mlp_params(), mlp_params()
+    run_mlp(lambda ps: SAM(ps, base, variant=name, rho=0.0, **kw), 4, a)
+    run_mlp(lambda ps: base(ps, **kw), 4, b)
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("sam", dict(stats_every=0)), ("sam", dict(stats_every=3)), ("sam", dict(persist_from=0)),
+    ("sam", dict(ratio_eps=1e-3)), ("sam", dict(condition_warmup=5)), ("sam", dict(asam_eta=0.3)),
+    ("sam", dict(p=2.0, normalize=True, adaptive=False, fisher_eta=0.0, friendly_sigma=0.0, sparsity=0.0,
+                 gsam_alpha=0.0, looksam_k=1, bin_scale=(1, 1, 1, 1, 1), sam_bins="01234", combine="",
+                 descent="sam")),
+    ("samme1", dict(condition=1.0)), ("samme134", dict(condition=1.0)), ("customsame", dict(condition=1.0)),
+    ("saner", dict(condition=1.0)), ("samckpt1", dict(sam_bins="01234")), ("sammagnitude", dict(combine="")),
+    ("gsam", dict(gsam_alpha=0.0)), ("looksam", dict(looksam_k=1)), ("friendlysam", dict(friendly_sigma=0.0)),
+    ("fishersam", dict(fisher_eta=0.0)), ("ssamd", dict(sparsity=0.0)), ("ssamf", dict(sparsity=0.0)),
+    ("asam", dict(adaptive=False)), ("linf", dict(p=2.0)), ("usam", dict(normalize=True)),
+    ("sgdhess", dict(descent="sam")), ("sgd", dict(descent="sam")),
+])
+def test_every_flag_at_its_neutral_value_is_plain_sam(name, flags):
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    a, b = mlp_params(), mlp_params()
+    run_mlp(lambda ps: SAM(ps, torch.optim.SGD, variant=name, **{"rho": RHO, **flags}, **kw), 3, a)
+    run_mlp(lambda ps: SAM(ps, torch.optim.SGD, rho=RHO, **kw), 3, b)
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("sam", {}), ("samme134", {}), ("samckpt2", {}), ("gsam", {}), ("friendlysam", {}), ("asam", {}),
+    ("looksam", dict(looksam_k=2)), ("sgd", {}), ("ssamd", {}), ("sgdhess", {}),
+])
+def test_closure_step_equals_the_two_step_form(name, flags):
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    hess = name == "sgdhess"
+    a, b = mlp_params(), mlp_params()
+    opt_a = SAM(a, torch.optim.SGD, variant=name, **flags, **kw)
+    opt_b = SAM(b, torch.optim.SGD, variant=name, **flags, **kw)
+    for t in range(4):
+        x, y = mlp_data(t)
+
+        def closure():
+            opt_a.zero_grad()
+            loss = mlp_loss(a, x, y)
+            loss.backward(create_graph=opt_a.create_graph)
+            return loss
+        torch.manual_seed(t)
+        loss_a = opt_a.step(closure)
+        torch.manual_seed(t)
+        loss_b = mlp_loss(b, x, y)
+        loss_b.backward(create_graph=hess)
+        single = opt_b.single_pass
+        opt_b.first_step(zero_grad=True)
+        if not single:
+            mlp_loss(b, x, y).backward()
+            opt_b.second_step(zero_grad=True)
+        assert torch.equal(loss_a.detach(), loss_b.detach())
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("name,flags,calls", [
+    ("sam", {}, [2, 2, 2, 2]), ("sgd", {}, [1, 1, 1, 1]), ("sgdhess", {}, [1, 1, 1, 1]),
+    ("looksam", dict(looksam_k=3), [2, 1, 1, 2]),
+])
+def test_single_pass_variants_call_the_closure_once_per_step(name, flags, calls):
+    params = mlp_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, lr=0.1, **flags)
+    got = []
+    for t in range(4):
+        x, y = mlp_data(t)
+        n = [0]
+
+        def closure():
+            n[0] += 1
+            opt.zero_grad()
+            loss = mlp_loss(params, x, y)
+            loss.backward(create_graph=opt.create_graph)
+            return loss
+        opt.step(closure)
+        got.append(n[0])
+    assert got == calls
+
+
+# ------------------------------------------------------------------ statistics against a reference count
+FINE = ((1.0, 1.2), (1.2, 1.5), (1.5, 2.0), (2.0, 4.0), (4.0, 8.0), (8.0, 16.0), (16.0, math.inf))
+
+
+def reference_stats(w, g, gp, eps=RATIO_EPS):
+    gf, gpf = torch.cat([x.flatten() for x in g]), torch.cat([x.flatten() for x in gp])
+    n = gf.numel()
+    B = checkpoints(gf, gpf, eps)
+    r = gpf / (gf + eps)
+    out = {f"ckpt{k}": 100 * float(B[k].sum()) / n for k in range(5)}
+    for (lo, hi), key in zip(FINE, sam.FINE_NAMES):
+        out[key] = 100 * float(((r > lo) & (r < hi)).sum()) / n
+    out["grad_norm"] = float(gf.norm())
+    out["perturbed_grad_norm"] = float(gpf.norm())
+    out["weight_norm"] = float(torch.cat([x.flatten() for x in w]).norm())
+    out["cos"] = float(gf @ gpf / (gf.norm() * gpf.norm()))
+    out["mag_up"] = 100 * float((gpf.abs() > gf.abs()).sum()) / n
+    return out, B[1]
+
+
+def test_stats_keys_are_all_present_as_floats_before_any_step():
+    opt = SAM(make_params(), torch.optim.SGD, lr=LR)
+    s = opt.stats
+    keys = ["step", "ckpt0", "ckpt1", "ckpt2", "ckpt3", "ckpt4", *sam.FINE_NAMES, "grad_norm",
+            "perturbed_grad_norm", "weight_norm", "cos", "mag_up", "skipped", "persist_t0", "persist_overlap",
+            "persist_running"]
+    assert set(keys) <= set(s)
+    assert all(isinstance(v, float) for v in s.values())
+    assert s["skipped"] == 0
+
+
+@pytest.mark.parametrize("name,eps", [("sam", RATIO_EPS), ("samme1", RATIO_EPS), ("samckpt2", RATIO_EPS),
+                                      ("usam", RATIO_EPS), ("sam", 1e-12)])
+def test_ratio_statistics_match_a_reference_count(name, eps):
+    params = make_params()
+    frozen = torch.ones(7, dtype=DT, requires_grad=True)   # no gradient: not counted
+    opt = SAM([{"params": params[:2]}, {"params": [frozen] + params[2:]}], torch.optim.SGD, variant=name,
+              rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, ratio_eps=eps)
+    for t in range(2):
+        w = snap(params)
+        g, gp = synthetic_pair(t)
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        set_grads(params, gp)
+        opt.second_step(zero_grad=True)
+        s = opt.stats
+        ref, _ = reference_stats(w, g, gp, eps)
+        assert s["step"] == t
+        for key, value in ref.items():
+            rel = 1e-6 if key == "weight_norm" else 1e-9
+            assert s[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+        assert sum(s[f"ckpt{k}"] for k in range(5)) == pytest.approx(100.0)
+        assert sum(s[k] for k in sam.FINE_NAMES) == pytest.approx(s["ckpt1"])
+        assert s["ckpt0"] > 0 and all(s[f"ckpt{k}"] > 0 for k in range(1, 5))
+
+
+def test_persistence_counts_match_reference_sets():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, persist_from=1, rho=RHO, lr=LR)
+    at_t0 = running = None
+    for t in range(5):
+        w = snap(params)
+        g, gp = synthetic_pair(t)
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        set_grads(params, gp)
+        opt.second_step(zero_grad=True)
+        s = opt.stats
+        _, b1 = reference_stats(w, g, gp)
+        if t < 1:
+            assert all(math.isnan(s[k]) for k in ("persist_t0", "persist_overlap", "persist_running"))
+            continue
+        at_t0 = b1 if at_t0 is None else at_t0
+        running = b1 if running is None else running & b1
+        assert s["persist_t0"] == float(at_t0.sum())
+        assert s["persist_overlap"] == float((at_t0 & b1).sum())
+        assert s["persist_running"] == float(running.sum())
+    assert 0 < s["persist_running"] < s["persist_overlap"] < s["persist_t0"]
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_stats_every_k_computes_only_every_k_steps(every):
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, stats_every=every, rho=RHO, lr=LR)
+    refs = {}
+    for t in range(7):
+        w = snap(params)
+        g, gp = synthetic_pair(t)
+        refs[t] = reference_stats(w, g, gp)[0]
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        set_grads(params, gp)
+        opt.second_step(zero_grad=True)
+        s = opt.stats
+        last = t - t % every
+        assert s["step"] == last
+        assert s["ckpt1"] == pytest.approx(refs[last]["ckpt1"])
+        assert s["grad_norm"] == pytest.approx(refs[last]["grad_norm"])
+
+
+def test_stats_every_zero_never_computes_statistics():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, stats_every=0, rho=RHO, lr=LR)
+    drive(opt, params, synthetic, 2)
+    s = opt.stats
+    assert math.isnan(s["ckpt1"]) and math.isnan(s["grad_norm"]) and s["skipped"] == 0
+
+
+# ------------------------------------------------------------------ state_dict and schedulers
+def walk_keys(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from walk_keys(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from walk_keys(v)
+
+
+@pytest.mark.parametrize("name,flags,base,kw,state_key", [
+    ("sam", {}, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2), "momentum_buffer"),
+    ("sam", {}, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1), "exp_avg_sq"),
+    ("friendlysam", {}, torch.optim.SGD, dict(lr=0.1, momentum=0.9), "friendly_m"),
+    ("ssamd", {}, torch.optim.SGD, dict(lr=0.1, momentum=0.9), "mask"),
+    ("looksam", dict(looksam_k=3), torch.optim.AdamW, dict(lr=1e-2), "looksam_gv"),
+    ("samme1", dict(persist_from=1), torch.optim.SGD, dict(lr=0.1, momentum=0.9), "momentum_buffer"),
+])
+def test_state_dict_resume_continues_bit_identically(name, flags, base, kw, state_key):
+    def make(params):
+        return SAM(params, base, variant=name, rho=RHO, **flags, **kw)
+
+    def steps(opt, params, ts):
+        for t in ts:
+            x, y = mlp_data(t)
+            if name == "ssamd" and t == 5:
+                torch.manual_seed(7)
+                set_grads(params, mlp_grad(t, params, "g"))
+                opt.update_mask(progress=0.3)
+
+            def closure():
+                opt.zero_grad()
+                loss = mlp_loss(params, x, y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+
+    torch.manual_seed(0)
+    full = mlp_params()
+    opt_full = make(full)
+    steps(opt_full, full, range(8))
+
+    torch.manual_seed(0)
+    first = mlp_params()
+    opt_first = make(first)
+    steps(opt_first, first, range(4))
+    buffer = io.BytesIO()
+    torch.save({"model": snap(first), "opt": opt_first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert state_key in set(walk_keys(saved["opt"]))
+
+    resumed = mlp_params(seed=99)
+    with torch.no_grad():
+        for p, v in zip(resumed, saved["model"]):
+            p.copy_(v)
+    opt_resumed = make(resumed)
+    opt_resumed.load_state_dict(saved["opt"])
+    steps(opt_resumed, resumed, range(4, 8))
+    assert_same(resumed, full)
+    a, b = opt_resumed.stats, opt_full.stats
+    assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def test_lr_scheduler_on_the_sam_object_drives_the_base_optimizer():
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no "lr_scheduler.step() before optimizer.step()" warning
+        for t in range(3):
+            lr = 0.1 * 0.5 ** t
+            assert opt.base_optimizer.param_groups[0]["lr"] == lr
+            g, gp = synthetic_pair(t)
+            set_grads(params, g)
+            opt.first_step(zero_grad=True)
+            set_grads(params, gp)
+            opt.second_step(zero_grad=True)
+            w = [x - lr * y for x, y in zip(w, gp)]
+            assert_lists_close([snap(params)], [w])
+            sched.step()
+    assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+# ------------------------------------------------------------------ bad inputs and edge cases
+def test_unknown_variant_lists_the_valid_names():
+    with pytest.raises(ValueError) as err:
+        SAM(make_params(), torch.optim.SGD, variant="samme9", lr=0.1)
+    assert "samme9" in str(err.value) and all(name in str(err.value) for name in VARIANTS)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(rhoo=0.1), TypeError, "rhoo"),
+    (dict(rho=-0.1), ValueError, "rho"),
+    (dict(normalize=False, p=math.inf), ValueError, "normalize"),
+    (dict(variant="fishersam", adaptive=True), ValueError, "adaptive"),
+    (dict(variant="samme1", combine="magnitude"), ValueError, "combine"),
+    (dict(variant="looksam", gsam_alpha=0.4), ValueError, "LookSAM|looksam"),
+    (dict(variant="looksam", sam_bins="1"), ValueError, "LookSAM|looksam"),
+    (dict(variant="sgd", bin_scale=(1, "c", 1, 1, 1)), ValueError, "descent|sgd"),
+    (dict(condition=0.0), ValueError, "condition"),
+    (dict(p=1.0), ValueError, r"\bp\b"),
+    (dict(sparsity=1.0), ValueError, "sparsity"),
+    (dict(bin_scale=(1, 2)), ValueError, "bin_scale"),
+    (dict(combine="both"), ValueError, "combine"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SAM(make_params(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_bad_per_group_values_raise():
+    ps = make_params()
+    with pytest.raises(ValueError, match="rho"):
+        SAM([{"params": ps[:1], "rho": -1.0}, {"params": ps[1:]}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="'p'"):
+        SAM([{"params": ps[:1], "p": 3.0}, {"params": ps[1:]}], torch.optim.SGD, lr=0.1)
+
+
+def test_base_optimizer_must_be_a_class():
+    ps = make_params()
+    with pytest.raises(TypeError, match="base_optimizer"):
+        SAM(ps, torch.optim.SGD(ps, lr=0.1), lr=0.1)
+
+
+def test_step_without_closure_raises():
+    opt = SAM(make_params(), torch.optim.SGD, lr=0.1)
+    with pytest.raises((ValueError, TypeError), match="closure"):
+        opt.step()
+
+
+def test_update_mask_needs_a_sparse_variant():
+    with pytest.raises(ValueError, match="sparse"):
+        SAM(make_params(), torch.optim.SGD, lr=0.1).update_mask()
+
+
+def test_sparse_gradients_raise():
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = SAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.first_step()
+
+
+@pytest.mark.parametrize("name", ["sam", "samme1", "asam", "looksam"])
+def test_parameters_without_gradient_are_skipped_and_unchanged(name):
+    params = make_params()
+    frozen = torch.randn(2, 3, dtype=DT, requires_grad=False)
+    unused = torch.randn(4, dtype=DT, requires_grad=True)
+    before = snap([frozen, unused])
+    opt = SAM([{"params": params[:1] + [frozen]}, {"params": [unused] + params[1:]}], torch.optim.SGD,
+              variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    _, got = drive(opt, params, synthetic, 2)
+    assert_same(before, [frozen, unused])
+    _, weights = reference_run(name, make_params(), synthetic, 2)
+    assert_lists_close(got, weights)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("sam", {}), ("usam", {}), ("asam", {}), ("linf", {}), ("sam", dict(p=3.0)), ("fishersam", {}),
+    ("friendlysam", {}), ("gsam", {}), ("samme1", {}), ("customsame", {}), ("sammagnitude", {}),
+    ("samdirection", {}), ("looksam", dict(looksam_k=2)), ("sgd", {}), ("ssamd", {}),
+])
+def test_zero_gradient_gives_zero_perturbation_and_no_nan(name, flags):
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, **flags)
+    for _ in range(3):
+        set_grads(params, [torch.zeros_like(x) for x in w])
+        single = opt.single_pass
+        opt.first_step(zero_grad=True)
+        if not single:
+            assert_same(snap(params), w)
+            set_grads(params, [torch.zeros_like(x) for x in w])
+            opt.second_step(zero_grad=True)
+        assert_same(snap(params), w)
+    s = opt.stats
+    assert s["skipped"] == 0
+    if name not in ("sgd", "looksam"):
+        assert s["ckpt0"] == 100.0
+
+
+def _poison(grads, where, value):
+    grads = [x.clone() for x in grads]
+    grads[where][(0,) * grads[where].dim()] = value
+    return grads
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("which", ["g", "gp"])
+@pytest.mark.parametrize("name,flags", [("sam", {}), ("samme1", {}), ("friendlysam", {}), ("asam", {}),
+                                        ("gsam", {}), ("looksam", dict(looksam_k=2))])
+def test_nonfinite_gradient_skips_the_step_and_leaves_weights_bit_identical(name, flags, which, value):
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, **flags)
+    drive(opt, params, synthetic, 2)   # finite steps first, so momentum is non-trivial
+    w = snap(params)
+
+    def bad(t, point, kind):
+        grads = synthetic(t, point, kind)
+        return _poison(grads, 1, value) if kind == which else grads
+    drive(opt, params, bad, 1)
+    assert_same(snap(params), w)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert opt.stats["skipped"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.stats["skipped"] == 1   # warned once
+    drive(opt, params, synthetic, 2)      # later finite steps work again
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not all(torch.equal(a, b) for a, b in zip(w, snap(params)))
+    assert opt.stats["skipped"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgdhess"])
+def test_nonfinite_gradient_skips_single_pass_steps(name):
+    params = make_params(shapes=HESS_SHAPES)
+    opt = SAM(params, torch.optim.SGD, variant=name, lr=LR, momentum=MOM, weight_decay=WD)
+    for t in range(3):
+        w = snap(params)
+        loss = sum((p ** 3).sum() for p in params) * (math.nan if t == 1 else 1.0)
+        loss.backward(create_graph=opt.create_graph)
+        opt.first_step(zero_grad=True)
+        if t == 1:
+            assert_same(snap(params), w)
+        else:
+            assert all(torch.isfinite(p).all() for p in params)
+    with pytest.warns(RuntimeWarning):
+        assert opt.stats["skipped"] == 1
+
+
+def test_skipped_step_hands_the_base_optimizer_a_zero_direction():
+    # The documented trade-off: skipping on the device (no host sync) means the base optimizer
+    # still steps, with d = 0, and the weights are then restored. Its state stays finite: the
+    # momentum buffer becomes MOM * m + WD * w, exactly what a zero gradient gives.
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    drive(opt, params, synthetic, 1)
+    before = snap(params)
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in params]
+    drive(opt, params, lambda t, point, kind: _poison(synthetic(t, point, kind), 0, math.nan), 1)
+    assert_same(params, before)
+    for p, m, w in zip(params, momentum, before):
+        torch.testing.assert_close(opt.base_optimizer.state[p]["momentum_buffer"], MOM * m + WD * w,
+                                   rtol=0, atol=1e-15)
+
+
+# ------------------------------------------------------------------ BatchNorm helpers and autocast
+def test_disable_running_stats_keeps_batchnorm_statistics_in_later_passes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                                torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4, momentum=None))
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x = torch.randn(8, 3)
+    bns = [model[1], model[3]]
+    model(x).pow(2).mean().backward()   # first pass updates the running statistics
+    opt.first_step(zero_grad=True)
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    disable_running_stats(model)
+    disable_running_stats(model)        # idempotent: the saved momentum is not overwritten
+    model(x + 1).pow(2).mean().backward()
+    opt.second_step(zero_grad=True)
+    for m, (mean, var) in zip(bns, stats):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    enable_running_stats(model)
+    assert bns[0].momentum == 0.1 and bns[1].momentum is None
+    model(x + 2)
+    assert not torch.equal(bns[0].running_mean, stats[0][0])
+
+
+@pytest.mark.parametrize("name", ["sam", "samme1", "asam", "gsam"])
+def test_bf16_autocast_on_cpu_runs_and_stays_finite(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    before = snap(model.parameters())
+    opt = SAM(model.parameters(), torch.optim.SGD, variant=name, lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    for _ in range(2):
+        loss = opt.step(closure)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    s = opt.stats
+    assert math.isfinite(s["ckpt1"]) and math.isfinite(s["grad_norm"]) and s["skipped"] == 0
