@@ -67,7 +67,7 @@ VARIANTS = {
     "samme13": dict(bin_scale=(1, "c", 1, "c", 1)),
     "samme134": dict(bin_scale=("c", "c", "1/c", "c", "c")),  # two-sided: /c on B2 only, as the origin
     "samme234": dict(bin_scale=(1, 1, "c", "c", "c")),
-    "saner": dict(bin_scale=(1, 1, "c", 1, 1), condition=0.5),   # lhchau/saner: alpha on B2, warmed up
+    "saner": dict(bin_scale=(1, 1, "c", 1, 1), condition=0.5),   # lhchau/saner: alpha on B2 (+ condition_warmup)
     # CustomSAME (seed 001): increase B1, keep B2, reduce B3, increase B4; d = 0 on leftovers (origin v1)
     "customsame": dict(bin_scale=(0, "c", 1, "1/c", "c")),
     "customsame-pos": dict(bin_scale=(1, 1, 1, 0, 0)),           # origin v2: drop sign-flipped coordinates
@@ -88,12 +88,13 @@ VARIANTS = {
     "looksam": dict(looksam_k=10, looksam_alpha=0.7, rho=0.1),
 }
 
-# r bins on the device: right-closed buckets of torch.bucketize(right=True) over these edges.
-# Exact -1, 0 and 1 get buckets of their own (they belong to no checkpoint, B0), as do nan
-# and +inf (g exactly -ratio_eps). FINE_EDGES split checkpoint 1 as the notes' figure does.
+# Checkpoints (strict, as the origin): B1 r > 1, B2 0 < r < 1, B3 r < -1, B4 -1 < r < 0; B0 holds
+# the rest (r exactly 0, -1, 1, or nan). FINE_EDGES split B1 as the notes' "Project 2" figure.
 FINE_EDGES = (1.2, 1.5, 2.0, 4.0, 8.0, 16.0)
 FINE_NAMES = ("r1_1.2", "r1.2_1.5", "r1.5_2", "r2_4", "r4_8", "r8_16", "r16_inf")
-#            r<-1 r=-1 (-1,0) r=0 (0,1) r=1 then the 7 fine buckets of r>1, then nan/inf
+# opt.stats: ckpt0..4 and the fine bins in % of coordinates with a gradient; norms of g, g', w
+# (at the unperturbed w); cos(g, g'); mag_up = % with |r| > 1, i.e. |g'| > |g + ratio_eps| (seed 002,
+# Exp. 3 counts the ratio); skipped (non-finite steps so far); persistence counts from persist_from.
 STAT_KEYS = (("step",) + tuple(f"ckpt{k}" for k in range(5)) + FINE_NAMES +
              ("grad_norm", "perturbed_grad_norm", "weight_norm", "cos", "mag_up", "skipped",
               "persist_t0", "persist_overlap", "persist_running"))
@@ -108,6 +109,15 @@ class SAM(torch.optim.Optimizer):
         loss(w).backward();   opt.first_step(zero_grad=True)    # w -> w + e
         loss(w+e).backward(); opt.second_step(zero_grad=True)   # w + e -> w, base step with d
     or opt.step(closure), where closure zeroes grads, runs forward and backward, returns the loss.
+
+    Notes. Flags in GROUP_FLAGS may differ per param group; the norm of e is always global.
+    A non-finite g or g' is caught on the device: the base optimizer gets d = 0 and the weights
+    are then restored bit for bit (its momentum sees one zero-gradient step; skipping it on the
+    host would cost a sync every step). The count is in stats["skipped"]; reading stats warns once.
+    Memory: one parameter-sized buffer (w) for plain SAM, two (w, g) when the ratio is needed.
+    The base optimizer is built with foreach=True unless told otherwise (same results as torch's
+    default, faster on CPU). Under autocast, SAM's own arithmetic runs in the parameters' dtype;
+    prefer bf16: fp16 gradients overflow, and those steps are skipped as non-finite.
     """
 
     def __init__(self, params, base_optimizer, variant="sam", **kwargs):
