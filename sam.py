@@ -397,16 +397,22 @@ class SAM(torch.optim.Optimizer):
         dots = self._global_dots(work) if (stats_step or self._needs_global_dots()) else None
         finite = torch.ones((), dtype=torch.bool, device=device)
         counts, persist = [], []
+        persist_step = stats_step and f["persist_from"] is not None and self._step >= f["persist_from"]
         for gi, w in enumerate(work):
             group, g, gp = w["group"], w["g"], w["buf"]
-            if g is not None and (stats_step or self._has_bin_rule(group)):
-                masks = _checkpoint_masks(gp / (g + f["ratio_eps"]), want_fine=stats_step)
+            rule = self._has_bin_rule(group)
+            if g is not None and (stats_step or rule):
+                # r overwrites the kept g when nothing needs g later (no allocation on the hot path)
+                g_later = (group["sam_bins"] != "01234" or group["combine"] or f["gsam_alpha"] > 0
+                           or f["looksam_k"] > 1 or f["friendly_sigma"] > 0)
+                r = gp / (g + f["ratio_eps"]) if g_later else torch.div(gp, g.add_(f["ratio_eps"]), out=g)
+                masks = _checkpoint_masks(r) if rule or persist_step else None
                 if stats_step:
-                    counts.append(torch.cat([torch.stack([torch.count_nonzero(m) for m in masks]).double(),
-                                             w["w_sq"].double().view(1)]))
-                    if f["persist_from"] is not None and self._step >= f["persist_from"]:
-                        persist.append(self._track_persistence(gi, masks[0]))
-                self._apply_rule(group, g, gp, masks[:4])
+                    counts.append(torch.cat([_bin_counts(r, w), w["w_sq"].double().view(1)]))
+                if persist_step:
+                    persist.append(self._track_persistence(gi, masks[0]))
+                if rule:
+                    self._apply_rule(group, g, gp, masks)
             self._combine(group, g, gp, dots)
             if self._clean is not None:
                 torch._foreach_add_(w["views"], [self._clean.get(p, torch.zeros_like(p)) for p in w["params"]])
@@ -498,7 +504,7 @@ class SAM(torch.optim.Optimizer):
         keep = finite.to(work[0]["buf"].dtype)
         for w in work:
             w["buf"].mul_(keep).nan_to_num_(0.0, 0.0, 0.0)
-            torch._foreach_copy_(w["gp_grads"], w["views"])
+            torch._foreach_copy_(w.pop("gp_grads"), w["views"])   # pop: keep no grad alive past the step
 
     def _base_step(self, work, finite):
         """The base optimizer's step at w; on a skipped step the weights come back exactly."""
@@ -638,13 +644,22 @@ class SAM(torch.optim.Optimizer):
                                  torch.zeros(1, dtype=torch.float64, device=device), persist])
 
 
-def _checkpoint_masks(r, want_fine):
-    """Bool masks of the four checkpoints (strict inequalities; r exactly 0, -1, 1 or nan is in none),
-    then, for statistics, r >= each fine edge."""
-    masks = [r > 1, (r > 0) & (r < 1), r < -1, (r < 0) & (r > -1)]
-    if want_fine:
-        masks += [r >= edge for edge in FINE_EDGES]
-    return masks
+def _checkpoint_masks(r):
+    """Bool masks of the four checkpoints (strict inequalities: r exactly 0, -1, 1 or nan is in none)."""
+    return [r > 1, (r > 0) & (r < 1), r < -1, (r < 0) & (r > -1)]
+
+
+def _bin_counts(r, workspace):
+    """Counts of B1..B4, then of r >= each fine edge, as float64 on the device. The comparisons
+    write into one reused bool buffer: a fresh one per comparison costs more than comparing."""
+    if workspace.get("scratch") is None or workspace["scratch"].shape != r.shape:
+        workspace["scratch"] = torch.empty(r.shape, dtype=torch.bool, device=r.device)
+    scratch = workspace["scratch"]
+    count = lambda compare, edge: torch.count_nonzero(compare(r, edge, out=scratch))
+    above_0, above_1, from_1 = count(torch.gt, 0), count(torch.gt, 1), count(torch.ge, 1)
+    below_0, below_m1, to_m1 = count(torch.lt, 0), count(torch.lt, -1), count(torch.le, -1)
+    bins = [above_1, above_0 - from_1, below_m1, below_0 - to_m1]
+    return torch.stack(bins + [count(torch.ge, edge) for edge in FINE_EDGES]).double()
 
 
 def _full_precision(param_groups):

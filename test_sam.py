@@ -1,21 +1,36 @@
-# ---- sam.py
-"""sam.py against references written straight from the formulas (float64, tiny tensors, plain
-per-tensor torch), in the style of micrograd (an independent oracle) and schedule_free (synthetic
-gradients, equivalence checks after every step).
+"""The test suite: `python -m pytest -q` (CPU, a few minutes).
+
+sam.py is checked against references written straight from the formulas (float64, tiny tensors,
+plain per-tensor torch), in the style of micrograd (an independent oracle) and schedule_free
+(synthetic gradients, equivalence checks after every step); toy.py, plots.py and train.py are run
+end to end on small generated data (and on ../shared/data's CIFAR-10 when it is there).
 
 Notation (../shared/spec/origin.md section 0): g = gradient at w, g' = gradient at w + e,
 r = g' / (g + 1e-8) with the eps added (not sign-aware); checkpoints with strict inequalities
 B1: r > 1, B2: 0 < r < 1, B3: r < -1, B4: -1 < r < 0, B0 the rest. The base optimizer sees d
 at the unperturbed w; its weight decay and momentum act after d and are never scaled.
 """
+import csv
 import io
+import json
 import math
+import os
+import signal
+import struct
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import plots
 import sam
+import toy
+import train
 from sam import SAM, VARIANTS, disable_running_stats, enable_running_stats
 
 DT = torch.float64
@@ -1115,3 +1130,346 @@ def test_bf16_autocast_on_cpu_runs_and_stays_finite(name):
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     s = opt.stats
     assert math.isfinite(s["ckpt1"]) and math.isfinite(s["grad_norm"]) and s["skipped"] == 0
+
+
+# ==================================================================== toy.py and plots.py
+# ----------------------------------------------------------------------------- toy.py
+def test_sensing_small_usam_diverges_where_sam_converges():
+    prob = toy.Sensing(d=20, r=3)
+    U0 = prob.init()
+    usam = toy.run_sensing(prob, U0, "usam", rho=0.3, steps=30)[0]
+    sam = toy.run_sensing(prob, U0, "sam", rho=0.3, steps=30)[0]
+    assert usam[3] > 1e30   # within three steps
+    assert all(map(math.isfinite, sam)) and sam[-1] < 0.1 * sam[0]
+
+
+def test_sensing_matches_full_gaussian_measurements():
+    # the upper-triangle storage gives <A_i, X> of a full Gaussian A_i: check E<A, X>^2 = ||X||_F^2
+    prob = toy.Sensing(d=8, r=2)
+    X = torch.randn(8, 8, generator=torch.Generator().manual_seed(1), dtype=toy.DTYPE)
+    X = X + X.T
+    values = prob.A @ X[prob.rows, prob.cols]
+    assert values.square().mean().item() == pytest.approx(X.square().sum().item(), rel=0.2)
+
+
+def test_trajectories_are_sam_steps():
+    # sgd, sam and usam against their formulas; every plain variant against sam.py's closure form
+    land = toy.landscapes()[1]
+    f = toy.hyperbola
+    w = torch.tensor(land.start, dtype=toy.DTYPE)
+    for variant, ascent in (("sgd", lambda g: 0 * g), ("sam", lambda g: land.rho * g / g.norm()),
+                            ("usam", lambda g: land.rho * g)):
+        path = toy.trajectory(land, variant, steps=2)
+        v = w.clone()
+        for t in range(2):
+            g = torch.func.grad(f)(v)
+            v = v - land.lr * torch.func.grad(f)(v + ascent(g))
+            assert torch.allclose(path[t + 1], v, atol=1e-12), variant
+    for variant in ("asam", "linf", "friendlysam", "fishersam", "samme1", "samme3", "sammagnitude", "samdirection"):
+        v = torch.tensor(land.start, dtype=toy.DTYPE, requires_grad=True)
+        opt = SAM([v], torch.optim.SGD, variant=variant, rho=land.rho, lr=land.lr, stats_every=0)
+
+        def closure():
+            opt.zero_grad()
+            loss = f(v)
+            loss.backward()
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        assert torch.allclose(toy.trajectory(land, variant, steps=2)[-1], v.detach(), atol=1e-12), variant
+
+
+def test_imbsam_trajectory_perturbs_only_the_tail_loss():
+    land = toy.landscapes()[2]
+    w = torch.tensor(land.start, dtype=toy.DTYPE)
+    head_grad = torch.func.grad(lambda v: land.split(v)[0])(w)
+    tail = lambda v: land.split(v)[1]   # noqa: E731
+    g = torch.func.grad(tail)(w)
+    expected = w - land.lr * (head_grad + torch.func.grad(tail)(w + land.rho * g / g.norm()))
+    assert torch.allclose(toy.trajectory(land, "imbsam", steps=1)[-1], expected, atol=1e-12)
+
+
+def test_sparse_variants_run_and_end_in_the_flat_basin():
+    land = toy.landscapes()[0]
+    for variant in ("ssamf", "ssamd"):
+        path = toy.trajectory(land, variant)
+        assert torch.isfinite(path).all() and land.where(path[-1]) == "flat"
+    assert land.where(toy.trajectory(land, "sgd")[-1]) == "sharp"
+
+
+def test_checkpoint_points_fall_in_their_bins_by_sam_stats():
+    for k, w0, _ in toy.CHECKPOINTS:
+        w = torch.tensor([w0], dtype=toy.DTYPE, requires_grad=True)
+        opt = SAM([w], torch.optim.SGD, variant="sam", rho=toy.CKPT_RHO, lr=0.1)
+        toy.double_well(w).sum().backward()
+        opt.first_step(zero_grad=True)
+        toy.double_well(w).sum().backward()
+        opt.second_step(zero_grad=True)
+        assert opt.stats[f"ckpt{k}"] == 100.0, k
+
+
+def test_toy_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        toy.main(["bogus"])
+    assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as err:
+        toy.main(["checkpoints", "--out", str(blocker / "sub")])
+    assert err.value.code == 2 and "cannot use --out" in capsys.readouterr().err
+
+
+def test_toy_checkpoints_writes_figure_and_csv(tmp_path):
+    toy.main(["checkpoints", "--out", str(tmp_path)])
+    assert (tmp_path / "checkpoints.png").stat().st_size > 10_000
+    with open(tmp_path / "checkpoints.csv") as f:
+        ratios = [float(r["ratio"]) for r in csv.DictReader(f)]
+    assert ratios[0] > 1 and 0 < ratios[1] < 1 and ratios[2] < -1 and -1 < ratios[3] < 0
+
+
+# ----------------------------------------------------------------------------- plots.py
+STEP_COLS = ("step epoch lr rho loss acc ckpt0 ckpt1 ckpt2 ckpt3 ckpt4 r1_1.2 r1.2_1.5 r1.5_2 r2_4 r4_8 r8_16 "
+             "r16_inf grad_norm perturbed_grad_norm weight_norm cos mag_up skipped persist_t0 persist_overlap "
+             "persist_running").split()
+EPOCH_COLS = ("epoch train_loss train_acc val_loss val_acc test_loss test_acc clean_train_acc noisy_train_acc "
+              "seconds images_per_sec").split()
+
+
+def make_run(root, name, variant, seed, final=True, cut=False):
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    folder.mkdir()
+    config = dict(dataset="cifar10", model="resnet18", variant=variant, rho=0.1, condition=2.0, seed=seed, epochs=3)
+    (folder / "config.json").write_text(json.dumps(config))
+    steps = [[s, s // 10, 0.1, 0.1, 2 - s / 30, 50 + s, 5, 60, 25, 6, 4] + list(rng.uniform(1, 10, 7))
+             + [1, 1.1, 30, 0.9, 55, 0, 1000, 800 - s, 1000 // (s + 1)] for s in range(0, 30, 5)]
+    with open(folder / "steps.csv", "w") as f:
+        f.write(",".join(STEP_COLS) + "\n" + "\n".join(",".join(map(str, r)) for r in steps) + "\n")
+        if cut:
+            f.write("35,3,0.1")   # a line being written when the run was read
+    epochs = [[e, 1 / (e + 1), 60 + e, 1, 55, 1.2 - e / 10, 50 + e + seed, "", "", 10, 500] for e in range(3)]
+    with open(folder / "epochs.csv", "w") as f:
+        f.write(",".join(EPOCH_COLS) + "\n" + "\n".join(",".join(map(str, r)) for r in epochs) + "\n")
+    result = dict(best_epoch=2, best_val_acc=57.0, test_acc_best=70 + seed + (variant == "sam"),
+                  test_loss_best=0.9, test_acc_last=69.5 + seed, test_loss_last=1.0 + seed / 10,
+                  sharpness=dict(lambda_max=10.0 + seed, trace=100.0, top5_pos_mean=5.0))
+    if final:
+        (folder / "final.json").write_text(json.dumps(result))
+    return result
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_plots_writes_every_figure_and_correct_tables(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    finals = {v: [make_run(runs, f"{v}_s{s}", v, s) for s in (0, 1, 3)] for v in ("sam", "sgd")}
+    make_run(runs, "sam_s9_running", "sam", 9, final=False, cut=True)
+    (runs / "broken").mkdir()
+    (runs / "broken" / "steps.csv").write_text("step\n1\n")
+    (runs / "badjson").mkdir()
+    (runs / "badjson" / "config.json").write_text("{not json")
+    out = tmp_path / "figs"
+    assert plots.main([str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "broken: no config.json" in printed and "badjson: unreadable config.json" in printed
+    assert "unfinished (plotted, not in the table): sam_s9_running" in printed
+    for name, (w, h) in plots.FIGURES.items():
+        path = out / f"{name}.png"
+        assert path.stat().st_size > 5_000, name
+        assert png_size(path) == (round(w * plots.DPI), round(h * plots.DPI)), name
+    table = (out / "tables.md").read_text()
+    for variant, results in finals.items():
+        acc = [r["test_acc_best"] for r in results]
+        lam = [r["sharpness"]["lambda_max"] for r in results]
+        expected_acc = f"{np.mean(acc):.4g} ± {np.std(acc, ddof=1):.2g}"
+        expected_lam = f"{np.mean(lam):.4g} ± {np.std(lam, ddof=1):.2g}"
+        row = next(line for line in table.splitlines() if f"| {variant} |" in line)
+        assert f"| 3 | {expected_acc} |" in row and expected_lam in row, row
+
+
+def test_plots_reads_cut_csv_and_averages_seeds(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, f"r{seed}", "sam", seed, cut=True)
+    runs, skipped = plots.load_runs(str(tmp_path))
+    assert not skipped and len(runs[0]["steps"]["step"]) == 6   # the cut-off line is dropped
+    xs, means, stds = plots.seed_mean(runs, "epochs", "epoch", "test_acc")
+    assert list(xs) == [0, 1, 2] and np.allclose(means, [50.5, 51.5, 52.5]) and np.allclose(stds, np.std([0, 1], ddof=1))
+
+
+def test_plots_bad_paths(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        plots.main([str(tmp_path / "missing")])
+    assert err.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert plots.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "no usable run folders" in capsys.readouterr().err
+
+
+# ==================================================================== train.py
+REPO = Path(__file__).resolve().parent
+CIFAR10_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def _image_folder(root, per_class=(24, 6), classes=3):
+    """train/<class>/*.png and test/<class>/*.png: noisy images of one colour per class."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_class):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            colour = np.roll([160, 60, 60], c)
+            for i in range(n):
+                pixels = np.clip(colour + rng.normal(0, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def _tiny_run(tmp_path, *extra):
+    """Settings of a run on a generated folder that takes a second or two on a CPU."""
+    data = tmp_path / "images"
+    if not data.exists():
+        _image_folder(data)
+    return ["--model", "cnn", "--data-dir", str(data), "--epochs", "3", "--batch-size", "12", "--log-every", "1",
+            "--device", "cpu", *extra]
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
+    out = tmp_path / "run"
+    final = train.main(_tiny_run(tmp_path, "--variant", "samme1", "--out", str(out), "--sharpness",
+                                 "--sharpness-batches", "2", "--sharpness-batch-size", "6",
+                                 "--sharpness-iters", "10"))
+    assert {"config.json", "steps.csv", "epochs.csv", "final.json", "last.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    steps = _rows(out / "steps.csv")
+    assert list(steps[0]) == ["step", "epoch", "lr", "rho", "loss", "acc"] + [k for k in sam.STAT_KEYS if k != "step"]
+    assert [int(r["step"]) for r in steps] == list(range(len(steps)))
+    for row in steps:
+        assert sum(float(row[f"ckpt{k}"]) for k in range(5)) == pytest.approx(100, abs=1e-3)
+    epochs = _rows(out / "epochs.csv")
+    assert list(epochs[0]) == train.EPOCH_COLUMNS and len(epochs) == 3
+    assert epochs[0]["clean_train_acc"] == "" and epochs[0]["noisy_train_acc"] == ""
+    assert json.loads((out / "final.json").read_text()) == final
+    assert set(final["sharpness"]) == {"lambda_max", "trace", "top5_pos_mean"}
+    assert final["sharpness"]["lambda_max"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert {"dataset", "model", "variant", "rho", "condition", "seed", "epochs", "command", "torch", "device",
+            "git_commit"} <= set(config)
+
+
+def test_train_real_cifar10_learns(tmp_path):
+    if not CIFAR10_ARCHIVE.exists():
+        pytest.skip("the CIFAR-10 archive in ../shared/data is not here")
+    final = train.main(["--model", "cnn", "--data-dir", str(CIFAR10_ARCHIVE), "--cache-dir", str(tmp_path),
+                        "--subset", "3000", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
+                        "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert final["test_acc_last"] > 25   # chance is 10%
+
+
+def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatch):
+    settings = _tiny_run(tmp_path, "--variant", "samckpt1", "--label-noise", "0.2", "--out", str(tmp_path / "b"))
+    train.main(_tiny_run(tmp_path, "--variant", "samckpt1", "--label-noise", "0.2", "--out", str(tmp_path / "a")))
+
+    assert train.main(settings + ["--max-steps", "4"]) is None   # stops mid-epoch 1, checkpointed
+
+    calls = {"n": 0}
+    step = train.train_step
+
+    def ctrl_c_on_third_step(*args):   # as if Ctrl-C came during step 6: the run stops after it
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", ctrl_c_on_third_step)
+    assert train.main(settings + ["--resume"]) is None
+    monkeypatch.setattr(train, "train_step", step)
+    train.main(settings + ["--resume"])
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / "steps.csv").read_bytes() == (b / "steps.csv").read_bytes()
+    timing = ("seconds", "images_per_sec")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(a / "epochs.csv")] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in _rows(b / "epochs.csv")]
+    assert _rows(a / "epochs.csv")[0]["noisy_train_acc"] != ""
+    assert (a / "final.json").read_text() == (b / "final.json").read_text()
+
+
+def test_train_bn_running_stats_come_from_the_first_pass_only():
+    torch.manual_seed(0)
+    model = train.MODELS["cnn"](3, 1.0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    reference = train.MODELS["cnn"](3, 1.0)
+    reference.load_state_dict(model.state_dict())
+    reference(x)   # one forward in train mode: what the running statistics should become
+    opt = sam.SAM(model.parameters(), torch.optim.SGD, variant="sam", lr=0.1, momentum=0.9)
+    run = train.argparse.Namespace(freeze_bn=True, autocast=train.nullcontext(), label_smoothing=0.0, tail=None,
+                                   refresh_mask=False, sync_ascent=False, flipped=None)
+    train.train_step(model, opt, x, y, run)
+    for name, buffer in reference.named_buffers():   # num_batches_tracked counts every pass (unused: momentum set)
+        if buffer.is_floating_point():
+            assert torch.equal(model.get_buffer(name), buffer), name
+
+
+@pytest.mark.parametrize("variant", ["imbsam", "ssamf", "ssamd", "sgdhess", "looksam", "gsam"])
+def test_train_variants_with_their_own_loop_paths_run(tmp_path, variant):
+    extra = ["--imbalance", "4", "--tail-threshold", "12"] if variant == "imbsam" else []
+    final = train.main(_tiny_run(tmp_path, "--variant", variant, "--epochs", "1", "--fisher-samples", "4",
+                                 "--rho-min", "0.01", "--out", str(tmp_path / variant), *extra))
+    assert np.isfinite(final["test_loss_last"])
+
+
+def test_train_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "train.py"), *_tiny_run(tmp_path, "--variant", "samme1", "--epochs", "2", "--out", str(out))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert len(_rows(out / "epochs.csv")) == 2 and len(_rows(out / "steps.csv")) == 2 * 5   # 60 images, batch 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet7"], "invalid choice: 'resnet7'"),
+    (["--variant", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--dataset", "svhn"], "invalid choice: 'svhn'"),
+    (["--rho", "-0.1"], "rho must be"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--data-dir", "missing.tar.gz"], "--data-dir"),
+])
+def test_train_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "run"), "--device", "cpu", *argv])
+    assert stop.value.code != 0
+    assert message in str(stop.value.code) + capsys.readouterr().err
+
+
+def test_train_never_overwrites_a_run_silently(tmp_path):
+    settings = _tiny_run(tmp_path, "--epochs", "1", "--out", str(tmp_path / "run"))
+    train.main(settings)
+    with pytest.raises(SystemExit, match="--resume .* --overwrite"):
+        train.main(settings)
+    with pytest.raises(SystemExit, match="different settings: --lr"):
+        train.main(settings + ["--resume", "--lr", "0.5"])
+    assert train.main(settings + ["--overwrite"])["best_epoch"] == 1
+
+
+def test_train_splits_noise_and_long_tail():
+    labels = torch.arange(10).repeat_interleave(100)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    rng = torch.Generator().manual_seed(0)
+    val, rest = train.stratified_split(torch.arange(1000), labels, 0.1, rng)
+    assert torch.equal(torch.bincount(labels[val]), torch.full((10,), 10))
+    noisy, flipped = train.add_label_noise(labels, 0.3, "sym", classes, rng)
+    assert int(flipped.sum()) == 300 and torch.equal(flipped, noisy != labels)
+    noisy, flipped = train.add_label_noise(labels, 1 - 1e-9, "asym", classes, rng)
+    assert set(zip(labels[flipped].tolist(), noisy[flipped].tolist())) == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
+    counts = torch.bincount(labels[train.long_tailed(torch.arange(1000), labels, 10.0, rng)])
+    assert counts[0] == 100 and counts[-1] == 10 and bool((counts[:-1] >= counts[1:]).all())
