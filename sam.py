@@ -540,9 +540,6 @@ class SAM(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise TypeError("SAM does not support sparse gradients")
-        if len({(g.device, g.dtype) for g in grads}) > 1:
-            raise ValueError("all parameters of a param group must share device and dtype; "
-                             "put the others in a param group of their own")
         return params, grads
 
     def _needs_plain_grad(self):
@@ -563,6 +560,9 @@ class SAM(torch.optim.Optimizer):
         key = tuple(map(id, params))
         ws = self._buffers.get(id(group))
         if ws is None or ws["key"] != key:
+            if len({(p.device, p.dtype) for p in params}) > 1:
+                raise ValueError("all parameters of a param group must share device and dtype; "
+                                 "put the others in a param group of their own")
             buf = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
             ws = dict(key=key, group=group, params=params, buf=buf, views=unflatten(buf, params), g=None)
             self._buffers[id(group)] = ws
@@ -716,10 +716,12 @@ def _check_flags(flags):
 
 
 def disable_running_stats(model):
-    """Keep BatchNorm running statistics out of this pass (momentum 0), as davda54/sam's example."""
+    """Keep BatchNorm running statistics out of this pass (momentum 0), as davda54/sam's example;
+    num_batches_tracked is put back too, so BN layers with momentum=None average the first passes only."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not hasattr(module, "_sam_momentum"):
             module._sam_momentum = module.momentum
+            module._sam_batches = None if module.num_batches_tracked is None else module.num_batches_tracked.clone()
             module.momentum = 0.0
 
 
@@ -728,4 +730,6 @@ def enable_running_stats(model):
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and hasattr(module, "_sam_momentum"):
             module.momentum = module._sam_momentum
-            del module._sam_momentum
+            if module._sam_batches is not None:
+                module.num_batches_tracked.copy_(module._sam_batches)
+            del module._sam_momentum, module._sam_batches
