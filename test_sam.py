@@ -608,14 +608,8 @@ def test_closure_step_on_an_mlp_matches_autograd_reference(name):
     losses = []
     for t in range(3):
         x, y = mlp_data(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = mlp_loss(params, x, y)
-            loss.backward()
-            return loss
         w = snap(params)
-        losses.append(float(opt.step(closure).detach()))
+        losses.append(float(opt.step(mlp_closure(opt, params, x, y)).detach()))
         assert losses[-1] == pytest.approx(float(mlp_loss(w, x, y)), rel=1e-12)   # the first (clean) loss
     _, weights = reference_run(name, mlp_params(), mlp_grad, 3)
     assert_lists_close([snap(params)], [weights[-1]])
@@ -630,17 +624,19 @@ BASES = [
 ]
 
 
+def mlp_closure(opt, params, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = mlp_loss(params, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def run_mlp(opt_fn, steps, params):
     opt = opt_fn(params)
     for t in range(steps):
-        x, y = mlp_data(t)
-
-        def closure():
-            opt.zero_grad()
-            loss = mlp_loss(params, x, y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(mlp_closure(opt, params, *mlp_data(t)))
     return opt
 
 
@@ -760,6 +756,17 @@ def test_stats_keys_are_all_present_as_floats_before_any_step():
     assert s["skipped"] == 0
 
 
+def synthetic_step(opt, params, t):
+    """One two-step update with the synthetic pair of step t: (w before, g, g', opt.stats)."""
+    w = snap(params)
+    g, gp = synthetic_pair(t)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)
+    set_grads(params, gp)
+    opt.second_step(zero_grad=True)
+    return w, g, gp, opt.stats
+
+
 @pytest.mark.parametrize("name,eps", [("sam", RATIO_EPS), ("samme1", RATIO_EPS), ("samckpt2", RATIO_EPS),
                                       ("usam", RATIO_EPS), ("sam", 1e-12)])
 def test_ratio_statistics_match_a_reference_count(name, eps):
@@ -768,13 +775,7 @@ def test_ratio_statistics_match_a_reference_count(name, eps):
     opt = SAM([{"params": params[:2]}, {"params": [frozen] + params[2:]}], torch.optim.SGD, variant=name,
               rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, ratio_eps=eps)
     for t in range(2):
-        w = snap(params)
-        g, gp = synthetic_pair(t)
-        set_grads(params, g)
-        opt.first_step(zero_grad=True)
-        set_grads(params, gp)
-        opt.second_step(zero_grad=True)
-        s = opt.stats
+        w, g, gp, s = synthetic_step(opt, params, t)
         ref, _ = reference_stats(w, g, gp, eps)
         assert s["step"] == t
         for key, value in ref.items():
@@ -790,13 +791,7 @@ def test_persistence_counts_match_reference_sets():
     opt = SAM(params, torch.optim.SGD, persist_from=1, rho=RHO, lr=LR)
     at_t0 = running = None
     for t in range(5):
-        w = snap(params)
-        g, gp = synthetic_pair(t)
-        set_grads(params, g)
-        opt.first_step(zero_grad=True)
-        set_grads(params, gp)
-        opt.second_step(zero_grad=True)
-        s = opt.stats
+        w, g, gp, s = synthetic_step(opt, params, t)
         _, b1 = reference_stats(w, g, gp)
         if t < 1:
             assert all(math.isnan(s[k]) for k in ("persist_t0", "persist_overlap", "persist_running"))
