@@ -1446,6 +1446,19 @@ def test_train_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, argv, mess
     assert message in str(stop.value.code) + capsys.readouterr().err
 
 
+def test_train_bad_data_dir_leaves_runs_as_they_were(tmp_path):
+    fresh, finished = tmp_path / "fresh", tmp_path / "done"
+    with pytest.raises(SystemExit):
+        train.main(["--data-dir", str(tmp_path / "missing.tar.gz"), "--out", str(fresh), "--device", "cpu"])
+    assert not fresh.exists()   # the corrected command is not blocked by a half-made run
+    train.main(_tiny_run(tmp_path, "--epochs", "1", "--out", str(finished)))
+    before = {p.name: p.read_bytes() for p in finished.iterdir()}
+    with pytest.raises(SystemExit):   # --overwrite deletes the old run only once the new data has loaded
+        train.main(["--data-dir", str(tmp_path / "missing.tar.gz"), "--out", str(finished), "--overwrite",
+                    "--device", "cpu"])
+    assert {p.name: p.read_bytes() for p in finished.iterdir()} == before
+
+
 def test_train_never_overwrites_a_run_silently(tmp_path):
     settings = _tiny_run(tmp_path, "--epochs", "1", "--out", str(tmp_path / "run"))
     train.main(settings)

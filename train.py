@@ -749,8 +749,8 @@ class RunFolder:
         self.path, self.writer = Path(args.out), writer
         self.last, self.best = self.path / "last.pt", self.path / "best.pt"
 
-    def start(self, args, config):
-        """Checks the folder; returns the checkpoint to resume from (None for a fresh run)."""
+    def check(self, args, config):
+        """Checks the folder, writing nothing; returns the checkpoint to resume from (None for a fresh run)."""
         exists = (self.path / "config.json").exists()
         finished = (self.path / "final.json").exists()
         if exists and not (args.resume or args.overwrite):
@@ -765,16 +765,19 @@ class RunFolder:
                 fail("--resume with different settings: " + ", ".join(
                     f"--{k.replace('_', '-')} {config[k]!r} (run: {saved.get(k)!r})" for k in changed))
             return torch.load(self.last, map_location="cpu", weights_only=False)
+        return None
+
+    def create(self, config):
+        """A fresh run folder (an --overwrite-n old run goes only now, once the data has loaded)."""
         barrier()   # every rank has looked at the folder before rank 0 changes it
         if self.writer:
-            if exists:
+            if self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "config.json").write_text(json.dumps(config, indent=1) + "\n")
             for source in ("train.py", "sam.py"):   # the code of the run, next to its numbers (airbench)
                 shutil.copy(Path(__file__).with_name(source), self.path / source)
         barrier()
-        return None
 
     def open_logs(self, step=None, epoch=None):
         """Open the CSVs, keeping rows up to the checkpoint's step and epoch on resume."""
@@ -940,12 +943,13 @@ def train(args, argv, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
     tty = sys.stdout.isatty()
     folder = RunFolder(args, writer=rank == 0)
-    checkpoint = folder.start(args, run_config(args, argv, device, world))
+    config = run_config(args, argv, device, world)
+    checkpoint = folder.check(args, config)
     if checkpoint is not None and (folder.path / "final.json").exists():
         say(f"{folder.path} is finished; nothing to resume")
         return json.loads((folder.path / "final.json").read_text())
 
-    # ---- data
+    # ---- data (before the run folder is made: a bad --data-dir leaves nothing behind)
     data = load_images(args)
     splits = make_splits(args, data)
     train_set, val_set, test_set = (DeviceLoader(*s, args.dataset, device, args.channels_last) for s in splits)
@@ -954,6 +958,8 @@ def train(args, argv, rank, world, device):
     if remainder or steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} must be a multiple of the {world} rank(s) and at most the "
              f"{len(train_set)} training images")
+    if checkpoint is None:
+        folder.create(config)
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     total_steps = args.epochs * steps_per_epoch
     num_classes = len(data["classes"])
