@@ -384,7 +384,7 @@ class SAM(torch.optim.Optimizer):
         (to undo a skipped step). With g kept for the ratio, that is two parameter-sized buffers."""
         f = self.flags
         work, self._work, self._perturbed = self._work, None, False
-        stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
+        stats_step = self._stats_step()
         device = work[0]["buf"].device
         for w in work:
             w["gp_grads"] = [p.grad for p in w["params"]]
@@ -403,9 +403,8 @@ class SAM(torch.optim.Optimizer):
             rule = self._has_bin_rule(group)
             if g is not None and (stats_step or rule):
                 # r overwrites the kept g when nothing needs g later (no allocation on the hot path)
-                g_later = (group["sam_bins"] != "01234" or group["combine"] or f["gsam_alpha"] > 0
-                           or f["looksam_k"] > 1 or f["friendly_sigma"] > 0)
-                r = gp / (g + f["ratio_eps"]) if g_later else torch.div(gp, g.add_(f["ratio_eps"]), out=g)
+                r = (gp / (g + f["ratio_eps"]) if self._uses_g_later(group)
+                     else torch.div(gp, g.add_(f["ratio_eps"]), out=g))
                 masks = _checkpoint_masks(r) if rule or persist_step else None
                 if stats_step:
                     counts.append(torch.cat([_bin_counts(r, w), w["w_sq"].double().view(1)]))
@@ -487,7 +486,7 @@ class SAM(torch.optim.Optimizer):
             ok = torch.isfinite(torch.dot(w["buf"], w["buf"]))
             finite = ok if finite is None else finite & ok
             work.append(w)
-        stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
+        stats_step = self._stats_step()
         if stats_step:   # no g' on a one-pass step: only the norms are defined
             g_sq = sum(self._norm([g.detach() for g in grads]).square().double() for _, _, grads in active)
             w_sq = sum(self._norm(params).square().double() for _, params, _ in active)
@@ -543,10 +542,18 @@ class SAM(torch.optim.Optimizer):
         return params, grads
 
     def _needs_plain_grad(self):
+        """g is kept (flat) for statistics, for the ratio of a bin rule, or where g itself is used later."""
+        return self._stats_step() or any(self._has_bin_rule(g) or self._uses_g_later(g) for g in self.param_groups)
+
+    def _stats_step(self):
+        every = self.flags["stats_every"]
+        return every > 0 and self._step % every == 0
+
+    def _uses_g_later(self, group):
+        """g enters d (SAMCKPT's plain bins, combine, GSAM), LookSAM's g_v or FriendlySAM's EMA."""
         f = self.flags
-        stats_step = f["stats_every"] > 0 and self._step % f["stats_every"] == 0
-        return (stats_step or f["gsam_alpha"] > 0 or f["looksam_k"] > 1 or f["friendly_sigma"] > 0
-                or any(self._has_bin_rule(g) or g["combine"] for g in self.param_groups))
+        return (group["sam_bins"] != "01234" or bool(group["combine"]) or f["gsam_alpha"] > 0
+                or f["looksam_k"] > 1 or f["friendly_sigma"] > 0)
 
     def _needs_global_dots(self):
         return self.flags["gsam_alpha"] > 0 or self.flags["looksam_k"] > 1
