@@ -60,6 +60,9 @@ def load_run(folder):
         raise Skip("no config.json") from None
     except (OSError, json.JSONDecodeError) as err:
         raise Skip(f"unreadable config.json ({err})") from None
+    for key, value in config.get("sam_flags", {}).items():   # train.py's effective flags: the preset's
+        if config.get(key) is None:                            # rho or condition where none was given
+            config[key] = value
     missing = [k for k in GROUP_KEYS if k not in config]
     if missing:
         raise Skip(f"config.json lacks {', '.join(missing)}")

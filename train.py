@@ -811,7 +811,9 @@ def run_config(args, argv, device, world):
     except OSError:
         commit = None
     launcher = f"torchrun --nproc_per_node {world} " if world > 1 else "python "
-    return {**vars(args), "command": launcher + shlex.join(["train.py", *argv]), "torch": torch.__version__,
+    effective = {**sam.FLAGS, **sam.VARIANTS[args.variant], **sam_flags(args)}   # what the optimizer runs with
+    return {**vars(args), "sam_flags": effective, "command": launcher + shlex.join(["train.py", *argv]),
+            "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "world_size": world, "git_commit": commit}
 
