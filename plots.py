@@ -19,9 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from sam import FINE_NAMES as FINE   # the r > 1 sub-bins, as steps.csv names them
+
 GROUP_KEYS = ("dataset", "model", "variant", "rho", "condition")
 CKPTS = ("ckpt1", "ckpt2", "ckpt3", "ckpt4")
-FINE = ("r1_1.2", "r1.2_1.5", "r1.5_2", "r2_4", "r4_8", "r8_16", "r16_inf")
 DPI = 80
 # every figure, its size in inches (tests check the PNG's pixels against size * DPI)
 FIGURES = {"ckpt_shares": (16, 4), "ckpt1_bins": (15, 4.5), "persistence": (12, 4),

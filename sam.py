@@ -151,7 +151,7 @@ class SAM(torch.optim.Optimizer):
         self._warned_skips = False
         self._stats = None             # device vector laid out as STAT_KEYS
         self._persist = None           # per group: (checkpoint-1 set at t0, running intersection)
-        self._clean = None             # imbsam: {param: clean gradient}
+        self._clean = None             # imbsam: per group, (its parameters' ids, their clean gradient, flat)
         self._work = None              # per-step buffers between first_step and second_step
         self._buffers = {}             # per param group: persistent flat buffers (see _workspace)
 
@@ -221,14 +221,13 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def stash_clean_grad(self):
         """ImbSAM: keep the current grads (of the head-class loss) unperturbed, added to d later."""
-        params, grads = [], []
-        for group in self.param_groups:
-            group_params, group_grads = self._active(group)
-            params += group_params
-            grads += group_grads
         clean = self._clean if self._clean is not None else {}
-        for p, g in zip(params, unflatten(flatten(grads), grads) if grads else []):
-            clean[p] = clean[p] + g if p in clean else g
+        for group in self.param_groups:
+            params, grads = self._active(group)
+            if params:
+                key, flat = tuple(map(id, params)), flatten(grads)
+                same = id(group) in clean and clean[id(group)][0] == key
+                clean[id(group)] = (key, clean[id(group)][1] + flat if same else flat)
         self._clean = clean
         self.zero_grad()
 
@@ -414,7 +413,11 @@ class SAM(torch.optim.Optimizer):
                     self._apply_rule(group, g, gp, masks)
             self._combine(group, g, gp, dots)
             if self._clean is not None:
-                torch._foreach_add_(w["views"], [self._clean.get(p, torch.zeros_like(p)) for p in w["params"]])
+                key, clean = self._clean.get(id(group), (w["key"], 0))
+                if key != w["key"]:
+                    raise ValueError("stash_clean_grad(): the clean loss and the perturbed loss must reach the "
+                                     "same parameters")
+                gp += clean
             finite &= w["finite"] & torch.isfinite(torch.dot(gp, gp))
         self._hand_over(work, finite)
         self._clean = None
