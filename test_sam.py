@@ -10,6 +10,7 @@ r = g' / (g + 1e-8) with the eps added (not sign-aware); checkpoints with strict
 B1: r > 1, B2: 0 < r < 1, B3: r < -1, B4: -1 < r < 0, B0 the rest. The base optimizer sees d
 at the unperturbed w; its weight decay and momentum act after d and are never scaled.
 """
+import copy
 import csv
 import io
 import json
@@ -137,12 +138,12 @@ DIRECTIONS = {
 }
 CONDITION = {"saner": 0.5}          # the notes' c = 2 ("g' + g' mask"); SANER's alpha = 0.5
 # presets whose ascent is not rho g/||g|| or whose passes differ, with the documented hyper-parameters
-SPECIAL = {"sgd", "usam", "asam", "linf", "sgdhess", "ssamf", "ssamd", "friendlysam", "imbsam", "fishersam",
+SPECIAL = {"sgd", "usam", "asam", "linf-sign", "linf-norm", "sgdhess", "sgdhess-exact", "ssamf", "ssamd", "friendlysam", "imbsam", "fishersam",
            "gsam", "looksam", "sam"}
 
 
 def ascent(kind, w, h, rho, p=2.0, eta=0.0, fisher_eta=0.0):
-    """e from the formula. kind: sam | usam | lp | asam | asam_usam | fisher."""
+    """e from the formula. kind: sam | usam | lp | lp_norm | asam | asam_usam | fisher."""
     if kind == "sam":
         n = norm(h)
         return [rho * x / (n + NORM_EPS) for x in h]
@@ -154,6 +155,9 @@ def ascent(kind, w, h, rho, p=2.0, eta=0.0, fisher_eta=0.0):
         q = p / (p - 1)
         n = norm(h, q)
         return [rho * x.sign() * x.abs() ** (q - 1) / (n ** (q - 1) + NORM_EPS) for x in h]
+    if kind == "lp_norm":   # the norm changes, the direction stays g: rho g/||g||_p
+        n = max(x.abs().max() for x in h) if math.isinf(p) else norm(h, p)
+        return [rho * x / (n + NORM_EPS) for x in h]
     if kind == "asam":   # T = |w| + eta: rho T^2 g/||T g||; p = inf: rho T sign(g)
         T = [x.abs() + eta for x in w]
         if math.isinf(p):
@@ -204,8 +208,10 @@ def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, look
                 e = ascent("usam", w, g, rho)
             elif name == "asam":
                 e = ascent("asam", w, g, rho, eta=0.0)
-            elif name == "linf":
+            elif name == "linf-sign":
                 e = ascent("lp", w, g, rho, p=math.inf)
+            elif name == "linf-norm":
+                e = ascent("lp_norm", w, g, rho, p=math.inf)
             elif name == "fishersam":
                 e = ascent("fisher", w, g, rho, fisher_eta=1.0)
             elif name == "friendlysam":   # official order: d_0 = g_0, m_0 = g_0; d_t = g_t - sigma m_{t-1}
@@ -295,7 +301,7 @@ def test_every_preset_has_a_reference():
     assert set(VARIANTS) <= set(DIRECTIONS) | SPECIAL
 
 
-@pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"sgdhess"}))
+@pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"sgdhess", "sgdhess-exact"}))
 def test_preset_steps_match_formula(name):
     params = make_params()
     opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
@@ -424,7 +430,7 @@ def test_checkpoint_edges_follow_the_strict_inequalities():
     r = torch.tensor(gp, dtype=DT) / (torch.tensor(g, dtype=DT) + RATIO_EPS)
     assert r[:3].tolist() == [1.0, -1.0, 0.0] and r[3:6].tolist()[:2] == [math.inf, -math.inf] and r[5].isnan()
     params = [torch.zeros(7, dtype=DT, requires_grad=True)]
-    opt = SAM(params, torch.optim.SGD, lr=1.0)
+    opt = SAM(params, torch.optim.SGD, lr=1.0, stats_every=1)
     set_grads(params, [torch.tensor(g, dtype=DT)])
     opt.first_step(zero_grad=True)
     set_grads(params, [torch.tensor(gp, dtype=DT)])
@@ -641,7 +647,7 @@ def run_mlp(opt_fn, steps, params):
 
 
 @pytest.mark.parametrize("base,kw", BASES)
-@pytest.mark.parametrize("name", ["sam", "usam", "asam", "linf", "fishersam", "friendlysam", "ssamd", "imbsam"])
+@pytest.mark.parametrize("name", ["sam", "usam", "asam", "linf-sign", "linf-norm", "fishersam", "friendlysam", "ssamd", "imbsam"])
 def test_rho_zero_equals_the_bare_base_optimizer(base, kw, name):
     a, b = mlp_params(), mlp_params()
     run_mlp(lambda ps: SAM(ps, base, variant=name, rho=0.0, **kw), 4, a)
@@ -659,7 +665,7 @@ def test_rho_zero_equals_the_bare_base_optimizer(base, kw, name):
     ("saner", dict(condition=1.0)), ("samckpt1", dict(sam_bins="01234")), ("sammagnitude", dict(combine="")),
     ("gsam", dict(gsam_alpha=0.0)), ("looksam", dict(looksam_k=1)), ("friendlysam", dict(friendly_sigma=0.0)),
     ("fishersam", dict(fisher_eta=0.0)), ("ssamd", dict(sparsity=0.0)), ("ssamf", dict(sparsity=0.0)),
-    ("asam", dict(adaptive=False)), ("linf", dict(p=2.0)), ("usam", dict(normalize=True)),
+    ("asam", dict(adaptive=False)), ("linf-sign", dict(p=2.0)), ("linf-norm", dict(p=2.0)), ("usam", dict(normalize=True)),
     ("sgdhess", dict(descent="sam")), ("sgd", dict(descent="sam")),
 ])
 def test_every_flag_at_its_neutral_value_is_plain_sam(name, flags):
@@ -773,7 +779,7 @@ def test_ratio_statistics_match_a_reference_count(name, eps):
     params = make_params()
     frozen = torch.ones(7, dtype=DT, requires_grad=True)   # no gradient: not counted
     opt = SAM([{"params": params[:2]}, {"params": [frozen] + params[2:]}], torch.optim.SGD, variant=name,
-              rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, ratio_eps=eps)
+              rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, ratio_eps=eps, stats_every=1)
     for t in range(2):
         w, g, gp, s = synthetic_step(opt, params, t)
         ref, _ = reference_stats(w, g, gp, eps)
@@ -786,18 +792,24 @@ def test_ratio_statistics_match_a_reference_count(name, eps):
         assert s["ckpt0"] > 0 and all(s[f"ckpt{k}"] > 0 for k in range(1, 5))
 
 
-def test_persistence_counts_match_reference_sets():
+@pytest.mark.parametrize("every", [1, 2])
+def test_persistence_counts_match_reference_sets(every):
+    # the running intersection is updated on every step from persist_from, whatever stats_every is
     params = make_params()
-    opt = SAM(params, torch.optim.SGD, persist_from=1, rho=RHO, lr=LR)
+    opt = SAM(params, torch.optim.SGD, persist_from=1, rho=RHO, lr=LR, stats_every=every)
     at_t0 = running = None
     for t in range(5):
         w, g, gp, s = synthetic_step(opt, params, t)
         _, b1 = reference_stats(w, g, gp)
+        if t >= 1:
+            at_t0 = b1 if at_t0 is None else at_t0
+            running = b1 if running is None else running & b1
+        if t % every:
+            continue
         if t < 1:
             assert all(math.isnan(s[k]) for k in ("persist_t0", "persist_overlap", "persist_running"))
             continue
-        at_t0 = b1 if at_t0 is None else at_t0
-        running = b1 if running is None else running & b1
+        assert s["step"] == t
         assert s["persist_t0"] == float(at_t0.sum())
         assert s["persist_overlap"] == float((at_t0 & b1).sum())
         assert s["persist_running"] == float(running.sum())
@@ -993,14 +1005,14 @@ def test_parameters_without_gradient_are_skipped_and_unchanged(name):
 
 
 @pytest.mark.parametrize("name,flags", [
-    ("sam", {}), ("usam", {}), ("asam", {}), ("linf", {}), ("sam", dict(p=3.0)), ("fishersam", {}),
+    ("sam", {}), ("usam", {}), ("asam", {}), ("linf-sign", {}), ("linf-norm", {}), ("sam", dict(p=3.0)), ("fishersam", {}),
     ("friendlysam", {}), ("gsam", {}), ("samme1", {}), ("customsame", {}), ("sammagnitude", {}),
     ("samdirection", {}), ("looksam", dict(looksam_k=2)), ("sgd", {}), ("ssamd", {}),
 ])
 def test_zero_gradient_gives_zero_perturbation_and_no_nan(name, flags):
     params = make_params()
     w = snap(params)
-    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, **flags)
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, stats_every=1, **flags)
     for _ in range(3):
         set_grads(params, [torch.zeros_like(x) for x in w])
         single = opt.single_pass
@@ -1030,22 +1042,27 @@ def test_nonfinite_gradient_skips_the_step_and_leaves_weights_bit_identical(name
     params = make_params()
     opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, **flags)
     drive(opt, params, synthetic, 2)   # finite steps first, so momentum is non-trivial
-    w = snap(params)
+    w, base_state = snap(params), copy.deepcopy(opt.base_optimizer.state_dict())
 
     def bad(t, point, kind):
         grads = synthetic(t, point, kind)
         return _poison(grads, 1, value) if kind == which else grads
-    drive(opt, params, bad, 1)
-    assert_same(snap(params), w)
     with pytest.warns(RuntimeWarning, match="skipped"):
-        assert opt.stats["skipped"] == 1
+        drive(opt, params, bad, 1)
+    assert opt.last_step_skipped and opt.stats["skipped"] == 1
+    assert_same(snap(params), w)
+    assert_state_dicts_equal(opt.base_optimizer.state_dict(), base_state)   # momentum untouched
+    two_passes = not opt.single_pass      # LookSAM's cheap step has no g' to poison
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert opt.stats["skipped"] == 1   # warned once
+        warnings.simplefilter("error")      # warned once
+        drive(opt, params, bad, 1)
+    skipped = 2 if which == "g" or two_passes else 1
+    assert opt.stats["skipped"] == skipped
     drive(opt, params, synthetic, 2)      # later finite steps work again
+    assert not opt.last_step_skipped
     assert all(torch.isfinite(p).all() for p in params)
     assert not all(torch.equal(a, b) for a, b in zip(w, snap(params)))
-    assert opt.stats["skipped"] == 1
+    assert opt.stats["skipped"] == skipped
 
 
 @pytest.mark.parametrize("name", ["sgd", "sgdhess"])
@@ -1056,29 +1073,52 @@ def test_nonfinite_gradient_skips_single_pass_steps(name):
         w = snap(params)
         loss = sum((p ** 3).sum() for p in params) * (math.nan if t == 1 else 1.0)
         loss.backward(create_graph=opt.create_graph)
-        opt.first_step(zero_grad=True)
+        base_state = copy.deepcopy(opt.base_optimizer.state_dict())
         if t == 1:
+            with pytest.warns(RuntimeWarning, match="skipped"):
+                opt.first_step(zero_grad=True)
             assert_same(snap(params), w)
+            assert_state_dicts_equal(opt.base_optimizer.state_dict(), base_state)
         else:
+            opt.first_step(zero_grad=True)
             assert all(torch.isfinite(p).all() for p in params)
-    with pytest.warns(RuntimeWarning):
-        assert opt.stats["skipped"] == 1
+    assert opt.stats["skipped"] == 1
 
 
-def test_skipped_step_hands_the_base_optimizer_a_zero_direction():
-    # The documented trade-off: skipping on the device (no host sync) means the base optimizer
-    # still steps, with d = 0, and the weights are then restored. Its state stays finite: the
-    # momentum buffer becomes MOM * m + WD * w, exactly what a zero gradient gives.
+def assert_state_dicts_equal(a, b):
+    """Bit for bit: every tensor equal, every other value equal."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_state_dicts_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_state_dicts_equal(x, y)
+    else:
+        assert a == b or (a != a and b != b)
+
+
+@pytest.mark.parametrize("base,kw", [(torch.optim.SGD, dict(momentum=MOM, weight_decay=WD)),
+                                     (torch.optim.AdamW, dict(weight_decay=WD))])
+def test_a_skipped_step_leaves_the_base_optimizer_untouched_and_no_flag_means_davda54(base, kw):
     params = make_params()
-    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
-    drive(opt, params, synthetic, 1)
-    before = snap(params)
-    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in params]
-    drive(opt, params, lambda t, point, kind: _poison(synthetic(t, point, kind), 0, math.nan), 1)
+    opt = SAM(params, base, rho=RHO, lr=LR, **kw)
+    drive(opt, params, synthetic, 2)
+    before, state = snap(params), copy.deepcopy(opt.state_dict())
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        drive(opt, params, lambda t, point, kind: _poison(synthetic(t, point, kind), 0, math.nan), 1)
     assert_same(params, before)
-    for p, m, w in zip(params, momentum, before):
-        torch.testing.assert_close(opt.base_optimizer.state[p]["momentum_buffer"], MOM * m + WD * w,
-                                   rtol=0, atol=1e-15)
+    saved = opt.state_dict()
+    assert_state_dicts_equal(saved["base"], state["base"])   # Adam's step count and moments too
+    assert saved["counters"] == {"step": state["counters"]["step"] + 1, "skipped": 1}
+    # skip_nonfinite=False is davda54's behaviour: no host read, the NaN reaches the weights
+    loose = make_params()
+    opt = SAM(loose, base, rho=RHO, lr=LR, skip_nonfinite=False, **kw)
+    drive(opt, loose, lambda t, point, kind: _poison(synthetic(t, point, kind), 0, math.nan), 1)
+    assert not torch.isfinite(loose[0]).all() and not opt.last_step_skipped
 
 
 # ------------------------------------------------------------------ BatchNorm helpers and autocast
@@ -1109,7 +1149,7 @@ def test_bf16_autocast_on_cpu_runs_and_stays_finite(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     before = snap(model.parameters())
-    opt = SAM(model.parameters(), torch.optim.SGD, variant=name, lr=0.1, momentum=0.9)
+    opt = SAM(model.parameters(), torch.optim.SGD, variant=name, lr=0.1, momentum=0.9, stats_every=1)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
 
     def closure():
@@ -1160,7 +1200,7 @@ def test_trajectories_are_sam_steps():
             g = torch.func.grad(f)(v)
             v = v - land.lr * torch.func.grad(f)(v + ascent(g))
             assert torch.allclose(path[t + 1], v, atol=1e-12), variant
-    for variant in ("asam", "linf", "friendlysam", "fishersam", "samme1", "samme3", "sammagnitude", "samdirection"):
+    for variant in ("asam", "linf-sign", "linf-norm", "friendlysam", "fishersam", "samme1", "samme3", "sammagnitude", "samdirection"):
         v = torch.tensor(land.start, dtype=toy.DTYPE, requires_grad=True)
         opt = SAM([v], torch.optim.SGD, variant=variant, rho=land.rho, lr=land.lr, stats_every=0)
 
@@ -1195,7 +1235,7 @@ def test_sparse_variants_run_and_end_in_the_flat_basin():
 def test_checkpoint_points_fall_in_their_bins_by_sam_stats():
     for k, w0, _ in toy.CHECKPOINTS:
         w = torch.tensor([w0], dtype=toy.DTYPE, requires_grad=True)
-        opt = SAM([w], torch.optim.SGD, variant="sam", rho=toy.CKPT_RHO, lr=0.1)
+        opt = SAM([w], torch.optim.SGD, variant="sam", rho=toy.CKPT_RHO, lr=0.1, stats_every=1)
         toy.double_well(w).sum().backward()
         opt.first_step(zero_grad=True)
         toy.double_well(w).sum().backward()
