@@ -951,6 +951,15 @@ def test_unknown_variant_lists_the_valid_names():
     (dict(sparsity=1.0), ValueError, "sparsity"),
     (dict(bin_scale=(1, 2)), ValueError, "bin_scale"),
     (dict(combine="both"), ValueError, "combine"),
+    # every number finite and in range, and of the right kind
+    (dict(rho=math.nan), ValueError, "rho"), (dict(rho=math.inf), ValueError, "rho"),
+    (dict(rho=True), ValueError, "rho"), (dict(variant="saner", condition=math.nan), ValueError, "condition"),
+    (dict(variant="samme1", condition="2"), ValueError, "condition"),
+    (dict(bin_scale=(1, math.nan, 1, 1, 1)), ValueError, "bin_scale"),
+    (dict(variant="friendlysam", friendly_lambda=5), ValueError, "friendly_lambda"),
+    (dict(variant="ssamd", drop_rate=-3), ValueError, "drop_rate"), (dict(p=math.nan), ValueError, r"\bp\b"),
+    (dict(stats_every=1.5), ValueError, "stats_every"), (dict(adaptive="yes"), ValueError, "adaptive"),
+    (dict(gsam_alpha=math.inf), ValueError, "gsam_alpha"), (dict(persist_from=-1), ValueError, "persist_from"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -1121,7 +1130,159 @@ def test_a_skipped_step_leaves_the_base_optimizer_untouched_and_no_flag_means_da
     assert not torch.isfinite(loose[0]).all() and not opt.last_step_skipped
 
 
+# ------------------------------------------------------------------ a contributor's rule, the audit's fixes, davda54 users
+@pytest.mark.parametrize("stats_every", [0, 1])
+def test_a_new_direction_rule_that_reads_g_after_the_ratio_gets_g(stats_every):
+    # the old code let r overwrite the kept g: a rule d = g then handed g'/g to the base optimizer
+    class DirectionIsG(SAM):
+        def _direction(self, part, gp, dots):
+            super()._direction(part, gp, dots)        # the bin rule computes r and its buckets
+            return sam._views(part.g, part.params)
+    params = [torch.zeros(3, dtype=DT, requires_grad=True)]
+    opt = DirectionIsG(params, torch.optim.SGD, variant="samme1", lr=1.0, stats_every=stats_every)
+    set_grads(params, [torch.tensor([0.5, 0.5, -1.0], dtype=DT)])
+    opt.first_step(zero_grad=True)
+    set_grads(params, [torch.tensor([1.5, 0.25, -4.0], dtype=DT)])
+    opt.second_step(zero_grad=True)
+    assert (-params[0].detach()).tolist() == [0.5, 0.5, -1.0]
+
+
+def test_davda54_positional_signature_and_its_example_loop():
+    params, ref = make_params(), make_params()
+    opt = SAM(params, torch.optim.SGD, 0.05, True, lr=LR, momentum=MOM)    # SAM(params, base, rho, adaptive)
+    assert opt.flags["rho"] == 0.05 and opt.flags["adaptive"] and opt.variant == "sam"
+    assert SAM(make_params(), torch.optim.SGD, None, variant="asam", lr=LR).flags["rho"] == 2.0   # None: preset's
+    with pytest.raises(TypeError, match="variant='samme1'"):
+        SAM(make_params(), torch.optim.SGD, "samme1", lr=LR)
+    _, got = drive(opt, params, synthetic, 2)
+    base = SGDRef(weight_decay=0.0)
+    w = [x.detach().clone() for x in ref]
+    for t in range(2):   # davda54: e = rho w^2 g/||w g|| (adaptive, eta 0)
+        point = [x + y for x, y in zip(w, ascent("asam", w, synthetic(t, w, "g"), 0.05))]
+        w = base.step(w, synthetic(t, point, "gp"))
+    assert_lists_close([got[-1]], [w])
+
+
+def test_load_state_dict_takes_davda54_layout_with_a_warning():
+    params = make_params()
+    theirs = torch.optim.Optimizer(params, dict(rho=0.2, adaptive=False, lr=0.3, momentum=0.5))
+    theirs.state[params[0]]["old_p"] = params[0].detach().clone()
+    opt = SAM(make_params(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match="davda54"):
+        opt.load_state_dict(theirs.state_dict())
+    assert opt.param_groups[0]["rho"] == 0.2 and opt.param_groups[0]["lr"] == 0.3
+    assert opt.param_groups[0]["momentum"] == 0.5 and not opt.base_optimizer.state
+
+
+def test_load_state_dict_of_another_variant_is_refused_naming_both():
+    saved = SAM(make_params(), torch.optim.SGD, variant="samme1", lr=0.1).state_dict()
+    opt = SAM(make_params(), torch.optim.SGD, variant="sam", lr=0.1)
+    with pytest.raises(ValueError, match="'samme1'.*'sam'"):
+        opt.load_state_dict(saved)
+    assert opt.flags["bin_scale"] == (1, 1, 1, 1, 1)
+
+
+def test_a_param_group_over_two_dtypes_matches_each_dtype_alone():
+    # model parallel stand-in: one param group spread over (device, dtype) pairs keeps a flat vector per pair
+    mixed = [p.detach().to(dt).requires_grad_() for p, dt in zip(make_params(), (torch.float64, torch.float32, torch.float64))]
+    opt = SAM(mixed, torch.optim.SGD, variant="samme1", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, stats_every=1)
+    grads = lambda t, point, kind: [x.to(p.dtype) for x, p in zip(synthetic(t, point, kind), mixed)]
+    _, got = drive(opt, mixed, grads, 2)
+    _, weights = reference_run("samme1", make_params(), synthetic, 2)
+    assert_lists_close([[x.double() for x in got[-1]]], [weights[-1]], rtol=1e-5, atol=1e-6)
+    assert math.isfinite(opt.stats["ckpt1"]) and math.isfinite(opt.stats["cos"])
+
+
+def test_second_step_error_puts_the_weights_back_to_w_first():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    w = snap(params)
+    set_grads(params, synthetic(0, w, "g"))
+    opt.first_step(zero_grad=True)
+    set_grads(params, [None] + synthetic(0, w, "gp")[1:])
+    with pytest.raises(ValueError, match="none at w"):
+        opt.second_step()
+    assert_same(snap(params), w) and not opt.perturbed
+
+
+def test_step_closure_warns_once_when_gradients_are_already_there():
+    params = mlp_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    x, y = mlp_data(0)
+    mlp_loss(params, x, y).backward()      # davda54's README pattern: backward, then step(closure)
+    with pytest.warns(RuntimeWarning, match="already present"):
+        opt.step(mlp_closure(opt, params, x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlp_loss(params, x, y).backward()
+        opt.step(mlp_closure(opt, params, x, y))
+
+
+def test_ssamd_turnover_equals_its_death_rate():
+    # Mi et al.'s SSAM-D grows among the entries dead before the update: no dropped entry comes back
+    n = 2000
+    param = torch.zeros(n, requires_grad=True)
+    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=0.5, lr=0.1)
+    param.grad = torch.randn(n)
+    before = opt._masks([param])[0].clone()
+    opt.update_mask(progress=0.0)            # death rate 0.5 (1 + cos 0) / 2 = 0.5
+    after = opt.state[param]["mask"]
+    assert int(before.sum()) == int(after.sum()) == n // 2
+    dropped, grown = before & ~after, after & ~before
+    assert int(dropped.sum()) == int(grown.sum()) == n // 4        # turnover 0.5 of the live entries
+    kept = before & after                                          # the live entries with the largest |g|
+    assert param.grad.abs()[kept].min() >= param.grad.abs()[dropped].max()
+
+
+def test_sgdhess_exact_is_g_plus_rho_times_the_full_hessian_times_g():
+    A = _hess_problem()
+    params = make_params(seed=2, shapes=HESS_SHAPES)
+    opt = SAM(params, torch.optim.SGD, variant="sgdhess-exact", rho=0.5, lr=LR, momentum=MOM, weight_decay=WD)
+    assert opt.create_graph and opt.single_pass
+    w, base = snap(params), SGDRef()
+    for t in range(3):
+        theta = torch.cat([p.flatten() for p in params])
+        (0.5 * theta @ A @ theta + (theta ** 3).sum() / 6).backward(create_graph=True)   # H = A + diag(theta)
+        opt.first_step(zero_grad=True)
+        theta_ref = torch.cat([x.flatten() for x in w])
+        g, H = A @ theta_ref + theta_ref ** 2 / 2, A + torch.diag(theta_ref)
+        w = base.step(w, split(g + 0.5 * H @ g, HESS_SHAPES))
+        assert_lists_close([snap(params)], [w])
+
+
+def test_linf_presets_are_the_two_documented_forms():
+    g = [torch.tensor([0.5, -2.0, 1.0], dtype=DT)]
+    for name, expected in (("linf-sign", [RHO, -RHO, RHO]), ("linf-norm", [RHO / 4, -RHO, RHO / 2])):
+        params = [torch.zeros(3, dtype=DT, requires_grad=True)]
+        opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR)
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        assert params[0].detach().tolist() == pytest.approx(expected, rel=1e-10)
+
+
 # ------------------------------------------------------------------ BatchNorm helpers and autocast
+def test_batchnorm_buffers_stay_bit_identical_through_a_skipped_step_at_nan_weights():
+    # issue: a non-finite g put w + e at NaN and the second pass (momentum 0) multiplied the running
+    # statistics by NaN; now the second pass leaves every BN buffer alone and the step is skipped
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, momentum=0.0), torch.nn.Linear(4, 2))
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    x = torch.randn(8, 3)
+    model(x).pow(2).mean().backward()
+    for p in model.parameters():
+        p.grad[...] = math.nan
+    buffers, weights = snap(model.buffers()), snap(model.parameters())
+    opt.first_step(zero_grad=True)
+    disable_running_stats(model)
+    model(x).pow(2).mean().backward()   # at w + e = NaN
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.second_step(zero_grad=True)
+    enable_running_stats(model)
+    assert_same(snap(model.buffers()), buffers)
+    assert_same(snap(model.parameters()), weights)
+    assert opt.last_step_skipped and not opt.base_optimizer.state
+
+
 def test_disable_running_stats_keeps_batchnorm_statistics_in_later_passes():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
@@ -1132,14 +1293,16 @@ def test_disable_running_stats_keeps_batchnorm_statistics_in_later_passes():
     model(x).pow(2).mean().backward()   # first pass updates the running statistics
     opt.first_step(zero_grad=True)
     stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    counts = [m.num_batches_tracked.clone() for m in bns]
     disable_running_stats(model)
-    disable_running_stats(model)        # idempotent: the saved momentum is not overwritten
+    disable_running_stats(model)        # idempotent: the saved setting is not overwritten
     model(x + 1).pow(2).mean().backward()
     opt.second_step(zero_grad=True)
-    for m, (mean, var) in zip(bns, stats):
+    for m, (mean, var), count in zip(bns, stats, counts):
         assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.num_batches_tracked, count)
     enable_running_stats(model)
-    assert bns[0].momentum == 0.1 and bns[1].momentum is None
+    assert all(m.track_running_stats for m in bns) and bns[0].momentum == 0.1 and bns[1].momentum is None
     model(x + 2)
     assert not torch.equal(bns[0].running_mean, stats[0][0])
 
