@@ -1508,6 +1508,71 @@ def test_plots_bad_paths(tmp_path, capsys):
     assert "no usable run folders" in capsys.readouterr().err
 
 
+def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
+    import shutil
+    make_run(tmp_path, "sam_s0", "sam", 0)
+    make_run(tmp_path, "sam_s1", "sam", 1)
+    shutil.copytree(tmp_path / "sam_s0", tmp_path / "sam_s0_copy")
+    runs, skipped = plots.load_runs(str(tmp_path))
+    assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s1"]
+    assert "sam_s0_copy holds the same run as" in capsys.readouterr().out
+
+
+def test_plots_results_md_mean_std_and_verdicts(tmp_path):
+    """reproduce.py's folder layout -> results.md: mean ± std over seeds per row, the verdict by the stated rule."""
+    (tmp_path / "core").mkdir()
+    finals = {}
+    for variant in ("sgd", "sam"):
+        for seed in (0, 1, 2):
+            finals.setdefault(variant, []).append(make_run(tmp_path / "core", f"{variant}-s{seed}", variant, seed))
+            config = json.loads((tmp_path / "core" / f"{variant}-s{seed}" / "config.json").read_text())
+            config["command"] = f"python train.py --variant {variant} --seed {seed} --out results/core/{variant}-s{seed}"
+            (tmp_path / "core" / f"{variant}-s{seed}" / "config.json").write_text(json.dumps(config))
+    runs, _ = plots.load_runs(str(tmp_path))
+    text = plots.results_md(str(tmp_path), runs)
+    sam_acc, sgd_acc = ([f["test_acc_best"] for f in finals[v]] for v in ("sam", "sgd"))
+    row = next(line for line in text.splitlines() if line.startswith("| sam | 3 |"))
+    assert f"| {np.mean(sam_acc):.4g} ± {np.std(sam_acc, ddof=1):.2g} |" in row
+    assert "`python train.py --variant sam --seed $SEED --out results/core/sam-s$SEED`" in row
+    # SAM is 1 point above SGD, each with std 1 over seeds: the difference is within sqrt(1 + 1)
+    spread = math.hypot(np.std(sam_acc, ddof=1), np.std(sgd_acc, ddof=1))
+    expected = "holds" if np.mean(sam_acc) - np.mean(sgd_acc) > spread else "can't tell"
+    check = next(line for line in text.splitlines() if line.startswith("| sam | test acc at best val (%) >"))
+    # and since SAM does not beat SGD here, every accuracy verdict is marked as untestable in this setting
+    assert check.endswith(f"| can't tell here ({expected}) |") and expected == "can't tell"
+    assert "SAM above SGD in this setting (test accuracy): **can't tell**" in text
+    assert plots.verdict([3.0, 3.2], ">", [1.0, 1.2]) == "holds"
+    assert plots.verdict([1.0, 1.2], ">", [3.0, 3.2]) == "does not hold"
+    assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
+
+
+def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
+    import tarfile
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    folders = {name: tmp_path / "results" / "g" / name for name in ("done", "cut", "crashed", "new")}
+    for name, files in (("done", ["config.json", "final.json", "last.pt", "train.py", "steps.csv"]),
+                        ("cut", ["config.json", "last.pt"]), ("crashed", ["config.json"])):
+        folders[name].mkdir(parents=True)
+        for file in files:
+            (folders[name] / file).write_text("{}")
+    assert [reproduce.decision(folders[n]) for n in ("done", "cut", "crashed", "new")] == \
+        ["skip", "resume", "overwrite", "start"]
+    reproduce.pack(str(tmp_path / "r.tar.gz"))
+    with tarfile.open(tmp_path / "r.tar.gz") as tar:
+        names = sorted(tar.getnames())
+    assert names == ["results/g/crashed/config.json", "results/g/cut/config.json", "results/g/done/config.json",
+                     "results/g/done/final.json", "results/g/done/steps.csv"]
+    # a real train.py job longer than the deadline: asked to stop (SIGINT) it checkpoints, and is resumed next time
+    monkeypatch.setattr(reproduce, "ROOT", REPO)
+    out = tmp_path / "results" / "g" / "long-s0"
+    run = reproduce.Run("g", "long", 0, "sgd", _tiny_run(tmp_path, "--epochs", "1000", "--out", str(out)), out)
+    counts = reproduce.execute([run], jobs=1, deadline=20, grace=8)
+    assert counts["incomplete"] == 1 and counts["failed"] == 0
+    assert reproduce.decision(out) == "resume" and "stopped at step" in (out / "train.log").read_text()
+
+
 # ==================================================================== train.py
 REPO = Path(__file__).resolve().parent
 CIFAR10_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
