@@ -40,6 +40,7 @@ Weight decay is the base optimizer's: it is added to d, never scaled by c. The f
 Statistics (opt.stats: checkpoint shares, finer r > 1 bins, norms, cos(g, g'), mag_up, persistence of the
 B1 set) are off unless stats_every > 0; they stay on the device until read.
 """
+import inspect
 import math
 import numbers
 import warnings
@@ -145,6 +146,8 @@ class SAM(torch.optim.Optimizer):
         flags = {**FLAGS, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
         _check_flags(flags)
         super().__init__(params, flags)
+        if "foreach" in inspect.signature(base_optimizer).parameters:
+            kwargs.setdefault("foreach", True)   # torch's default on CPU is its per-tensor loop; same results
         try:
             self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         except TypeError as err:
