@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 SEEDS = (0, 1, 2)
 RHO = "0.1"            # SAM's radius in every comparison unless a row says otherwise (seed 002, the README's CPU runs)
+RESNET18_EPOCHS = 8   # what one ~10-minute call on an H100 holds next to the other jobs
 PERSIST_FROM = 100     # the early step whose checkpoint-1 set claim 2 follows (seed 000 used step 172)
 # the notes' hyper-parameters (origin 4.1, issue 9); no cutout, so that SGD can fit its training set in the budget
 COMMON = ["--batch-size", "256", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "1e-3",
@@ -61,7 +62,10 @@ def claims(setting):
     rho = ["--rho", RHO]
     sam_ref = "core/sam"
     acc = "test_acc"
+    resnet18 = ["--model", "resnet18", "--width", "1", "--subset", "100000", "--epochs", str(RESNET18_EPOCHS)] + SHARP
     return [
+        Group("resnet18", f"GPU: ResNet-18 on all of CIFAR-10 at the notes' hyper-parameters, {RESNET18_EPOCHS} epochs", [
+            Row(v, v, resnet18 + (rho if v != "sgd" else []), seeds=(0,)) for v in ("sgd", "sam", "samckpt1", "samme1")]),
         Group("core", "0. The setting: SAM against SGD (the notes: SAM gains 1-2 points where the model fits)", [
             Row("sgd", "sgd", SHARP, expect=(("train_acc", ">", 99.0, "fits its training set"),)),
             Row("sam", "sam", rho + SHARP, expect=((acc, ">", "core/sgd", "SAM above SGD by 1-2 points"),
