@@ -1353,7 +1353,7 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
     assert list(epochs[0]) == train.EPOCH_COLUMNS and len(epochs) == 3
     assert epochs[0]["clean_train_acc"] == "" and epochs[0]["noisy_train_acc"] == ""
     assert json.loads((out / "final.json").read_text()) == final
-    assert set(final["sharpness"]) == {"lambda_max", "trace", "top5_pos_mean"}
+    assert set(final["sharpness"]) == {"lambda_max", "trace", "trace_se", "top5_pos_mean"}
     assert final["sharpness"]["lambda_max"] > 0
     config = json.loads((out / "config.json").read_text())
     assert {"dataset", "model", "variant", "rho", "condition", "seed", "epochs", "command", "torch", "device",
@@ -1384,7 +1384,9 @@ def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
         return step(*args)
     monkeypatch.setattr(train, "train_step", ctrl_c_on_third_step)
-    assert train.main(settings + ["--resume"]) is None
+    with pytest.raises(SystemExit) as stop:   # checkpointed, and a stopped run exits 130
+        train.main(settings + ["--resume"])
+    assert stop.value.code == 130
     monkeypatch.setattr(train, "train_step", step)
     train.main(settings + ["--resume"])
 
@@ -1405,9 +1407,7 @@ def test_train_bn_running_stats_come_from_the_first_pass_only():
     reference.load_state_dict(model.state_dict())
     reference(x)   # one forward in train mode: what the running statistics should become
     opt = sam.SAM(model.parameters(), torch.optim.SGD, variant="sam", lr=0.1, momentum=0.9)
-    run = train.argparse.Namespace(freeze_bn=True, autocast=train.nullcontext(), label_smoothing=0.0, tail=None,
-                                   refresh_mask=False, sync_ascent=False, flipped=None)
-    train.train_step(model, opt, x, y, run)
+    train.train_step(model, opt, x, y, train.StepSettings())
     sam.enable_running_stats(model)   # as the next step begins: num_batches_tracked forgets the second pass
     for name, buffer in reference.named_buffers():
         assert torch.equal(model.get_buffer(name), buffer), name
