@@ -4,7 +4,10 @@
     python plots.py runs/ --out figures/ --toy figures/   # also tabulate toy.py's CSVs
 
 Runs are grouped by (dataset, model, variant, rho, condition); seeds are averaged (mean, and a band
-of +- one sample standard deviation). Unfinished runs (no final.json, partial CSVs) are plotted but
+of +- one sample standard deviation). A run folder whose settings and seed equal another's (a copy) is
+counted once, with a warning. Under reproduce.py's results/ it also writes results.md (one table per claim,
+mean ± std over seeds, the command of each row, and whether the notes' claim holds) and the figures of
+claims 1-3 into <out>/results/. Unfinished runs (no final.json, partial CSVs) are plotted but
 left out of the final-accuracy table; runs that cannot be read are skipped with the reason.
 """
 import argparse
@@ -12,6 +15,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 
 import matplotlib
@@ -19,7 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+import reproduce
 from sam import FINE_NAMES as FINE   # the r > 1 sub-bins, as steps.csv names them
+from train import SESSION_SETTINGS
+
+# config.json entries that say how or where a run ran, not which run it is
+NOT_IDENTITY = SESSION_SETTINGS | {"command", "git_commit", "torch", "world_size"}
 
 GROUP_KEYS = ("dataset", "model", "variant", "rho", "condition")
 CKPTS = ("ckpt1", "ckpt2", "ckpt3", "ckpt4")
@@ -67,11 +76,12 @@ def load_run(folder):
     missing = [k for k in GROUP_KEYS if k not in config]
     if missing:
         raise Skip(f"config.json lacks {', '.join(missing)}")
-    run = dict(name=os.path.basename(folder.rstrip("/")), config=config, final=None)
+    run = dict(name=os.path.basename(folder.rstrip("/")), folder=folder, config=config, final=None,
+               diverged=os.path.exists(os.path.join(folder, "diverged.txt")))
     for table in ("steps", "epochs"):
         path = os.path.join(folder, f"{table}.csv")
         run[table] = read_csv(path) if os.path.exists(path) else {}
-    if not any(len(col) for table in ("steps", "epochs") for col in run[table].values()):
+    if not any(len(col) for table in ("steps", "epochs") for col in run[table].values()) and not run["diverged"]:
         raise Skip("no rows in steps.csv or epochs.csv yet")
     try:
         with open(os.path.join(folder, "final.json")) as f:
@@ -83,17 +93,30 @@ def load_run(folder):
     return run
 
 
+def identity(config):
+    """What makes a run this run: its settings and seed, not where or how it ran."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, sort_keys=True, default=str)
+
+
 def load_runs(root):
-    """Every run folder under root (a folder holding config.json), and the skipped ones with reasons."""
-    runs, skipped = [], []
+    """Every run folder under root (a folder holding config.json), and the skipped ones with reasons. A
+    folder holding the same run as an earlier one (a copied folder is not a second seed) is skipped."""
+    runs, skipped, seen = [], [], {}
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()
         if "config.json" not in files and not {"steps.csv", "epochs.csv", "final.json"} & set(files):
             continue
         try:
-            runs.append(load_run(folder))
+            run = load_run(folder)
         except Skip as why:
             skipped.append((folder, str(why)))
+            continue
+        first = seen.setdefault(identity(run["config"]), folder)
+        if first != folder:
+            print(f"warning: {folder} holds the same run as {first} (same settings and seed): counted once")
+            skipped.append((folder, f"duplicate of {first}"))
+            continue
+        runs.append(run)
     return runs, skipped
 
 
@@ -269,6 +292,157 @@ def toy_tables(folder):
     return parts
 
 
+# ----------------------------------------------------------------------------- results.md (reproduce.py)
+ACCURACY = ("test_acc",)   # the metrics whose verdict needs SAM to beat SGD in the setting first
+RULE = ("holds: the difference from the reference has the notes' sign and is larger than the combined sample "
+        "std sqrt(s_a^2 + s_b^2) (against a number: larger than the row's std); does not hold: the opposite sign "
+        "beyond that spread; '~' (about equal) holds within the spread, or within 25% of the notes' number; "
+        "can't tell: in between, or fewer than 2 seeds")
+
+
+def _late(cols, name, early):
+    """Mean of a steps.csv column over the first (early) or last tenth of the logged steps."""
+    values = cols.get(name, np.array([]))
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan
+    k = max(1, len(values) // 10)
+    return float(np.mean(values[:k] if early else values[-k:]))
+
+
+def _persist(cols, col, after):
+    """100 * col / persist_t0 at `after` steps past the start of the persistence window (-1: the last row)."""
+    if "persist_t0" not in cols:
+        return math.nan
+    rows = np.where(cols["persist_t0"] > 0)[0]
+    if not len(rows):
+        return math.nan
+    i = rows[-1] if after < 0 else next((r for r in rows if cols["step"][r] >= cols["step"][rows[0]] + after), rows[-1])
+    return float(100 * cols[col][i] / cols["persist_t0"][i])
+
+
+def _last_epoch(run, col):
+    values = run["epochs"].get(col, np.array([]))
+    return float(values[-1]) if len(values) else math.nan
+
+
+METRICS = {   # name -> (what it is, value of one finished run)
+    "test_acc": ("test acc at best val (%)", lambda r: r["final"]["test_acc_best"]),
+    "train_acc": ("final train acc (%)", lambda r: _last_epoch(r, "train_acc")),
+    "clean_train_acc": ("train acc, clean labels (%)", lambda r: _last_epoch(r, "clean_train_acc")),
+    "noisy_train_acc": ("train acc on flipped samples, their noisy label (%)", lambda r: _last_epoch(r, "noisy_train_acc")),
+    "lambda_max": ("lambda_max", lambda r: (r["final"].get("sharpness") or {}).get("lambda_max", math.nan)),
+    "top5_pos_mean": ("top-5 eigenvalue mean", lambda r: (r["final"].get("sharpness") or {}).get("top5_pos_mean", math.nan)),
+    "ckpt1_min": ("B1 lowest share after the first tenth (%)",
+                  lambda r: float(np.nanmin(r["steps"]["ckpt1"][len(r["steps"]["ckpt1"]) // 10:]))),
+    **{f"ckpt{k}_{when}": (f"B{k} share, {when} tenth (%)", lambda r, k=k, when=when: _late(r["steps"], f"ckpt{k}", when == "early"))
+       for k in (2, 3, 4) for when in ("early", "late")},
+    "fine_up": ("r > 2 share (fine bins), late - early (points)", lambda r: sum(
+        _late(r["steps"], b, False) - _late(r["steps"], b, True) for b in FINE[3:])),
+    "overlap_late": ("overlap with the t0 set at the end (% of t0)", lambda r: _persist(r["steps"], "persist_overlap", -1)),
+    "running_5": ("running intersection 5 steps after t0 (% of t0)", lambda r: _persist(r["steps"], "persist_running", 5)),
+    "mag_up_early": ("mag_up, first tenth (%)", lambda r: _late(r["steps"], "mag_up", True)),
+    "mag_up_late": ("mag_up, last tenth (%)", lambda r: _late(r["steps"], "mag_up", False)),
+}
+
+
+def values(runs, metric):
+    """The metric over the finished runs (seeds), finite values only."""
+    out = []
+    for run in runs:
+        if run["final"]:
+            try:
+                v = float(METRICS[metric][1](run))
+            except (KeyError, ValueError, IndexError, TypeError):
+                continue
+            if math.isfinite(v):
+                out.append(v)
+    return out
+
+
+def verdict(ours, op, reference):
+    """holds / does not hold / can't tell for 'ours op reference' (reference: a number or a list of values)."""
+    if len(ours) < 2 or (not isinstance(reference, (int, float)) and len(reference) < 2):
+        return "can't tell (n < 2)"
+    mean, std = np.mean(ours), np.std(ours, ddof=1)
+    if isinstance(reference, (int, float)):
+        diff, spread, tolerance = mean - reference, std, 0.25 * abs(reference)
+    else:
+        diff, spread, tolerance = mean - np.mean(reference), math.hypot(std, np.std(reference, ddof=1)), 0.0
+    if op == "~":
+        return "holds" if abs(diff) <= max(spread, tolerance) else "does not hold"
+    sign = 1 if op == ">" else -1
+    return "holds" if sign * diff > spread else "does not hold" if sign * diff < -spread else "can't tell"
+
+
+def row_command(runs):
+    """The train.py command of a row with its seed as $SEED (from config.json: what really ran)."""
+    command = next((r["config"].get("command") for r in runs if r["config"].get("command")), None)
+    if not command:
+        return "–"
+    seed = str(runs[0]["config"]["seed"])
+    return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
+
+
+def results_md(root, runs):
+    """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
+    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+    setting_path = os.path.join(root, "setting.json")
+    setting = None
+    if os.path.exists(setting_path):
+        with open(setting_path) as f:
+            setting = json.load(f)
+    groups = reproduce.claims(setting["args"] if setting else next(iter(reproduce.CANDIDATES.values())))
+    rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
+            for g in groups for row in g.rows}
+    if not any(rows.values()):
+        return None
+    gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
+    parts = ["# Results (made by `python plots.py results/`)"]
+    if setting:
+        parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
+                     f"{setting['rule']}.\n\n| candidate | SGD train acc | SGD val acc | SAM val acc | gain | seeds |\n"
+                     "|---|---|---|---|---|---|\n" + "\n".join(
+                         f"| {n} | {t['sgd_train_acc']:.2f} | {t['sgd_val_acc']:.2f} | {t['sam_val_acc']:.2f} | "
+                         f"{t['gain']:+.2f} | {t['seeds']} |" for n, t in setting["candidates"].items()))
+    parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{gate}**"
+                 + ("" if gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"") + ".")
+    for group in groups:
+        metrics = list(dict.fromkeys(m for row in group.rows for m, *_ in row.expect)) or ["test_acc"]
+        if "test_acc" not in metrics:
+            metrics.insert(0, "test_acc")
+        lines = [f"## {group.claim}", "", "| row | n | " + " | ".join(METRICS[m][0] for m in metrics) + " | command |",
+                 "|---|---|" + "---|" * (len(metrics) + 1)]
+        checks = ["", "| row | measure | ours | reference | the notes | verdict |", "|---|---|---|---|---|---|"]
+        for row in group.rows:
+            mine = rows[f"{group.name}/{row.label}"]
+            finished = sum(1 for r in mine if r["final"])
+            diverged = sum(1 for r in mine if r["diverged"])
+            n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
+            lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
+                         + f" | `{row_command(mine)}` |")
+            for metric, op, reference, words in row.expect:
+                ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
+                result = verdict(values(mine, metric), op, ref_values)
+                if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
+                    result = f"can't tell here ({result})"
+                shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
+                checks.append(f"| {row.label} | {METRICS[metric][0]} {op} | {mean_std(values(mine, metric))} | {shown} "
+                              f"| {words} | {result} |")
+        parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))
+    return "\n\n".join(parts) + "\n"
+
+
+def results_figures(root, runs, out):
+    """Claims 1-3 from the geometry group: checkpoint shares, fine bins, persistence, mag_up (band: seeds' std)."""
+    mine = [r for r in runs if os.path.relpath(r["folder"], root).startswith("geometry" + os.sep)]
+    if not mine:
+        return []
+    os.makedirs(out, exist_ok=True)
+    groups = group_runs(mine)
+    return [plot(groups, out) for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_mag_up)]
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,6 +479,13 @@ def main(argv=None):
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write(text)
     print("wrote", os.path.join(args.out, "tables.md"))
+    results = results_md(args.runs, runs)
+    if results:
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(results)
+        print("wrote", os.path.join(args.out, "results.md"))
+        for path in results_figures(args.runs, runs, os.path.join(args.out, "results")):
+            print("wrote", path)
     return 0
 
 

@@ -1064,7 +1064,7 @@ def evaluate(model, loader, settings, rank=0, world=1, batch_size=1000):
         with settings.autocast():
             logits = model(x).float()
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                               (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64)])
+                               (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=totals.device)])
     model.train()
     all_reduce_([totals])
     loss, correct, n = totals.tolist()
@@ -1074,7 +1074,7 @@ def evaluate(model, loader, settings, rank=0, world=1, batch_size=1000):
 def mean_stats(opt):
     """opt.stats (the host sync) averaged over ranks."""
     stats = opt.stats
-    values = torch.tensor([stats[k] for k in sam.STAT_KEYS], dtype=torch.float64)
+    values = torch.tensor([stats[k] for k in sam.STAT_KEYS], dtype=torch.float64, device=opt.param_groups[0]["params"][0].device)
     all_reduce_([values], average=True)
     return dict(zip(sam.STAT_KEYS, values.tolist()))
 

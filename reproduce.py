@@ -1,0 +1,396 @@
+"""Re-run every row of the README's Results (issue 9): choose the setting, then test each claim of the notes.
+
+    python reproduce.py select --jobs 12 --device cuda --data-dir PATH   # candidates x {sgd, sam} x 3 seeds, then choose
+    python reproduce.py claims --jobs 12 --device cuda --data-dir PATH --deadline 500
+    python reproduce.py claims --dry-run                                   # every command, nothing run
+    python reproduce.py pack results.tar.gz                                # the small files of results/, to commit
+    python plots.py results/ --out figures/                                # the tables and figures
+
+Each run is results/<group>/<label>-s<seed>/, a train.py run folder. Runs whose final.json exists are
+skipped, runs with a last.pt are resumed, runs with a config.json but no last.pt are started again, so
+the same command continues where a stopped call left off. Groups run in priority order.
+"""
+import argparse
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import namedtuple
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+SEEDS = (0, 1, 2)
+RHO = "0.1"            # SAM's radius in every comparison unless a row says otherwise (seed 002, the README's CPU runs)
+PERSIST_FROM = 100     # the early step whose checkpoint-1 set claim 2 follows (seed 000 used step 172)
+# the notes' hyper-parameters (origin 4.1, issue 9); no cutout, so that SGD can fit its training set in the budget
+COMMON = ["--batch-size", "256", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "1e-3",
+          "--schedule", "cosine", "--no-cutout", "--log-every", "25"]
+CANDIDATES = {   # model, subset, epochs: 0.2-0.3 M training images per pass each
+    "resnet18-w0.5-n10k-e20": ["--model", "resnet18", "--width", "0.5", "--subset", "10000", "--epochs", "20"],
+    "resnet18-w0.5-n20k-e15": ["--model", "resnet18", "--width", "0.5", "--subset", "20000", "--epochs", "15"],
+    "resnet18-w0.25-n10k-e30": ["--model", "resnet18", "--width", "0.25", "--subset", "10000", "--epochs", "30"],
+    "cnn-w4-n20k-e15": ["--model", "cnn", "--width", "4", "--subset", "20000", "--epochs", "15"],
+}
+RULE = ("among candidates whose SGD final train accuracy is within 2 points of the best candidate's, the one with "
+        "the largest mean SAM - SGD validation accuracy (best epoch, 3 seeds)")
+FIT_MARGIN = 2.0
+SHARP = ["--sharpness", "--sharpness-batches", "4", "--sharpness-iters", "20"]   # cheap: only for sharpness claims
+# the cost of one training image relative to SGD's (for the estimate the dry run prints)
+PASSES = {"sgd": 1, "sgdhess": 3, "sgdhess-exact": 3, "looksam": 1.1}
+
+Row = namedtuple("Row", "label variant flags seeds expect", defaults=((), SEEDS, ()))
+# expect: (metric, op, reference, the notes' words); op '>' '<' '~'; reference a number or 'group/label'
+Group = namedtuple("Group", "name claim rows")
+
+
+def value(args, flag, default=None):
+    """The value train.py sees for flag in a list of arguments (the last one wins)."""
+    where = [i for i, a in enumerate(args) if a == flag]
+    return args[where[-1] + 1] if where else default
+
+
+def claims(setting):
+    """The groups of issue 9, in priority order, for the chosen setting (a list of train.py arguments)."""
+    epochs = int(value(setting, "--epochs"))
+    rho = ["--rho", RHO]
+    sam_ref = "core/sam"
+    acc = "test_acc"
+    return [
+        Group("core", "0. The setting: SAM against SGD (the notes: SAM gains 1-2 points where the model fits)", [
+            Row("sgd", "sgd", SHARP, expect=(("train_acc", ">", 99.0, "fits its training set"),)),
+            Row("sam", "sam", rho + SHARP, expect=((acc, ">", "core/sgd", "SAM above SGD by 1-2 points"),
+                                                   ("lambda_max", "<", "core/sgd", "flatter than SGD"))),
+        ]),
+        Group("geometry", "1-3. Checkpoint shares, persistence and mag_up under SAM (seeds 000, 002)", [
+            Row("sam", "sam", rho + ["--persist-from", str(PERSIST_FROM), "--log-every", "1"], expect=(
+                ("ckpt1_min", ">", 60.0, "B1 above 60% throughout"),
+                ("ckpt2_early", "~", 40.0, "B2 about 40% early"), ("ckpt2_late", "~", 20.0, "B2 about 20% late"),
+                ("ckpt3_early", "~", 3.0, "B3 about 3% early"), ("ckpt3_late", "~", 10.0, "B3 about 10% late"),
+                ("ckpt4_early", "~", 3.0, "B4 about 3% early"), ("ckpt4_late", "~", 6.0, "B4 about 6% late"),
+                ("fine_up", ">", 0.0, "fine r > 2 bins move up late"),
+                ("overlap_late", "~", 67.0, "overlap stays near 4e6 of 6e6 (~67%)"),
+                ("running_5", "<", 2.0, "running intersection 1e5 of 6e6 (<2%) after 5 steps"),
+                ("mag_up_early", ">", 50.0, "mag_up above 50% early"), ("mag_up_late", "~", 85.0, "rising to about 85%"))),
+        ]),
+        Group("samckpt", "4. SAMCKPT: SAM's gradient on some checkpoints only (seed 000, Exp. 1)", [
+            *[Row(v, v, rho + SHARP, expect=((acc, op, sam_ref, words), ("lambda_max", op2, sam_ref, words2)))
+              for v, op, words, op2, words2 in [
+                  ("samckpt1", "~", "keeps SAM's accuracy", "~", "keeps SAM's flatness"),
+                  ("samckpt2", "<", "below SAM", ">", "sharper than SAM"),
+                  ("samckpt3", "<", "below SAM", ">", "sharper than SAM"),
+                  ("samckpt4", "<", "below SAM", ">", "sharper than SAM"),
+                  ("samckpt12", ">", "at or above SAM", "~", "as flat as SAM"),
+                  ("samckpt13", ">", "at or above SAM", "~", "as flat as SAM"),
+                  ("samckpt123", ">", "at or above SAM", "~", "as flat as SAM")]],
+            Row("sam-rho1", "sam", ["--rho", "1.0"] + SHARP, expect=((acc, "<", sam_ref, "SAM collapses at a large rho"),)),
+            *[Row(f"{v}-rho1", v, ["--rho", "1.0"] + SHARP, expect=((acc, ">", "samckpt/sam-rho1", "beats SAM at rho 1"),))
+              for v in ("samckpt1", "samckpt12", "samckpt123")],
+        ]),
+        Group("same", "5. SAME: one checkpoint's gradient scaled by c (seed 001)", [
+            *[Row(f"samme1-c{c}", "samme1", rho + ["--condition", c] + SHARP, expect=(
+                ("lambda_max", "<", sam_ref, "flatter than SAM"), ("train_acc", ">", sam_ref, "higher late train acc"),
+                (acc, ">", sam_ref, "higher late val acc"))) for c in ("1.5", "2", "3")],
+            *[Row(f"samme2-c{c}", "samme2", rho + ["--condition", c] + SHARP,
+                  expect=((acc, ">", sam_ref, "c 0.3-0.5: a best row" if c != "2" else "above SAM late"),))
+              for c in ("0.3", "0.5", "2")],
+            Row("sam-rho0.2", "sam", ["--rho", "0.2"] + SHARP),
+            Row("samme3-c0.1-rho0.2", "samme3", ["--rho", "0.2", "--condition", "0.1"] + SHARP,
+                expect=((acc, ">", "same/sam-rho0.2", "a best row (c 0.1 at a larger rho)"),)),
+            Row("customsame", "customsame", rho + SHARP, expect=((acc, ">", sam_ref, "built to beat SAM"),)),
+        ]),
+        Group("direction", "6. Magnitude vs direction, SGDHESS (seed 002)", [
+            Row("sammagnitude", "sammagnitude", rho + SHARP, expect=((acc, "~", sam_ref, "about equal to SAM"),)),
+            Row("samdirection", "samdirection", rho + SHARP, expect=(
+                (acc, "<", sam_ref, "below SAM and sammagnitude"),
+                ("top5_pos_mean", ">", sam_ref, "far sharper: top-5 mean 259 vs SAM's 71"))),
+            *[Row(f"{v}-rhoH{r}", v, ["--rho", r] + SHARP, expect=(
+                (acc, "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "less accurate as rho_H grows"),
+                ("lambda_max", "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "flatter as rho_H grows")))
+              for v in ("sgdhess", "sgdhess-exact") for r, prev in (("0.05", None), ("1", "0.05"), ("2", "1"))],
+        ]),
+        Group("seed004", "7. Seed 004: rho sweep, L2 vs L-inf, ASAM on two architectures, USAM", [
+            *[Row(f"sam-rho{r}", "sam", ["--rho", r], expect=((acc, "~" if r != "0.5" else "<", sam_ref,
+                                                               "alike at small rho" if r != "0.5" else "slower or diverging"),))
+              for r in ("0.01", "0.05", "0.5")],
+            *[Row(f"{v}-rho0.05", v, ["--rho", "0.05"], expect=((acc, "<", "seed004/sam-rho0.05", "L-inf worse than L2"),))
+              for v in ("linf-norm", "linf-sign")],
+            Row("asam", "asam", ["--rho", "2.0"], expect=((acc, ">", "seed004/sam-rho0.05", "ASAM above SAM (ResNet, WRN)"),)),
+            Row("cnn-sgd", "sgd", ["--model", "cnn", "--width", "4"]),
+            Row("cnn-sam-rho0.05", "sam", ["--model", "cnn", "--width", "4", "--rho", "0.05"],
+                expect=((acc, ">", "seed004/cnn-sgd", "SAM above SGD"),)),
+            Row("cnn-asam", "asam", ["--model", "cnn", "--width", "4", "--rho", "2.0"],
+                expect=((acc, ">", "seed004/cnn-sam-rho0.05", "ASAM above SAM (may vary by architecture)"),)),
+            *[Row(f"usam-rho{r}", "usam", ["--rho", r], expect=((acc, "<", ref, "USAM unstable at large rho"),))
+              for r, ref in (("0.1", sam_ref), ("0.5", "seed004/sam-rho0.5"))],
+        ]),
+        Group("noise", "8. 25% symmetric label noise: clean-label accuracy, train accuracy on clean and flipped labels", [
+            Row("sgd", "sgd", ["--label-noise", "0.25"]),
+            Row("sam", "sam", rho + ["--label-noise", "0.25"], expect=(
+                (acc, ">", "noise/sgd", "SAM more robust to label noise"),
+                ("noisy_train_acc", "<", "noise/sgd", "SAM fits the flipped labels less"))),
+            Row("saner", "saner", rho + ["--label-noise", "0.25"], expect=((acc, ">", "noise/sam", "SAN-ER above SAM"),)),
+        ]),
+        Group("peers", "9. The peers at equal epochs against SAM; ImbSAM on long-tailed CIFAR-10", [
+            *[Row(v, v, [], expect=((acc, ">", sam_ref, "published above SAM"),))
+              for v in ("friendlysam", "ssamf", "ssamd", "fishersam", "gsam", "looksam")],
+            Row("looksam-walltime", "looksam", ["--epochs", str(round(epochs * 2 / PASSES["looksam"]))],
+                expect=((acc, ">", sam_ref, "at SAM's wall time (~2/1.1 x the epochs)"),)),
+            # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
+            *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + ["--imbalance", "10", "--subset", "100000",
+                                                               "--tail-threshold", "1500"])
+              for v in ("sgd", "sam", "imbsam")],
+        ]),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- runs
+Run = namedtuple("Run", "group label seed variant args out")
+
+
+def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
+    """Every run, in priority order: the setting, then the row's variant and flags, then any override (later
+    flags win)."""
+    runs = []
+    for group in groups:
+        for row in group.rows:
+            for seed in row.seeds if seeds is None else [s for s in row.seeds if s in seeds]:
+                out = RESULTS / group.name / f"{row.label}-s{seed}"
+                args = [*COMMON, *setting, "--variant", row.variant, *row.flags, "--seed", str(seed),
+                        "--data-dir", data_dir, "--device", device, "--out", str(out.relative_to(ROOT)), *override]
+                runs.append(Run(group.name, row.label, seed, row.variant, args, out))
+    return runs
+
+
+def decision(out):
+    """What the runner does with a run folder: skip, resume, overwrite (a start that left no checkpoint) or start."""
+    if (out / "final.json").exists() or (out / "diverged.txt").exists():
+        return "skip"
+    if (out / "last.pt").exists():
+        return "resume"
+    if (out / "config.json").exists():
+        return "overwrite"
+    return "start"
+
+
+def cost(run):
+    """SGD-equivalent images of a run (the estimate the dry run prints): training passes, and the val and test
+    evaluation every epoch at a third of a training image each; sharpness not counted."""
+    pool = 20400 if "--imbalance" in run.args else min(float(value(run.args, "--subset", 50000)), 50000)
+    per_epoch = 0.9 * pool * PASSES.get(run.variant, 2) + (0.1 * pool + 10000) / 3
+    return per_epoch * float(value(run.args, "--epochs"))
+
+
+def decode_once(data_dir):
+    """Decode the images into train.py's cache before parallel jobs start (concurrent first decodes race)."""
+    import train
+    args = train.parse_settings(["--data-dir", data_dir, "--device", "cpu"])
+    train.load_images(args)
+
+
+def launch(run, action):
+    log_path = run.out.parent / f"{run.out.name}.log"   # beside the folder: train.py recreates the folder on a start
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a")
+    extra = {"resume": ["--resume"], "overwrite": ["--overwrite"], "start": []}[action]
+    command = [sys.executable, "train.py", *run.args, *extra]
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # many jobs share the CPU cores; their work is on the GPU
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env), log
+
+
+def finish(run, proc, log):
+    """Move the job's log into its run folder (train.log) and classify the job."""
+    log.close()
+    log_path = run.out.parent / f"{run.out.name}.log"
+    text = log_path.read_text()
+    if run.out.is_dir():
+        with open(run.out / "train.log", "a") as f:
+            f.write(text)
+        log_path.unlink()
+    if (run.out / "final.json").exists():
+        return "done"
+    if proc.returncode != 0 and "train.py: the training loss is" in text:   # a divergence is a result, not a failure
+        (run.out / "diverged.txt").write_text(text.strip().splitlines()[-1] + "\n")
+        return "diverged"
+    return "incomplete" if proc.returncode in (0, 130, -signal.SIGINT, -signal.SIGKILL) else "failed"
+
+
+def signal_job(proc, signum):
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:   # already gone
+        pass
+
+
+def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
+    """Run train.py jobs `jobs` at a time; at deadline - grace ask each to stop (SIGINT: it checkpoints),
+    at the deadline kill what is left. Returns the count of each outcome."""
+    import sam
+    counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0)
+    todo, missing = [], {}
+    for run in runs:
+        if run.variant not in sam.VARIANTS:   # a preset of a newer sam.py
+            missing.setdefault(run.variant, []).append(f"{run.group}/{run.out.name}")
+            continue
+        action = decision(run.out)
+        if action == "skip":
+            counts["skipped"] += 1
+        else:
+            todo.append((run, action))
+    for variant, names in missing.items():
+        print(f"note: variant {variant!r} is not in this sam.py; left out: {' '.join(names)}")
+    if dry_run:
+        for run, action in todo:
+            print(f"[{action}] python train.py {shlex.join(run.args)}")
+        return counts
+    start, running, stopping = start or time.monotonic(), [], False
+    while todo or running:
+        elapsed = time.monotonic() - start
+        if deadline and elapsed > deadline - grace and not stopping:
+            stopping = True
+            print(f"deadline: stopping {len(running)} jobs, {len(todo)} not started", flush=True)
+            counts["incomplete"] += len(todo)
+            todo = []
+            for run, proc, log in running:
+                signal_job(proc, signal.SIGINT)
+        if deadline and elapsed > deadline:
+            for run, proc, log in running:
+                signal_job(proc, signal.SIGKILL)
+        while todo and len(running) < jobs:
+            run, action = todo.pop(0)
+            print(f"[{action}] {run.group}/{run.out.name}", flush=True)
+            running.append((run, *launch(run, action)))
+        for item in list(running):
+            run, proc, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                outcome = finish(run, proc, log)
+                counts[outcome] += 1
+                print(f"{outcome}: {run.group}/{run.out.name} ({time.monotonic() - start:.0f}s)", flush=True)
+        time.sleep(0.2)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- stages
+def read_final(out):
+    """best val acc and last-epoch train acc of a finished run, or None."""
+    try:
+        final = json.loads((out / "final.json").read_text())
+        last = (out / "epochs.csv").read_text().splitlines()
+        header, row = last[0].split(","), last[-1].split(",")
+        return final["best_val_acc"], float(row[header.index("train_acc")])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def choose():
+    """Write results/setting.json from the finished selection runs by RULE; returns it."""
+    table = {}
+    for name in CANDIDATES:
+        cells = {v: [r for s in SEEDS if (r := read_final(RESULTS / "select" / name / f"{v}-s{s}"))]
+                 for v in ("sgd", "sam")}
+        if all(cells.values()):   # seeds that finished (a call that hit its deadline may leave fewer than 3)
+            mean = lambda xs: sum(xs) / len(xs)
+            table[name] = dict(sgd_train_acc=mean([t for _, t in cells["sgd"]]),
+                               sgd_val_acc=mean([v for v, _ in cells["sgd"]]), sam_val_acc=mean([v for v, _ in cells["sam"]]),
+                               seeds=min(len(c) for c in cells.values()))
+            table[name]["gain"] = table[name]["sam_val_acc"] - table[name]["sgd_val_acc"]
+    if not table:
+        sys.exit("reproduce.py: no candidate has finished SGD and SAM runs yet; run `reproduce.py select`")
+    best_fit = max(t["sgd_train_acc"] for t in table.values())
+    eligible = [n for n, t in table.items() if t["sgd_train_acc"] >= best_fit - FIT_MARGIN]
+    chosen = max(eligible, key=lambda n: table[n]["gain"])
+    setting = dict(name=chosen, args=CANDIDATES[chosen], rule=RULE, candidates=table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "setting.json").write_text(json.dumps(setting, indent=1) + "\n")
+    for name, t in table.items():
+        print(f"{name}: SGD train {t['sgd_train_acc']:.2f}%, val SGD {t['sgd_val_acc']:.2f}% SAM {t['sam_val_acc']:.2f}% "
+              f"(gain {t['gain']:+.2f}, {t['seeds']} seeds){'  <- chosen' if name == chosen else ''}")
+    return setting
+
+
+def select_groups():
+    return [Group(f"select/{name}", "selection", [Row("sgd", "sgd", args), Row("sam", "sam", ["--rho", RHO] + args)])
+            for name, args in CANDIDATES.items()]
+
+
+def pack(outfile, limit=16 << 20):
+    """A .tar.gz of results/ with only the small files (never checkpoints or the copied code)."""
+    keep = (".json", ".csv", ".log", ".txt")
+    with tarfile.open(outfile, "w:gz") as tar:
+        for path in sorted(RESULTS.rglob("*")):
+            if path.is_file() and path.suffix in keep:
+                tar.add(path, arcname=str(path.relative_to(ROOT)))
+    size = os.path.getsize(outfile)
+    print(f"wrote {outfile}: {size / 2**20:.2f} MiB")
+    if size > limit:
+        print(f"warning: larger than {limit / 2**20:.0f} MiB", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("select", "choose", "claims", "pack"))
+    parser.add_argument("outfile", nargs="?", help="pack: the .tar.gz to write")
+    parser.add_argument("--jobs", type=int, default=1, help="train.py processes at a time")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--deadline", type=float, help="seconds: stop launching, checkpoint and end by then")
+    parser.add_argument("--grace", type=float, default=30, help="seconds between SIGINT and SIGKILL at the deadline")
+    parser.add_argument("--groups", help="comma-separated group names (default: all, in priority order)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: each row's)")
+    parser.add_argument("--override", default="", help="train.py arguments appended to every command, overriding (smoke tests)")
+    parser.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
+    args = parser.parse_args(argv)
+    if args.stage == "pack":
+        if not args.outfile:
+            parser.error("pack needs OUTFILE")
+        return pack(args.outfile)
+    if args.stage == "choose":
+        choose()
+        return 0
+    start = time.monotonic()   # the deadline counts the decoding too
+    if args.stage == "select":
+        groups, setting = select_groups(), []
+    else:
+        path = RESULTS / "setting.json"
+        if path.exists():
+            setting = json.loads(path.read_text())["args"]
+        elif args.dry_run or args.override:
+            setting = next(iter(CANDIDATES.values()))
+            print(f"note: no {path.relative_to(ROOT)} yet; showing the first candidate's setting")
+        else:
+            parser.error(f"{path} does not exist: run `reproduce.py select` first")
+        groups = claims(setting)
+    if args.groups:
+        wanted = args.groups.split(",")
+        unknown = set(wanted) - {g.name for g in groups}
+        if unknown:
+            parser.error(f"unknown groups {sorted(unknown)}; known: {[g.name for g in groups]}")
+        groups = [g for g in groups if g.name in wanted]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    runs = runs_of(groups, setting, args.data_dir, args.device, seeds, shlex.split(args.override))
+    for group in groups:
+        mine = [r for r in runs if r.group == group.name]
+        print(f"{group.name}: {len(mine)} runs, {sum(map(cost, mine)) / 1e6:.1f} M SGD-equivalent images")
+    print(f"all: {len(runs)} runs, {sum(map(cost, runs)) / 1e6:.1f} M SGD-equivalent images")
+    if not args.dry_run:
+        decode_once(args.data_dir)
+    counts = execute(runs, args.jobs, args.deadline, args.grace, args.dry_run, start)
+    print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    if args.stage == "select" and not args.dry_run:
+        choose()
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
