@@ -199,8 +199,7 @@ def sam_flags(args):
     flags = {name: getattr(args, name) for name in SAM_CLI_FLAGS if getattr(args, name) is not None}
     if "bin_scale" in flags:
         flags["bin_scale"] = tuple(flags["bin_scale"])
-    if "stats_every" not in flags:   # compute the statistics only on logged steps; persistence needs all
-        flags["stats_every"] = 1 if args.persist_from is not None else args.log_every
+    flags.setdefault("stats_every", args.log_every)   # statistics on logged steps (sam.py: off by default)
     return flags
 
 
@@ -1207,7 +1206,7 @@ def run_epoch(r, stop_requested):
                 torch._foreach_copy_(before, bn_buffers)
             x, y, flipped, mask_progress = next_batch(r, i)
             counts = torch.stack(train_step(r.net, r.opt, x, y, r.step_settings, flipped, mask_progress))
-            if bn_buffers and getattr(r.opt, "last_step_skipped", False):
+            if bn_buffers and r.opt.last_step_skipped:
                 torch._foreach_copy_(bn_buffers, before)   # a skipped step leaves BN's running statistics too
             state["interval"] += counts
             state["totals"] += counts
