@@ -1964,6 +1964,7 @@ import os, signal, sys
 import torch
 import train
 name, when = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))   # as the test process: CPU kernels sum in the same order
 calls = [0]
 def die_now():
     calls[0] += 1
@@ -1994,13 +1995,13 @@ else:   # half a steps.csv row on disk, then the kill
             die_now()
         write(self, row)
     train.CsvLog.write = csv_write
-train.main(sys.argv[3:])
+train.main(sys.argv[4:])
 """
 
 
 def _killed(argv, point):
     """train.py in a child process that SIGKILLs itself at the point."""
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, *map(str, FAULT_POINTS[point]), *argv], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", KILLED_RUN, *map(str, FAULT_POINTS[point]), str(torch.get_num_threads()), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, (point, done.stderr[-2000:])
 
