@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -238,9 +237,8 @@ def bench_step(args, device, measure):
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
     y = torch.randint(0, 10, (batch,), device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
-    run = argparse.Namespace(freeze_bn=True, autocast=autocast, label_smoothing=0.0, tail=None, refresh_mask=False,
-                             sync_ascent=False, flipped=None)
+    settings = train.StepSettings(autocast_dtype=torch.bfloat16 if cuda else None, device_type=device.type)
+    autocast = settings.autocast()
     base = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
     sgd = torch.optim.SGD(model.parameters(), **base)
 
@@ -253,7 +251,7 @@ def bench_step(args, device, measure):
 
     def sam_step(stats_every):
         opt = sam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, stats_every=stats_every, **base)
-        return lambda: train.train_step(model, opt, x, y, run)
+        return lambda: train.train_step(model, opt, x, y, settings)
     steps = {"SGD": sgd_step, "SAM, stats off": sam_step(0), "SAM, stats every step": sam_step(1)}
     seconds = interleaved_medians(steps, args.step_repeats or (30 if cuda else 3), 3 if cuda else 1, measure)
     rows = [(f"{name} [ms]", f"{1000 * s:.1f}", "") for name, s in seconds.items()]

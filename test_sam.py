@@ -16,10 +16,13 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -1621,7 +1624,7 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
     assert list(epochs[0]) == train.EPOCH_COLUMNS and len(epochs) == 3
     assert epochs[0]["clean_train_acc"] == "" and epochs[0]["noisy_train_acc"] == ""
     assert json.loads((out / "final.json").read_text()) == final
-    assert set(final["sharpness"]) == {"lambda_max", "trace", "top5_pos_mean"}
+    assert set(final["sharpness"]) == {"lambda_max", "trace", "trace_se", "top5_pos_mean"}
     assert final["sharpness"]["lambda_max"] > 0
     config = json.loads((out / "config.json").read_text())
     assert {"dataset", "model", "variant", "rho", "condition", "seed", "epochs", "command", "torch", "device",
@@ -1652,7 +1655,9 @@ def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
         return step(*args)
     monkeypatch.setattr(train, "train_step", ctrl_c_on_third_step)
-    assert train.main(settings + ["--resume"]) is None
+    with pytest.raises(SystemExit) as stop:   # checkpointed, and a stopped run exits 130
+        train.main(settings + ["--resume"])
+    assert stop.value.code == 130
     monkeypatch.setattr(train, "train_step", step)
     train.main(settings + ["--resume"])
 
@@ -1673,9 +1678,7 @@ def test_train_bn_running_stats_come_from_the_first_pass_only():
     reference.load_state_dict(model.state_dict())
     reference(x)   # one forward in train mode: what the running statistics should become
     opt = sam.SAM(model.parameters(), torch.optim.SGD, variant="sam", lr=0.1, momentum=0.9)
-    run = train.argparse.Namespace(freeze_bn=True, autocast=train.nullcontext(), label_smoothing=0.0, tail=None,
-                                   refresh_mask=False, sync_ascent=False, flipped=None)
-    train.train_step(model, opt, x, y, run)
+    train.train_step(model, opt, x, y, train.StepSettings())
     sam.enable_running_stats(model)   # as the next step begins: num_batches_tracked forgets the second pass
     for name, buffer in reference.named_buffers():
         assert torch.equal(model.get_buffer(name), buffer), name
@@ -1749,3 +1752,267 @@ def test_train_splits_noise_and_long_tail():
     assert set(zip(labels[flipped].tolist(), noisy[flipped].tolist())) == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
     counts = torch.bincount(labels[train.long_tailed(torch.arange(1000), labels, 10.0, rng)])
     assert counts[0] == 100 and counts[-1] == 10 and bool((counts[:-1] >= counts[1:]).all())
+
+
+# ------------------------------------------------------------------ train.py: reliability (issue 8)
+STEPS = 5   # a _tiny_run epoch: 66 training images, batch 12
+
+
+@pytest.fixture(scope="module")
+def finished_and_stopped(tmp_path_factory):
+    """An uninterrupted tiny run, and the same run stopped by --max-steps 4 (copied by each test)."""
+    root = tmp_path_factory.mktemp("runs")
+    train.main(_tiny_run(root, "--out", str(root / "done")))
+    train.main(_tiny_run(root, "--out", str(root / "stopped"), "--max-steps", "4"))
+    return root
+
+
+def _copy_stopped(root, tmp_path):
+    shutil.copytree(root / "stopped", tmp_path / "run")
+    return _tiny_run(root, "--out", str(tmp_path / "run"))
+
+
+def _same_logs(a, b):
+    """steps.csv and sharpness.csv byte for byte; epochs.csv but its timing columns; final.json."""
+    for name in ("steps.csv", "sharpness.csv", "final.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    timing = ("seconds", "images_per_sec")
+    rows = [[{k: v for k, v in r.items() if k not in timing} for r in _rows(run / "epochs.csv")] for run in (a, b)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+
+
+def _fails(argv, match):
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code not in (0, None) and re.search(match, str(stop.value.code)), stop.value.code
+
+
+def test_train_never_deletes_a_folder_it_did_not_write(tmp_path, finished_and_stopped):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep").write_text("a week of results")
+    for again in ([], ["--overwrite"]):
+        _fails(_tiny_run(tmp_path, "--out", str(other), *again), "not a run folder")
+    assert [p.name for p in other.iterdir()] == ["keep"]
+    run = tmp_path / "run"
+    shutil.copytree(finished_and_stopped / "done", run)
+    (run / "notes.txt").write_text("mine")
+    train.main(_tiny_run(tmp_path, "--out", str(run), "--epochs", "1", "--overwrite"))
+    assert (run / "notes.txt").read_text() == "mine" and len(_rows(run / "epochs.csv")) == 1
+
+
+def test_train_second_run_on_the_same_folder_is_refused(tmp_path):
+    holder = train.RunFolder(tmp_path / "run", writer=True)
+    holder.claim()   # as a run in another process holds it: flock conflicts between open files
+    _fails(_tiny_run(tmp_path, "--out", str(tmp_path / "run")), "another train.py is writing")
+    holder.release(unmake=True)
+    assert not (tmp_path / "run").exists()   # neither left anything behind
+
+
+def _archive(tmp_path):
+    images = _image_folder(tmp_path / "images")
+    path = tmp_path / "images.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(images, arcname="images")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_train_damaged_archive_fails_naming_it_and_caches_nothing(tmp_path, damage):
+    path = _archive(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) * 2 // 3]
+    else:
+        data[len(data) // 3:len(data) // 3 + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+    argv = ["--model", "cnn", "--data-dir", str(path), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--out", str(tmp_path / "run")]
+    _fails(argv, re.escape(str(path)) + " is damaged or truncated")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("cache/*"))
+
+
+@pytest.mark.parametrize("freeze", ["--freeze-bn-stats", "--no-freeze-bn-stats"])
+def test_train_skipped_steps_leave_weights_and_bn_buffers(tmp_path, freeze):
+    # rho 1e30 puts w + e where the activations overflow: every g' is non-finite, every step is skipped
+    train.main(_tiny_run(tmp_path, "--rho", "1e30", freeze, "--max-steps", "3", "--out", str(tmp_path / "run")))
+    torch.manual_seed(42)   # the run's --seed: its initial model
+    initial = train.MODELS["cnn"](3, 1.0).state_dict()
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    for name, tensor in initial.items():
+        assert torch.equal(saved["model"][name], tensor), name
+
+
+def test_train_cache_follows_the_files_and_decoding_shows_progress(tmp_path, capsys):
+    args = train.parse_settings(_tiny_run(tmp_path))
+    first = train.load_images(args)
+    assert "decoding images: 90/90 images" in capsys.readouterr().err
+    for f in sorted((tmp_path / "images" / "train" / "class1").iterdir())[:5]:
+        f.unlink()   # the top folder's modification time stays as it was
+    second = train.load_images(args)
+    assert len(second["train"][1]) == len(first["train"][1]) - 5
+    assert second["fingerprint"] != first["fingerprint"] and "decoding images: 85/85" in capsys.readouterr().err
+    again = train.load_images(args)   # now from the rebuilt cache
+    assert again["fingerprint"] == second["fingerprint"] and "decoding" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--width", "nan"), ("--width", "inf"), ("--imbalance", "nan"), ("--imbalance", "inf"), ("--label-noise", "nan"),
+    ("--seed", "12345678901234567890123"), ("--seed", "-1"), ("--lr", "inf"), ("--momentum", "nan"),
+    ("--val-fraction", "1"), ("--gamma", "0"), ("--tail-weight", "nan"), ("--warmup-epochs", "inf"),
+    ("--label-smoothing", "nan"), ("--rho-min", "nan"), ("--condition-warmup-epochs", "-1"),
+])
+def test_train_numeric_flags_have_a_finite_range(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        train.main(_tiny_run(tmp_path, "--out", str(tmp_path / "run"), flag, value))
+    assert stop.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_resume_refuses_other_data(tmp_path, finished_and_stopped):
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    other = _image_folder(tmp_path / "other", per_class=(23, 6))
+    argv[argv.index("--data-dir") + 1] = str(other)
+    _fails(argv + ["--resume"], "holds other data than this run trained on")
+
+
+def test_train_resume_cuts_partial_rows_and_nul_bytes(tmp_path, finished_and_stopped):
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    run = tmp_path / "run"
+    with open(run / "steps.csv", "a") as f:
+        f.write("4,0.9,0.05")   # a row cut off by a crash
+    with open(run / "epochs.csv", "ab") as f:
+        f.write(bytes(300))     # the zeros a file system leaves after a power cut
+    train.main(argv + ["--resume"])
+    _same_logs(finished_and_stopped / "done", run)
+
+
+def test_train_max_steps_below_the_current_step_is_refused(tmp_path, finished_and_stopped):
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    for steps in ("2", "4"):
+        _fails(argv + ["--resume", "--max-steps", steps], "already at step 4")
+
+
+def test_train_bad_paths_and_checkpoints_get_messages(tmp_path, finished_and_stopped):
+    (tmp_path / "file").write_text("x")
+    _fails(_tiny_run(tmp_path, "--out", str(tmp_path / "file")), "is a file, not a folder")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    _fails(_tiny_run(tmp_path, "--out", str(tmp_path / "link")), "is a symbolic link")
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    last = tmp_path / "run" / "last.pt"
+    whole = last.read_bytes()
+    for damaged in (b"", whole[:len(whole) // 2]):
+        last.write_bytes(damaged)
+        _fails(argv + ["--resume"], "cannot read .*last.pt")
+    if os.geteuid() != 0:   # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _fails(_tiny_run(tmp_path, "--out", str(locked / "run")), "cannot write to --out")
+        locked.chmod(0o700)
+
+
+def test_train_messages_name_the_right_thing(tmp_path, finished_and_stopped, capsys):
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    (tmp_path / "run" / "last.pt").unlink()   # as if killed before its first checkpoint
+    for again in ([], ["--resume"]):   # both say the same: start it again with --overwrite
+        _fails(argv + again, "stopped before its first checkpoint.*--overwrite")
+    _fails(_tiny_run(tmp_path, "--out", str(tmp_path / "diverged"), "--lr", "1e30"),
+           "training loss is .*no checkpoint was written")
+    assert not (tmp_path / "diverged" / "last.pt").exists()
+    images = tmp_path / "images"
+    (images / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (32, 32)).save(images / "train" / ".ipynb_checkpoints" / "0.png")
+    assert len(train.load_images(train.parse_settings(_tiny_run(tmp_path)))["classes"]) == 3
+    (images / "train" / "class2" / "bad.png").write_bytes(b"not an image")
+    _fails(_tiny_run(tmp_path, "--out", str(tmp_path / "bad")), r"train/class2/bad\.png is not a readable image")
+
+
+def _hessian_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+
+    def loss_at(w):   # the same loss as a function of the flat weights, for the exact Hessian
+        chunks = torch.split(w, [p.numel() for p in params])
+        h = torch.tanh(x @ chunks[0].view(5, 4).T + chunks[1])
+        return torch.nn.functional.cross_entropy(h @ chunks[2].view(3, 5).T + chunks[3], y)
+    exact = torch.autograd.functional.hessian(loss_at, flat)
+    return model, [(x, y)], params, flat, exact
+
+
+def test_train_hutchinson_trace_holds_the_exact_trace_within_its_standard_error():
+    model, batches, params, flat, exact = _hessian_problem()
+    hvp = lambda v: train.hessian_vector_product(model, batches, params, v)
+    assert torch.allclose(hvp(flat), exact @ flat, atol=1e-12)
+    true = float(exact.trace())
+    for seed in range(5):
+        mean, se = train.hutchinson_trace(hvp, flat, torch.Generator().manual_seed(seed), 300)
+        assert 0 < se and abs(mean - true) < 4 * se, (seed, mean, se, true)
+
+
+FAULT_POINTS = {   # where a SIGKILL lands, and at which call of the patched function
+    "mid-epoch": ("train_step", 7),                # epoch 2, step 7
+    "checkpoint write": ("save_atomic", 1),        # last.pt of epoch 2 half on disk
+    "csv write": ("CsvLog.write", 3),               # steps.csv row 7 half written
+}
+
+
+KILLED_RUN = """
+import os, signal, sys
+import torch
+import train
+name, when = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))   # as the test process: CPU kernels sum in the same order
+calls = [0]
+def die_now():
+    calls[0] += 1
+    if calls[0] == when:
+        os.kill(os.getpid(), signal.SIGKILL)
+if name == "train_step":
+    step = train.train_step
+    def train_step(*args):
+        die_now()
+        return step(*args)
+    train.train_step = train_step
+elif name == "save_atomic":   # last.pt's temporary file half written, then the kill
+    atomic = train.save_atomic
+    def save_atomic(obj, path):
+        if path.name == "last.pt":
+            torch.save(obj, f"{path}.{os.getpid()}.tmp")
+            os.truncate(f"{path}.{os.getpid()}.tmp", 1000)
+            die_now()
+        atomic(obj, path)
+    train.save_atomic = save_atomic
+else:   # half a steps.csv row on disk, then the kill
+    write = train.CsvLog.write
+    def csv_write(self, row):
+        if self.path.name == "steps.csv":
+            line = ",".join(train.format_value(row.get(c)) for c in self.columns)
+            self.file.write(line[:len(line) // 2])
+            self.file.flush()
+            die_now()
+        write(self, row)
+    train.CsvLog.write = csv_write
+train.main(sys.argv[4:])
+"""
+
+
+def _killed(argv, point):
+    """train.py in a child process that SIGKILLs itself at the point."""
+    done = subprocess.run([sys.executable, "-c", KILLED_RUN, *map(str, FAULT_POINTS[point]), str(torch.get_num_threads()), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, (point, done.stderr[-2000:])
+
+
+def test_train_sigkill_anywhere_then_resume_gives_the_same_csvs(tmp_path, finished_and_stopped):
+    run = tmp_path / "run"
+    argv = _tiny_run(finished_and_stopped, "--out", str(run))
+    _killed(argv, "mid-epoch")
+    for point in ("checkpoint write", "csv write"):
+        _killed(argv + ["--resume"], point)
+    assert train.main(argv + ["--resume"]) is not None
+    _same_logs(finished_and_stopped / "done", run)
+    rows = [int(r["step"]) for r in _rows(run / "steps.csv")]
+    assert rows == list(range(3 * STEPS))   # none lost, none twice

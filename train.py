@@ -9,9 +9,13 @@ A run is one folder (--out, default runs/<settings>): config.json, steps.csv (ev
 steps: lr, rho, loss, accuracy and every key of opt.stats), epochs.csv, final.json, last.pt and
 best.pt. Kill it at any point and run the same command with --resume: the CSVs come out as if it
 had never stopped (bit for bit on a CPU). The file reads in the order a run happens: settings,
-data, model, optimizer, distributed helpers, sharpness, run folder, training loop, main.
+data, model, optimizer, distributed helpers, sharpness, run folder, one training step, and the run
+itself: set up, one epoch, end of epoch, finish.
 """
 import argparse
+import fcntl
+import glob
+import hashlib
 import io
 import json
 import math
@@ -24,9 +28,12 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 from argparse import BooleanOptionalAction
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -43,7 +50,7 @@ import sam
 from sam import SAM, disable_running_stats, enable_running_stats
 
 # ----------------------------------------------------------------------------------------------
-# Settings
+# Settings: parsed and checked once, never changed afterwards
 
 # Per-channel mean and std of the training images; normalisation happens after augmentation.
 DATASETS = {
@@ -57,15 +64,24 @@ SAM_CLI_FLAGS = [name for name in sam.FLAGS if name != "condition_warmup"]
 SESSION_SETTINGS = {"resume", "overwrite", "max_steps", "data_dir", "cache_dir", "out", "device", "compile"}
 
 
-def at_least(minimum, kind=int):
-    """An argparse type that rejects values below `minimum` with an argparse-style message."""
+def checked(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: a finite `kind` in [low, high] (an end left out when open), else argparse's message.
+    NaN fails every comparison, so it is refused with inf and the out-of-range values."""
     def parse(text):
-        value = kind(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        value = kind(text)   # "abc" -> argparse's "invalid float value: 'abc'"
+        inside = (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+        if not inside or (kind is float and not math.isfinite(value)):
+            if high == math.inf:
+                raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be in {'(' if open_low else '['}{low}, {high}"
+                                             f"{')' if open_high else ']'}, got {text}")
         return value
     parse.__name__ = kind.__name__   # argparse names the type in "invalid int value: 'x'"
     return parse
+
+
+def at_least(minimum, kind=int):
+    return checked(kind, minimum)
 
 
 def bin_scale_entry(text):
@@ -84,38 +100,44 @@ def build_parser():
                       "source, which may be shared or read-only)")
     data.add_argument("--subset", type=at_least(1), default=None, help="train on about N images (stratified), "
                       "before the val split")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share (45k/5k)")
-    data.add_argument("--label-noise", type=float, default=0.0, help="share of training labels flipped")
+    data.add_argument("--val-fraction", type=checked(float, 0, 1, open_low=True, open_high=True), default=0.1, help="stratified validation share (45k/5k)")
+    data.add_argument("--label-noise", type=checked(float, 0, 1, open_high=True), default=0.0, help="share of training labels flipped")
     data.add_argument("--noise-type", default="sym", choices=["sym", "asym"],
                       help="sym: a random other class; asym: CIFAR-10 truck>automobile, bird>airplane, "
                       "deer>horse, cat<>dog")
-    data.add_argument("--imbalance", type=float, default=1.0, help="long-tailed training set: largest / "
+    data.add_argument("--imbalance", type=checked(float, 1), default=1.0, help="long-tailed training set: largest / "
                       "smallest class count, exponential profile (100 for CIFAR-LT); 1 keeps it balanced")
     data.add_argument("--cutout", action=BooleanOptionalAction, default=True, help="16x16 cutout, p=0.5")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18", choices=list(MODELS))
-    model.add_argument("--width", type=float, default=1.0, help="channel multiplier (SAN-ER's ResNet-18 "
+    model.add_argument("--width", type=checked(float, 0, 64, open_low=True), default=1.0, help="channel multiplier (SAN-ER's ResNet-18 "
                        "width k; multiplies WRN's k and PyramidNet's alpha)")
     opt = parser.add_argument_group("optimisation (defaults: origin 4.1)")
     opt.add_argument("--variant", default="sam", choices=sorted(sam.VARIANTS), help="a preset of sam.VARIANTS")
     opt.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="base optimizer")
     opt.add_argument("--lr", type=at_least(0.0, float), default=0.1)
-    opt.add_argument("--momentum", type=at_least(0.0, float), default=0.9)
+    opt.add_argument("--momentum", type=checked(float, 0, 1, open_high=True), default=0.9)
     opt.add_argument("--nesterov", action=BooleanOptionalAction, default=False)
     opt.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-3, help="on every parameter")
     opt.add_argument("--batch-size", type=at_least(1), default=256, help="global, split over DDP ranks")
     opt.add_argument("--epochs", type=at_least(1), default=200)
     opt.add_argument("--schedule", default="cosine", choices=["cosine", "step", "multistep", "constant"],
                      help="per step; step: x0.2 at 30/60/80%% (davda54); multistep: see --milestones")
-    opt.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75], help="multistep: fractions "
+    opt.add_argument("--milestones", type=checked(float, 0, 1, open_low=True, open_high=True), nargs="+", default=[0.5, 0.75], help="multistep: fractions "
                      "of training")
-    opt.add_argument("--gamma", type=float, default=0.1, help="multistep factor")
+    opt.add_argument("--gamma", type=checked(float, 0, open_low=True), default=0.1, help="multistep factor")
     opt.add_argument("--warmup-epochs", type=at_least(0.0, float), default=0.0, help="linear lr warm-up")
-    opt.add_argument("--label-smoothing", type=float, default=0.0)
+    opt.add_argument("--label-smoothing", type=checked(float, 0, 1, open_high=True), default=0.0)
     opt.add_argument("--rho-min", type=at_least(0.0, float), default=None, help="GSAM: rho follows the lr "
                      "schedule from rho down to rho-min (default: constant rho)")
     opt.add_argument("--freeze-bn-stats", action=BooleanOptionalAction, default=True, help="BN running stats "
                      "only from each step's first pass (davda54; contested in its issues #17/#30)")
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser):
+    """The SAM flags, the system and the output groups of the command line."""
     flags = parser.add_argument_group("SAM flags (default: the variant's preset, else sam.FLAGS)")
     for name in SAM_CLI_FLAGS:
         add_sam_flag(flags, name, sam.FLAGS[name])
@@ -123,7 +145,7 @@ def build_parser():
                        help="c rises linearly from 1 to --condition over these epochs (SANER: 50)")
     flags.add_argument("--tail-threshold", type=at_least(1), default=20, help="imbsam: a class with fewer "
                        "training images is a tail class")
-    flags.add_argument("--tail-weight", type=float, default=2.0, help="imbsam: tail loss weight (the official "
+    flags.add_argument("--tail-weight", type=at_least(0.0, float), default=2.0, help="imbsam: tail loss weight (the official "
                        "script's 2)")
     flags.add_argument("--mask-every-epochs", type=at_least(1), default=5, help="ssamf/ssamd: mask refresh")
     flags.add_argument("--fisher-samples", type=at_least(1), default=128, help="ssamf: batch-1 backward "
@@ -134,7 +156,7 @@ def build_parser():
                         "bf16 on CUDA, fp32 on the CPU")
     system.add_argument("--channels-last", action=BooleanOptionalAction, default=None, help="default: on CUDA")
     system.add_argument("--compile", action=BooleanOptionalAction, default=False, help="torch.compile the model")
-    system.add_argument("--seed", type=int, default=42)
+    system.add_argument("--seed", type=checked(int, 0, 2**63 - 1), default=42)
     system.add_argument("--sync-ascent", action=BooleanOptionalAction, default=False, help="DDP: ascend along "
                         "the all-reduced gradient (default: each rank its own, m-sharpness)")
     out = parser.add_argument_group("output")
@@ -142,7 +164,7 @@ def build_parser():
     out.add_argument("--log-every", type=at_least(1), default=50, help="steps per steps.csv row (one host sync)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    again.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
+    again.add_argument("--overwrite", action="store_true", help="delete the run in --out (the files it wrote, nothing else) and start again")
     out.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in all, "
                      "checkpointed as Ctrl-C does (resume with --resume)")
     out.add_argument("--sharpness", action=BooleanOptionalAction, default=False, help="Hessian sharpness of "
@@ -153,8 +175,10 @@ def build_parser():
                      "each of these batches; lambda_max and trace on all of them")
     out.add_argument("--sharpness-batch-size", type=at_least(1), default=128)
     out.add_argument("--sharpness-iters", type=at_least(1), default=100, help="most HVPs per eigenvalue and "
-                     "Hutchinson probes (PyHessian's 100; they stop earlier at a relative change of 1e-3)")
-    return parser
+                     "Hutchinson probes (PyHessian's 100; power iteration stops at a relative change of 1e-3, Hutchinson at a "
+                     "standard error of 1%% of the trace)")
+
+
 
 
 def add_sam_flag(group, name, neutral):
@@ -175,22 +199,15 @@ def sam_flags(args):
     flags = {name: getattr(args, name) for name in SAM_CLI_FLAGS if getattr(args, name) is not None}
     if "bin_scale" in flags:
         flags["bin_scale"] = tuple(flags["bin_scale"])
-    if "stats_every" not in flags:   # compute the statistics only on logged steps; persistence needs all
-        flags["stats_every"] = 1 if args.persist_from is not None else args.log_every
+    flags.setdefault("stats_every", args.log_every)   # statistics on logged steps (sam.py: off by default)
     return flags
 
 
 def parse_settings(argv):
+    """The checked settings. Everything is judged here, before a file is touched: a bad argument leaves
+    nothing behind. The only defaults filled in are --out and --channels-last; nothing changes them later."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    problems = [(not 0 <= args.label_noise < 1, "--label-noise must be in [0, 1)"),
-                (not 0 < args.val_fraction < 1, "--val-fraction must be in (0, 1)"),
-                (args.imbalance < 1, "--imbalance must be >= 1 (largest / smallest class)"),
-                (args.width <= 0, "--width must be > 0"),
-                (not 0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)")]
-    for bad, message in problems:
-        if bad:
-            parser.error(message)
     try:   # let sam.py judge the flags now rather than after the data is loaded
         probe = SAM([torch.zeros(1, requires_grad=True)], torch.optim.SGD, variant=args.variant, lr=args.lr,
                     **sam_flags(args))
@@ -202,6 +219,9 @@ def parse_settings(argv):
         parser.error("--sync-ascent: sgdhess takes one pass and has no ascent to synchronise")
     if args.rho_min is not None and args.rho_min > probe.param_groups[0]["rho"]:
         parser.error("--rho-min must not exceed --rho")
+    args.out = args.out or default_run_name(args)
+    if args.channels_last is None:
+        args.channels_last = uses_cuda(args)
     return args
 
 
@@ -228,14 +248,17 @@ class DataError(Exception):
 
 
 def load_images(args):
-    """{"train": (images, labels), "test": (...), "classes": names}: uint8 (N, 3, H, W), int64, CPU."""
+    """{"train": (images, labels), "test": (...), "classes": names, "fingerprint": hash of all of it}:
+    uint8 (N, 3, H, W), int64, CPU."""
     source = Path(args.data_dir)
     try:
         if source.is_file() or source.name.endswith(ARCHIVE_SUFFIXES):
-            return cached(source, args.cache_dir, read_archive)
+            return cached(source, args.cache_dir, read_archive, [source])
         if (source / "train").is_dir():
-            return cached(source, args.cache_dir, read_folder)
-        return read_torchvision(args.dataset, source)
+            return cached(source, args.cache_dir, read_folder, image_files(source))
+        return with_fingerprint(read_torchvision(args.dataset, source))
+    except DataError:
+        raise
     except (OSError, RuntimeError, ValueError, tarfile.TarError) as err:
         raise DataError(f"could not load {args.dataset} from --data-dir {args.data_dir} ({err}). "
                         f"{DATA_LAYOUTS}.") from None
@@ -249,47 +272,94 @@ def read_torchvision(name, root):
     return {**data, "classes": splits["train"].classes}
 
 
+def wanted(parts):
+    """(split, class, file) of an image under train/ or test/; hidden entries (.ipynb_checkpoints, ._x.png)
+    are skipped, as torchvision's ImageFolder skips them."""
+    return len(parts) >= 3 and parts[-3] in ("train", "test") and not any(p.startswith(".") for p in parts[-2:])
+
+
 def read_archive(path):
+    """Every image of the archive, or a DataError naming it: a damaged or truncated archive is never read
+    in part (tarfile stops quietly at a bad header; gzip checks its CRC only at the end of the stream)."""
     files = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if member.isfile() and len(parts) >= 3 and parts[-3] in ("train", "test"):
-                files[parts[-3], parts[-2], parts[-1]] = tar.extractfile(member).read()
-    return decode(files)
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if member.isfile() and wanted(parts):
+                    files[tuple(parts[-3:])] = tar.extractfile(member).read()
+            tar.fileobj.seek(tar.offset)   # where tarfile stopped: only the end-of-archive zeros may follow
+            while chunk := tar.fileobj.read(1 << 20):
+                if chunk.strip(b"\0"):
+                    raise tarfile.ReadError(f"unreadable data at byte {tar.offset} of the tar stream")
+    except (EOFError, zlib.error, OSError, tarfile.TarError) as err:
+        raise DataError(f"{path} is damaged or truncated ({err}); nothing was used or cached. Copy or download "
+                        "it again.") from None
+    return decode(files, path)
+
+
+def image_files(root):
+    return sorted(f for split in ("train", "test") for f in (root / split).glob("*/*")
+                  if f.is_file() and wanted(f.relative_to(root).parts))
 
 
 def read_folder(root):
-    return decode({(split, f.parent.name, f.name): f.read_bytes()
-                   for split in ("train", "test") for f in (root / split).glob("*/*") if f.is_file()})
+    return decode({f.relative_to(root).parts: f.read_bytes() for f in image_files(root)}, root)
 
 
-def decode(files):
-    """{(split, class, file): encoded image} -> uint8 tensors; classes sorted by name, as ImageFolder."""
+def decode(files, source):
+    """{(split, class, file): encoded image} -> uint8 tensors; classes sorted by name, as ImageFolder.
+    Shows its progress: the first decode of CIFAR-10 takes tens of seconds."""
     classes = sorted({c for _, c, _ in files})
     label = {c: i for i, c in enumerate(classes)}
-    data = {"classes": classes}
+    data, done, started, shown = {"classes": classes}, 0, time.perf_counter(), 0.0
     for split in ("train", "test"):
         keys = sorted(k for k in files if k[0] == split)
         if not keys:
-            raise ValueError(f"no images under {split}/<class>/")
-        images = np.stack([np.asarray(Image.open(io.BytesIO(files[k])).convert("RGB")) for k in keys])
-        data[split] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            raise DataError(f"no images under {source}/{split}/<class>/. {DATA_LAYOUTS}.")
+        images = []
+        for key in keys:
+            try:
+                images.append(np.asarray(Image.open(io.BytesIO(files[key])).convert("RGB")))
+            except (OSError, ValueError) as err:   # PIL's UnidentifiedImageError is an OSError
+                raise DataError(f"{source}: {'/'.join(key)} is not a readable image ({err})") from None
+            done += 1
+            seconds = time.perf_counter() - started
+            if seconds - shown > 2 or done == len(files):
+                shown = seconds
+                print(f"decoding {source.name}: {done:,}/{len(files):,} images, {done / seconds:,.0f}/s",
+                      file=sys.stderr, flush=True)
+        if len({image.shape for image in images}) > 1:
+            raise DataError(f"{source}: the {split} images differ in size; they must all be alike (32x32 for CIFAR)")
+        data[split] = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
                        torch.tensor([label[k[1]] for k in keys]))
     return data
 
 
-def cached(source, cache_dir, read):
-    """Decode `source` once; later runs load <name>.uint8.pt, rebuilt when the source changes."""
-    info = source.stat()
-    stamp = [info.st_size, info.st_mtime_ns]
+def with_fingerprint(data):
+    """A hash of the decoded images, labels and class names: config.json records it, --resume compares it."""
+    digest = hashlib.sha256(json.dumps(data["classes"]).encode())
+    for split in ("train", "test"):
+        for tensor in data[split]:
+            digest.update(tensor.contiguous().numpy())
+    return {**data, "fingerprint": digest.hexdigest()[:16]}
+
+
+def cached(source, cache_dir, read, files):
+    """Decode `source` once; later runs load <name>.uint8.pt. The cache is keyed on the path, size and
+    modification time of every file read, so deleting, adding or replacing an image rebuilds it."""
+    stamp = hashlib.sha256(repr([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                                 for f in files]).encode()).hexdigest()
     name = next((source.name[:-len(s)] for s in ARCHIVE_SUFFIXES if source.name.endswith(s)), source.name)
     cache = Path(cache_dir) / f"{name}.uint8.pt"
     if cache.exists():
-        data = torch.load(cache)
-        if data["stamp"] == stamp:
-            return data
-    data = {**read(source), "stamp": stamp}
+        try:
+            data = torch.load(cache)
+            if data.get("stamp") == stamp:
+                return data
+        except Exception as err:   # a damaged cache is rebuilt, never trusted
+            print(f"note: rebuilding the unreadable cache {cache} ({err})", file=sys.stderr)
+    data = {**with_fingerprint(read(source)), "stamp": stamp}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(data, cache)
@@ -573,9 +643,13 @@ def set_schedule(opt, args, rho, step, total_steps, steps_per_epoch):
 # ----------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun): identical no-ops with one process
 
+def uses_cuda(args):
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
 def init_distributed(args):
     """(rank, world size, device). torchrun sets WORLD_SIZE; NCCL on GPUs, gloo on CPUs."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    use_cuda = uses_cuda(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
@@ -622,9 +696,10 @@ def sync_buffers(model):
 # Sharpness: Hessian-vector products on a fixed augmented training subset, fp32, eval-mode BN
 
 def sharpness(model, loader, args):
-    """{"lambda_max", "trace", "top5_pos_mean"}. lambda_max (power iteration) and trace (Hutchinson) of the
-    mean loss over --sharpness-batches batches; top5_pos_mean: the mean of the positive ones among the top-5
-    eigenvalues of each batch's Hessian (origin 3, the notes' "sharpness"). Tolerance 1e-3 as PyHessian."""
+    """{"lambda_max", "trace", "trace_se", "top5_pos_mean"}. lambda_max (power iteration, tolerance 1e-3 as
+    PyHessian) and trace (Hutchinson, with its standard error) of the mean loss over --sharpness-batches
+    batches; top5_pos_mean: the mean of the positive ones among the top-5 eigenvalues of each batch's Hessian
+    (origin 3, the notes' "sharpness")."""
     device = loader.labels.device
     rng = torch.Generator(device).manual_seed(args.seed)   # own generator: training's RNG stays untouched
     idx = torch.randperm(len(loader), generator=rng, device=device)[: args.sharpness_batches * args.sharpness_batch_size]
@@ -639,8 +714,9 @@ def sharpness(model, loader, args):
         iters = args.sharpness_iters
         top5 = [e for batch in batches for e in top_eigenvalues(hvp_on([batch]), like, 5, rng, iters)]
         positive = [e for e in top5 if e > 0]
-        return {"lambda_max": top_eigenvalues(hvp_on(batches), like, 1, rng, iters)[0],
-                "trace": hutchinson_trace(hvp_on(batches), like, rng, iters),
+        lambda_max = top_eigenvalues(hvp_on(batches), like, 1, rng, iters)[0]
+        trace, trace_se = hutchinson_trace(hvp_on(batches), like, rng, iters)
+        return {"lambda_max": lambda_max, "trace": trace, "trace_se": trace_se,
                 "top5_pos_mean": sum(positive) / len(positive) if positive else math.nan}
     finally:
         model.train(was_training)
@@ -680,26 +756,33 @@ def top_eigenvalues(hvp, like, k, rng, max_iter, tol=1e-3):
     return values
 
 
-def hutchinson_trace(hvp, like, rng, max_iter, tol=1e-3):
-    """tr H ~ mean of z.Hz over Rademacher z, until the running mean changes by less than tol."""
-    total, mean = 0.0, None
-    for i in range(1, max_iter + 1):
+def hutchinson_trace(hvp, like, rng, max_probes, rel_se=1e-2, min_probes=10):
+    """(mean, standard error) of z.Hz over Rademacher z, an unbiased estimate of tr H. Stops once the standard
+    error is below rel_se of the mean (after min_probes, so the spread itself is estimated), or at max_probes.
+    Two consecutive running means agreeing (PyHessian's rule) says little: they move by 1/i of a sample."""
+    samples = []
+    for _ in range(max_probes):
         z = torch.randint(0, 2, like.shape, generator=rng, device=like.device).to(like.dtype) * 2 - 1
-        total += float(hvp(z) @ z)
-        converged = mean is not None and abs(total / i - mean) <= tol * (abs(mean) + 1e-6)
-        mean = total / i
-        if converged:
+        samples.append(float(hvp(z) @ z))
+        n = len(samples)
+        mean = sum(samples) / n
+        se = float(np.std(samples, ddof=1)) / n ** 0.5 if n > 1 else math.inf
+        if n >= min_probes and se <= rel_se * abs(mean):
             break
-    return mean
+    return mean, se
 
 
 # ----------------------------------------------------------------------------------------------
-# Run folder: config, CSV logs flushed row by row, atomic checkpoints. Only rank 0 writes.
+# Run folder: claimed with a lock, config, CSV logs flushed row by row, atomic checkpoints. Only rank 0 writes.
 
 STEP_COLUMNS = ["step", "epoch", "lr", "rho", "loss", "acc"] + [k for k in sam.STAT_KEYS if k != "step"]
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                  "clean_train_acc", "noisy_train_acc", "seconds", "images_per_sec"]
-SHARPNESS_COLUMNS = ["epoch", "lambda_max", "trace", "top5_pos_mean"]
+SHARPNESS_COLUMNS = ["epoch", "lambda_max", "trace", "top5_pos_mean", "trace_se"]
+# Every file a run writes; --overwrite deletes these (and their temporary files) and nothing else.
+RUN_FILES = ("config.json", "steps.csv", "epochs.csv", "sharpness.csv", "final.json", "last.pt", "best.pt",
+             "train.py", "sam.py")
+LOCK = "run.lock"   # held (flock) while a process writes the folder; the kernel lets go when it dies
 
 
 def save_atomic(obj, path):
@@ -718,22 +801,36 @@ def default_run_name(args):
 
 
 class CsvLog:
-    """A CSV file appended row by row and flushed, so a crash loses no row already written. On resume,
-    rows past the checkpoint (key > last) are dropped first, so none is duplicated."""
+    """A CSV file appended row by row and flushed, so a crash loses no row already written. On resume it is
+    cut back to the checkpoint: rows past it (key > last) go, and so does everything from the first row that
+    is not whole (no newline at its end, a wrong field count, NUL bytes left by a crash), so no row is
+    duplicated and none is half-written."""
 
     def __init__(self, path, columns, key, last=None):
         self.path, self.columns = path, columns
-        rows = []
+        kept = []
         if last is not None and path.exists():
-            rows = [line for line in path.read_text().splitlines()[1:] if float(line.split(",")[columns.index(key)]) <= last]
+            for line in path.read_bytes().split(b"\n")[1:-1]:   # [-1]: after the last newline, never whole
+                fields = line.decode("utf-8", "replace").split(",")
+                if b"\0" in line or len(fields) != len(columns) or not is_number(fields[columns.index(key)]) \
+                        or float(fields[columns.index(key)]) > last:
+                    break
+                kept.append(line.decode())
         tmp = Path(f"{path}.tmp")
-        tmp.write_text("\n".join([",".join(columns)] + rows) + "\n")
+        tmp.write_text("\n".join([",".join(columns)] + kept) + "\n")
         os.replace(tmp, path)
         self.file = open(path, "a")
 
     def write(self, row):
         self.file.write(",".join(format_value(row.get(c)) for c in self.columns) + "\n")
         self.file.flush()
+
+
+def is_number(text):
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def format_value(value):
@@ -743,44 +840,99 @@ def format_value(value):
 
 
 class RunFolder:
-    """What the run writes, and the checks that keep it from clobbering another run."""
+    """What the run writes, and the checks that keep it from clobbering anything: it writes only into a
+    new folder, an empty one or its own run, claims it with a lock, and deletes only files it wrote."""
 
-    def __init__(self, args, writer):
-        self.path, self.writer = Path(args.out), writer
+    def __init__(self, path, writer):
+        self.path, self.writer = Path(path), writer
         self.last, self.best = self.path / "last.pt", self.path / "best.pt"
+        self.made, self.lock = [], None
 
-    def check(self, args, config):
+    def claim(self):
+        """Rank 0 takes the folder (made if missing) by an exclusive lock: a second run on it is refused."""
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            fail(f"--out {self.path} is a {'symbolic link' if self.path.is_symlink() else 'file'}, not a folder; "
+                 "choose another --out")
+        self.made = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        made_lock = not (self.path / LOCK).exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path / LOCK, "a")
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"another train.py is writing to {self.path} (it holds {LOCK}); wait for it, or choose another --out")
+        except OSError as err:
+            self.release(unmake=True)
+            fail(f"cannot write to --out {self.path}: {err.strerror or err}")
+        if made_lock:
+            self.made.insert(0, self.path / LOCK)
+
+    def release(self, unmake):
+        """Let go of the lock; with unmake (the run failed before config.json), remove what claim made."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+        for path in self.made if unmake else []:
+            try:
+                path.unlink() if path.name == LOCK else path.rmdir()
+            except OSError:
+                break   # not empty: something else is in it now
+
+    def check(self, args):
         """Checks the folder, writing nothing; returns the checkpoint to resume from (None for a fresh run)."""
-        exists = (self.path / "config.json").exists()
-        finished = (self.path / "final.json").exists()
-        if exists and not (args.resume or args.overwrite):
+        run, finished, checkpointed = ((self.path / name).exists() for name in ("config.json", "final.json", "last.pt"))
+        if not run:
+            others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK) if self.path.is_dir() else []
+            if others:
+                fail(f"--out {self.path} is not a run folder (no config.json) and holds {len(others)} entries "
+                     f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); train.py writes only into a "
+                     "new or empty folder and never deletes what it did not write: choose another --out")
+            if args.resume:
+                fail(f"--resume: {self.path} holds no run; drop --resume to start one")
+            return None
+        if args.overwrite:
+            return None
+        if not checkpointed:
+            fail(f"{self.path} holds a run that stopped before its first checkpoint, so there is nothing to resume: "
+                 "pass --overwrite (without --resume) to start it again")
+        if not args.resume:
             fail(f"{self.path} already holds a{' finished' if finished else 'n unfinished'} run; pass --resume "
                  f"to continue it or --overwrite to delete it and start again (or choose another --out)")
-        if args.resume:
-            if not self.last.exists():
-                fail(f"--resume: {self.last} does not exist; nothing to resume (drop --resume to start)")
-            saved = json.loads((self.path / "config.json").read_text())
-            changed = [k for k in config if k not in SESSION_SETTINGS and k in vars(args) and saved.get(k) != config[k]]
-            if changed:
-                fail("--resume with different settings: " + ", ".join(
-                    f"--{k.replace('_', '-')} {config[k]!r} (run: {saved.get(k)!r})" for k in changed))
-            return torch.load(self.last, map_location="cpu", weights_only=False)
-        return None
+        return self.checkpoint(args)
+
+    def checkpoint(self, args):
+        saved = json.loads((self.path / "config.json").read_text())
+        config = vars(args)
+        changed = [k for k in config if k not in SESSION_SETTINGS and k in saved and saved[k] != config[k]]
+        if changed:
+            fail("--resume with different settings: " + ", ".join(
+                f"--{k.replace('_', '-')} {config[k]!r} (run: {saved[k]!r})" for k in changed))
+        try:
+            checkpoint = torch.load(self.last, map_location="cpu", weights_only=False)
+            step = checkpoint["state"]["step"]
+        except Exception as err:   # empty, truncated or not a checkpoint: train.py writes it atomically
+            fail(f"--resume: cannot read {self.last} ({type(err).__name__}: {err}); it was not written whole by "
+                 "train.py. Restore it from a copy, or start again with --overwrite")
+        if args.max_steps is not None and args.max_steps <= step:
+            fail(f"--max-steps {args.max_steps}: the run is already at step {step}; give a larger one or drop it")
+        return {**checkpoint, "data_fingerprint": saved.get("data_fingerprint")}
 
     def create(self, config):
-        """A fresh run folder (an --overwrite-n old run goes only now, once the data has loaded)."""
+        """A fresh run: config.json and the code. --overwrite deletes the old run's files only now, once the
+        data has loaded, and only the files a run writes."""
         barrier()   # every rank has looked at the folder before rank 0 changes it
         if self.writer:
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                for path in (self.path / name, *self.path.glob(f"{glob.escape(name)}.*tmp")):
+                    path.unlink(missing_ok=True)
             (self.path / "config.json").write_text(json.dumps(config, indent=1) + "\n")
             for source in ("train.py", "sam.py"):   # the code of the run, next to its numbers (airbench)
                 shutil.copy(Path(__file__).with_name(source), self.path / source)
+            self.made = []   # the run is here now: nothing of it is removed on a later failure
         barrier()
 
     def open_logs(self, step=None, epoch=None):
-        """Open the CSVs, keeping rows up to the checkpoint's step and epoch on resume."""
+        """Open the CSVs, cut back to the checkpoint's step and epoch on resume."""
         if self.writer:
             self.steps = CsvLog(self.path / "steps.csv", STEP_COLUMNS, "step", step)
             self.epochs = CsvLog(self.path / "epochs.csv", EPOCH_COLUMNS, "epoch", epoch)
@@ -804,7 +956,7 @@ def barrier():
         dist.barrier()
 
 
-def run_config(args, argv, device, world):
+def run_config(args, argv, device, world, fingerprint):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True).stdout.strip() or None
@@ -815,73 +967,100 @@ def run_config(args, argv, device, world):
     return {**vars(args), "sam_flags": effective, "command": launcher + shlex.join(["train.py", *argv]),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "world_size": world, "git_commit": commit}
+            "world_size": world, "git_commit": commit, "data_fingerprint": fingerprint}
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop
+# One training step
 
 class Diverged(Exception):
-    """A non-finite loss: the run stops; last.pt keeps the last good state."""
+    """A non-finite training loss: the run stops; its last checkpoint, if any, keeps the last good state."""
 
 
-def train_step(model, opt, x, y, run):
-    """One SAM step on (x, y): pass 1 at w (its BN statistics count), the ascent, pass 2 at w + e.
-    Returns [loss sum, correct, n, clean correct, clean n, noisy-label agreement, noisy n] of pass 1."""
-    if run.freeze_bn:
+@dataclass(frozen=True)
+class StepSettings:
+    """What a training step needs besides the model, the optimizer and the batch; fixed for the whole run."""
+    freeze_bn: bool = True                       # BN running statistics from each step's first pass only
+    autocast_dtype: Optional[torch.dtype] = None   # bf16 autocast, or None: full precision
+    device_type: str = "cpu"
+    label_smoothing: float = 0.0
+    sync_ascent: bool = False                    # DDP: every rank ascends along the all-reduced g
+    tail: Optional[torch.Tensor] = None          # ImbSAM: True for each tail class (on the device)
+    tail_weight: float = 2.0
+
+    def autocast(self):
+        return torch.autocast(self.device_type, self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+    def perturbed_loss(self, losses, y):
+        """The loss SAM climbs and descends on: the mean, or ImbSAM's weighted tail part."""
+        if self.tail is None:
+            return losses.mean()
+        return self.tail_weight * losses.masked_fill(~self.tail[y], 0.0).sum() / len(y)
+
+
+class Counts(NamedTuple):
+    """Sums over first-pass batches. train_step returns float64 device tensors (no host read); the loop
+    adds them up as one stacked tensor and reads them back by name with Counts._make(sums.tolist())."""
+    loss_sum: Any
+    correct: Any
+    seen: Any
+    clean_correct: Any   # on samples whose label --label-noise left alone
+    clean_seen: Any
+    noisy_fit: Any       # flipped samples predicted as their flipped label: memorised noise
+    noisy_seen: Any
+
+
+def train_step(model, opt, x, y, settings, flipped=None, mask_progress=None):
+    """One SAM step on (x, y): pass 1 at w (its BN statistics count), the ascent, pass 2 at w + e. ImbSAM adds
+    the head loss's gradient unperturbed; mask_progress refreshes SSAM's mask first. Returns pass 1's Counts."""
+    s = settings
+    if s.freeze_bn:
         enable_running_stats(model)
-    with run.autocast:
+    with s.autocast():
         logits = model(x)
-    losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=run.label_smoothing)
-    single_pass = opt.single_pass
-    if run.tail is not None:   # ImbSAM: the head loss is added unperturbed, the tail loss is perturbed
-        is_tail = run.tail[y]
-        head = losses.masked_fill(is_tail, 0.0).sum() / len(y)
-        head.backward(retain_graph=True)
+    losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=s.label_smoothing)
+    if s.tail is not None:
+        (losses.masked_fill(s.tail[y], 0.0).sum() / len(y)).backward(retain_graph=True)
         opt.stash_clean_grad()
-        loss = run.tail_weight * losses.masked_fill(~is_tail, 0.0).sum() / len(y)
-    else:
-        loss = losses.mean()
-    loss.backward(create_graph=opt.create_graph)
-    if run.refresh_mask:
-        opt.update_mask(run.progress)
-    if run.sync_ascent and not single_pass:
+    s.perturbed_loss(losses, y).backward(create_graph=opt.create_graph)
+    if mask_progress is not None:
+        opt.update_mask(mask_progress)
+    if s.sync_ascent and not opt.single_pass:
         all_reduce_([p.grad for p in model.parameters() if p.grad is not None], average=True)
     opt.first_step(zero_grad=True)
-    if not single_pass:
-        if run.freeze_bn:   # BN normalises with this batch's statistics but leaves the running ones alone
+    if not opt.single_pass:
+        if s.freeze_bn:   # BN normalises with this batch's statistics but leaves the running ones alone
             disable_running_stats(model)
-        with run.autocast:
-            losses2 = F.cross_entropy(model(x).float(), y, reduction="none", label_smoothing=run.label_smoothing)
-        (run.tail_weight * losses2.masked_fill(~is_tail, 0.0).sum() / len(y) if run.tail is not None
-         else losses2.mean()).backward()
+        with s.autocast():
+            perturbed = F.cross_entropy(model(x).float(), y, reduction="none", label_smoothing=s.label_smoothing)
+        s.perturbed_loss(perturbed, y).backward()
         opt.second_step(zero_grad=True)
     correct = logits.detach().argmax(1) == y
-    flipped = run.flipped if run.flipped is not None else torch.zeros_like(correct)
-    parts = (correct, torch.ones_like(correct), correct & ~flipped, ~flipped, correct & flipped, flipped)
-    return torch.stack([losses.detach().sum().double()] + [m.sum().double() for m in parts])
+    flipped = flipped if flipped is not None else torch.zeros_like(correct)
+    masks = (correct, torch.ones_like(correct), correct & ~flipped, ~flipped, correct & flipped, flipped)
+    return Counts(losses.detach().sum().double(), *(m.sum().double() for m in masks))
 
 
-def fisher_pass(model, opt, loader, generator, n_samples, run):
+def fisher_pass(model, opt, loader, generator, n_samples, settings, cutout):
     """SSAM-F's empirical Fisher: squared gradients of n single-image losses, BN running stats untouched."""
-    if run.freeze_bn:
+    if settings.freeze_bn:
         disable_running_stats(model)
     idx = torch.randperm(len(loader), generator=generator, device=loader.labels.device)[:n_samples]
     for i in idx.split(1):
-        x, y, _ = loader.train_batch(i, generator, run.cutout)
-        with run.autocast:
+        x, y, _ = loader.train_batch(i, generator, cutout)
+        with settings.autocast():
             F.cross_entropy(model(x).float(), y).backward()
         opt.accumulate_fisher()
         opt.zero_grad()
 
 
 @torch.no_grad()
-def evaluate(model, loader, run, batch_size=1000):
+def evaluate(model, loader, settings, rank=0, world=1, batch_size=1000):
     """(loss, accuracy %) over the split, each rank taking a share; NaN for an empty split."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=loader.labels.device)
-    for x, y in loader.batches(batch_size, run.rank, run.world):
-        with run.autocast:
+    for x, y in loader.batches(batch_size, rank, world):
+        with settings.autocast():
             logits = model(x).float()
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                                (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=totals.device)])
@@ -899,6 +1078,264 @@ def mean_stats(opt):
     return dict(zip(sam.STAT_KEYS, values.tolist()))
 
 
+# ----------------------------------------------------------------------------------------------
+# The run: set up, one epoch, end of epoch, finish
+
+@dataclass
+class Run:
+    """What a run holds while it trains. Its settings (args, step) never change; its state does."""
+    args: argparse.Namespace
+    step_settings: StepSettings
+    folder: RunFolder
+    device: torch.device
+    rank: int
+    world: int
+    model: nn.Module
+    net: nn.Module          # the model, compiled with --compile; HVPs use `model`
+    opt: SAM
+    rho: float              # --rho or the preset's; with --rho-min the schedule moves the groups' rho below it
+    train_set: "DeviceLoader"
+    val_set: "DeviceLoader"
+    test_set: "DeviceLoader"
+    steps_per_epoch: int
+    generator: torch.Generator   # data order and augmentation, alike on every rank
+    state: dict = field(default_factory=dict)
+    session_start: float = field(default_factory=time.perf_counter)
+    session_steps: int = 0
+
+    def say(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+
+def set_up(args, argv, folder, rank, world, device):
+    """The run folder claimed and checked, the data on the device, the model and the optimizer, at the
+    checkpoint's state with --resume. None when the run is finished already."""
+    if folder.writer:
+        folder.claim()
+    barrier()   # rank 0 holds the folder before any rank reads it
+    checkpoint = folder.check(args)
+    if checkpoint is not None and (folder.path / "final.json").exists():
+        return None
+    data = load_images(args)
+    splits = make_splits(args, data)
+    loaders = [DeviceLoader(*split, args.dataset, device, args.channels_last) for split in splits]
+    steps_per_epoch = len(loaders[0]) // args.batch_size   # drop_last: every step sees a full batch
+    if args.batch_size % world or steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} must be a multiple of the {world} rank(s) and at most the "
+             f"{len(loaders[0])} training images")
+    if checkpoint is None:
+        folder.create(run_config(args, argv, device, world, data["fingerprint"]))
+    elif checkpoint["data_fingerprint"] not in (None, data["fingerprint"]):
+        fail(f"--resume: --data-dir {args.data_dir} holds other data than this run trained on (fingerprint "
+             f"{data['fingerprint']}, run: {checkpoint['data_fingerprint']}); point --data-dir at the run's data")
+    model, net, opt = build_model(args, len(data["classes"]), steps_per_epoch, world, device)
+    cuda = device.type == "cuda"
+    tail = torch.bincount(loaders[0].labels, minlength=len(data["classes"])) < args.tail_threshold
+    step_settings = StepSettings(
+        freeze_bn=args.freeze_bn_stats, device_type=device.type, label_smoothing=args.label_smoothing,
+        autocast_dtype=torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else None,
+        sync_ascent=args.sync_ascent and world > 1, tail=tail if args.variant == "imbsam" else None,
+        tail_weight=args.tail_weight)
+    r = Run(args, step_settings, folder, device, rank, world, model, net, opt, opt.param_groups[0]["rho"], *loaders,
+            steps_per_epoch, torch.Generator(device).manual_seed(args.seed))
+    if step_settings.tail is not None and not step_settings.tail.any():
+        r.say(f"note: no class has fewer than --tail-threshold {args.tail_threshold} training images; imbsam "
+              "perturbs nothing", file=sys.stderr)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    start_state(r, checkpoint)
+    r.say(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.variant}, "
+          f"{len(r.train_set)}/{len(r.val_set)}/{len(r.test_set)} train/val/test images, {steps_per_epoch} steps "
+          f"per epoch, {device}{f' x {world}' if world > 1 else ''} -> {folder.path}")
+    return r
+
+
+def build_model(args, num_classes, steps_per_epoch, world, device):
+    """(model, what trains and evaluates: the model or its compiled form, optimizer); rank 0's weights."""
+    torch.manual_seed(args.seed)
+    model = MODELS[args.model](num_classes, args.width).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1:   # start every rank from rank 0's weights
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+    net = torch.compile(model) if args.compile else model
+    return model, net, build_optimizer(args, model, steps_per_epoch, world)
+
+
+def start_state(r, checkpoint):
+    """The loop's state: fresh, or the checkpoint's (weights, optimizer, RNGs, counters); CSVs cut to it."""
+    zeros = torch.zeros(len(Counts._fields), dtype=torch.float64, device=r.device)
+    r.state = dict(epoch=0, pos=0, step=0, perm=None, interval=zeros.clone(), totals=zeros.clone(), seconds=0.0,
+                   best_val_acc=-math.inf, best_epoch=0, test_at_best=[math.nan, math.nan],
+                   test_last=[math.nan, math.nan])
+    if checkpoint is not None:
+        r.model.load_state_dict(checkpoint["model"])
+        r.opt.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if r.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], r.device)
+        r.generator.set_state(checkpoint["rng"]["loader"])
+        r.state = {k: v.to(r.device) if torch.is_tensor(v) else v for k, v in checkpoint["state"].items()}
+        r.say(f"resuming {r.folder.path} at epoch {r.state['epoch'] + r.state['pos'] / r.steps_per_epoch:.2f}, "
+              f"step {r.state['step']}")
+    resumed = checkpoint is not None
+    r.folder.open_logs(r.state["step"] - 1 if resumed else None, r.state["epoch"] if resumed else None)
+
+
+def snapshot(r):
+    return {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "state": r.state,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None,
+                    "loader": r.generator.get_state()}}
+
+
+def run_epoch(r, stop_requested):
+    """The steps of the current epoch from where the state is. False when the run is to stop before its end."""
+    args, state = r.args, r.state
+    if state["pos"] == 0:
+        state.update(perm=torch.randperm(len(r.train_set), generator=r.generator, device=r.device), seconds=0.0)
+        state["totals"].zero_()
+    bn_buffers = list(r.model.buffers())
+    before = [b.clone() for b in bn_buffers]
+    started = time.perf_counter()
+    try:
+        for i in range(state["pos"], r.steps_per_epoch):
+            if bn_buffers:
+                torch._foreach_copy_(before, bn_buffers)
+            x, y, flipped, mask_progress = next_batch(r, i)
+            counts = torch.stack(train_step(r.net, r.opt, x, y, r.step_settings, flipped, mask_progress))
+            if bn_buffers and r.opt.last_step_skipped:
+                torch._foreach_copy_(bn_buffers, before)   # a skipped step leaves BN's running statistics too
+            state["interval"] += counts
+            state["totals"] += counts
+            step = state["step"]
+            state.update(step=step + 1, pos=i + 1)
+            r.session_steps += 1
+            logged = step % args.log_every == 0
+            if logged:
+                log_interval(r, step, i)
+            if should_stop(r, stop_requested, logged):
+                return False
+        return True
+    finally:
+        state["seconds"] += time.perf_counter() - started
+
+
+def next_batch(r, i):
+    """(x, y, flipped, mask_progress) of the epoch's i-th step on this rank; runs SSAM-F's Fisher
+    pass when the mask is due."""
+    args, opt, step = r.args, r.opt, r.state["step"]
+    total_steps = args.epochs * r.steps_per_epoch
+    set_schedule(opt, args, r.rho, step, total_steps, r.steps_per_epoch)
+    per_rank = args.batch_size // r.world
+    idx = r.state["perm"][i * args.batch_size:(i + 1) * args.batch_size]
+    x, y, flipped = r.train_set.train_batch(idx, r.generator, args.cutout, slice(r.rank * per_rank, (r.rank + 1) * per_rank))
+    mask_progress = None
+    if opt.sparse and i == 0 and r.state["epoch"] % args.mask_every_epochs == 0:
+        mask_progress = step / total_steps
+        if opt.flags["mask_mode"] == "fisher":
+            fisher_pass(r.model, opt, r.train_set, r.generator, args.fisher_samples, r.step_settings,
+                        args.cutout)
+    return x, y, flipped, mask_progress
+
+
+def read_counts(r, sums, where):
+    """Counts summed over ranks and read on the host: the run's one divergence check."""
+    sums = sums.clone()
+    all_reduce_([sums])
+    counts = Counts._make(sums.tolist())
+    if not math.isfinite(counts.loss_sum):
+        kept = f"{r.folder.last} holds the last good state" if r.folder.last.exists() else "no checkpoint was written"
+        raise Diverged(f"the training loss is {counts.loss_sum / counts.seen} {where}; stopping ({kept}; lower --lr "
+                       "or --rho?)")
+    return counts
+
+
+def log_interval(r, step, i):
+    """A steps.csv row: the interval's loss and accuracy, and the optimizer's statistics (one host sync)."""
+    interval = read_counts(r, r.state["interval"], f"at step {step}")
+    r.state["interval"].zero_()
+    stats, epoch, loss = mean_stats(r.opt), r.state["epoch"], interval.loss_sum / interval.seen
+    r.folder.log("steps", {"step": step, "epoch": round(epoch + (i + 1) / r.steps_per_epoch, 4),
+                           "lr": r.opt.param_groups[0]["lr"], "rho": r.opt.param_groups[0]["rho"], "loss": loss,
+                           "acc": 100 * interval.correct / interval.seen, **{k: stats[k] for k in STEP_COLUMNS[6:]}})
+    if sys.stdout.isatty():
+        rate = r.session_steps * r.args.batch_size / (time.perf_counter() - r.session_start)
+        eta = (r.args.epochs * r.steps_per_epoch - step - 1) * r.args.batch_size / rate
+        r.say(f"\repoch {epoch + 1}/{r.args.epochs} step {i + 1}/{r.steps_per_epoch}  loss {loss:.4f}  "
+              f"{rate:.0f} img/s  ETA {format_seconds(eta)}   ", end="", flush=True)
+
+
+def should_stop(r, stop_requested, logged):
+    """--max-steps reached or Ctrl-C; with several ranks they agree on a logged step, so all stop together."""
+    stop = r.state["step"] == r.args.max_steps
+    if r.world == 1:
+        return stop or stop_requested.is_set()
+    if logged:
+        flag = torch.tensor([float(stop_requested.is_set())], device=r.device)
+        all_reduce_([flag])
+        stop |= flag.item() > 0
+    return stop
+
+
+def stop_early(r, stop_requested):
+    """Checkpoint where the loop stopped. --max-steps returns None; Ctrl-C exits 130 (a stopped run)."""
+    read_counts(r, r.state["totals"], f"at step {r.state['step'] - 1}")   # never checkpoint a diverged state
+    r.folder.save(r.folder.last, snapshot(r))
+    why = "Ctrl-C" if stop_requested.is_set() else f"--max-steps {r.args.max_steps}"
+    r.say(f"{chr(10) if sys.stdout.isatty() else ''}stopped at step {r.state['step']} ({why}); continue with the "
+          "same command and --resume")
+    if stop_requested.is_set():
+        raise SystemExit(130)
+    return None
+
+
+def end_epoch(r):
+    """Evaluate and log the epoch (and its sharpness), then checkpoint, last.pt last of all: a kill anywhere
+    here redoes the epoch's end from the previous checkpoint, and the logs come out the same."""
+    args, state, epoch = r.args, r.state, r.state["epoch"]
+    train = read_counts(r, state["totals"], f"in epoch {epoch + 1}")
+    sync_buffers(r.model)
+    val_loss, val_acc = evaluate(r.net, r.val_set, r.step_settings, r.rank, r.world)
+    test_loss, test_acc = evaluate(r.net, r.test_set, r.step_settings, r.rank, r.world)
+    noisy = args.label_noise > 0
+    r.folder.log("epochs", {
+        "epoch": epoch + 1, "train_loss": train.loss_sum / train.seen, "train_acc": 100 * train.correct / train.seen,
+        "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+        "clean_train_acc": 100 * train.clean_correct / train.clean_seen if noisy else None,
+        "noisy_train_acc": 100 * train.noisy_fit / train.noisy_seen if noisy and train.noisy_seen else None,
+        "seconds": state["seconds"], "images_per_sec": train.seen / state["seconds"]})
+    if args.sharpness_every and (epoch + 1) % args.sharpness_every == 0:
+        r.folder.log("sharpness", {"epoch": epoch + 1, **sharpness(r.model, r.train_set, args)})
+    state.update(epoch=epoch + 1, pos=0, perm=None, test_last=[test_loss, test_acc])
+    if val_acc > state["best_val_acc"]:
+        state.update(best_val_acc=val_acc, best_epoch=epoch + 1, test_at_best=[test_loss, test_acc])
+        r.folder.save(r.folder.best, {"model": r.model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc})
+    r.folder.save(r.folder.last, snapshot(r))
+    r.say(f"{ERASE_LINE if sys.stdout.isatty() else ''}epoch {epoch + 1}/{args.epochs}  train "
+          f"{train.loss_sum / train.seen:.4f} {100 * train.correct / train.seen:.2f}%  val {val_loss:.4f} "
+          f"{val_acc:.2f}%  test {test_loss:.4f} {test_acc:.2f}%  {state['seconds']:.1f}s "
+          f"{train.seen / state['seconds']:.0f} img/s", flush=True)
+
+
+def finish(r):
+    """The end: sharpness of the best-val checkpoint (origin 3) and final.json."""
+    result = None
+    if r.args.sharpness:
+        barrier()   # rank 0 has written best.pt
+        r.model.load_state_dict(torch.load(r.folder.best, map_location=r.device)["model"])
+        result = sharpness(r.model, r.train_set, r.args)
+    state = r.state
+    final = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
+             "test_acc_best": state["test_at_best"][1], "test_loss_best": state["test_at_best"][0],
+             "test_acc_last": state["test_last"][1], "test_loss_last": state["test_last"][0], "sharpness": result}
+    r.folder.finish(final)
+    r.say(json.dumps(final))
+    return final
+
+
 ERASE_LINE = "\x1b[2K\r"   # the in-epoch progress line gives way to the epoch line
 
 
@@ -906,12 +1343,14 @@ def format_seconds(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds)) if math.isfinite(seconds) else "?"
 
 
-def stop_on_ctrl_c():
+@contextmanager
+def ctrl_c_stops_the_run():
     """Ctrl-C asks the loop to stop after the current step and checkpoint; a second Ctrl-C stops at once.
-    Returns the flag and a function that restores the previous handler."""
+    Yields the request flag; the previous handler is back afterwards."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        return requested, lambda: None
+        yield requested
+        return
 
     def handler(signum, frame):
         if requested.is_set():
@@ -919,7 +1358,10 @@ def stop_on_ctrl_c():
         requested.set()
         print("\nCtrl-C: stopping after this step (again to stop at once, without a checkpoint)", flush=True)
     previous = signal.signal(signal.SIGINT, handler)
-    return requested, lambda: signal.signal(signal.SIGINT, previous)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None):
@@ -938,187 +1380,25 @@ def main(argv=None):
 
 
 def train(args, argv, rank, world, device):
-    args.out = args.out or default_run_name(args)
-    cuda = device.type == "cuda"
-    if args.channels_last is None:
-        args.channels_last = cuda
-    say = print if rank == 0 else (lambda *a, **k: None)
-    tty = sys.stdout.isatty()
-    folder = RunFolder(args, writer=rank == 0)
-    config = run_config(args, argv, device, world)
-    checkpoint = folder.check(args, config)
-    if checkpoint is not None and (folder.path / "final.json").exists():
-        say(f"{folder.path} is finished; nothing to resume")
-        return json.loads((folder.path / "final.json").read_text())
-
-    # ---- data (before the run folder is made: a bad --data-dir leaves nothing behind)
-    data = load_images(args)
-    splits = make_splits(args, data)
-    train_set, val_set, test_set = (DeviceLoader(*s, args.dataset, device, args.channels_last) for s in splits)
-    per_rank, remainder = divmod(args.batch_size, world)
-    steps_per_epoch = len(train_set) // args.batch_size   # drop_last: every step sees a full batch
-    if remainder or steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size} must be a multiple of the {world} rank(s) and at most the "
-             f"{len(train_set)} training images")
-    if checkpoint is None:
-        folder.create(config)
-    part = slice(rank * per_rank, (rank + 1) * per_rank)
-    total_steps = args.epochs * steps_per_epoch
-    num_classes = len(data["classes"])
-
-    # ---- model and optimizer
-    torch.manual_seed(args.seed)
-    model = MODELS[args.model](num_classes, args.width).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1:   # start every rank from rank 0's weights
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, 0)
-    net = torch.compile(model) if args.compile else model   # training and evaluation; HVPs use `model`
-    opt = build_optimizer(args, model, steps_per_epoch, world)
-    rho = opt.param_groups[0]["rho"]
-    train_counts = torch.bincount(splits[0][1], minlength=num_classes)
-    run = argparse.Namespace(
-        rank=rank, world=world, freeze_bn=args.freeze_bn_stats, label_smoothing=args.label_smoothing,
-        autocast=torch.autocast(device.type, torch.bfloat16) if (args.dtype == "bf16" or (args.dtype == "auto" and cuda))
-        else nullcontext(), sync_ascent=args.sync_ascent and world > 1, cutout=args.cutout, tail_weight=args.tail_weight,
-        tail=(train_counts < args.tail_threshold).to(device) if args.variant == "imbsam" else None,
-        refresh_mask=False, progress=0.0, flipped=None)
-    if run.tail is not None and not run.tail.any():
-        say(f"note: no class has fewer than --tail-threshold {args.tail_threshold} training images; imbsam "
-            "perturbs nothing", file=sys.stderr)
-    generator = torch.Generator(device).manual_seed(args.seed)   # data order and augmentation, on every rank alike
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-
-    say(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.variant}, "
-        f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test images, {steps_per_epoch} steps per epoch, "
-        f"{device}{f' x {world}' if world > 1 else ''} -> {folder.path}")
-
-    # ---- state, or where the checkpoint left it
-    zeros = torch.zeros(7, dtype=torch.float64, device=device)
-    state = dict(epoch=0, pos=0, step=0, perm=None, interval=zeros.clone(), totals=zeros.clone(), seconds=0.0,
-                 best_val_acc=-math.inf, best_epoch=0, test_at_best=[math.nan, math.nan], test_last=[math.nan, math.nan])
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        opt.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if cuda:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        generator.set_state(checkpoint["rng"]["loader"])
-        state = {k: v.to(device) if torch.is_tensor(v) else v for k, v in checkpoint["state"].items()}
-        say(f"resuming {folder.path} at epoch {state['epoch'] + state['pos'] / steps_per_epoch:.2f}, step {state['step']}")
-    folder.open_logs(state["step"] - 1 if checkpoint else None, state["epoch"] if checkpoint else None)
-
-    def snapshot():
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None,
-                        "loader": generator.get_state()}}
-
-    stop_requested, restore_ctrl_c = stop_on_ctrl_c()
-    session_start, session_steps = time.perf_counter(), 0
+    """The run from start to end. A run that fails before its config.json is written leaves nothing behind."""
+    folder = RunFolder(args.out, writer=rank == 0)
     try:
-        for epoch in range(state["epoch"], args.epochs):
-            if state["pos"] == 0:
-                state.update(perm=torch.randperm(len(train_set), generator=generator, device=device), seconds=0.0)
-                state["totals"].zero_()
-            started = time.perf_counter()
-            for i in range(state["pos"], steps_per_epoch):
-                step = state["step"]
-                set_schedule(opt, args, rho, step, total_steps, steps_per_epoch)
-                x, y, run.flipped = train_set.train_batch(
-                    state["perm"][i * args.batch_size:(i + 1) * args.batch_size], generator, args.cutout, part)
-                run.refresh_mask = opt.sparse and i == 0 and epoch % args.mask_every_epochs == 0
-                if run.refresh_mask:
-                    run.progress = step / total_steps
-                    if opt.flags["mask_mode"] == "fisher":
-                        fisher_pass(model, opt, train_set, generator, args.fisher_samples, run)
-                totals = train_step(net, opt, x, y, run)
-                state["interval"] += totals
-                state["totals"] += totals
-                state.update(step=step + 1, pos=i + 1)
-                session_steps += 1
-                logged = step % args.log_every == 0
-                if logged:   # the one host sync of the interval
-                    interval = state["interval"].clone()
-                    all_reduce_([interval])
-                    loss_sum, correct, n = interval.tolist()[:3]
-                    state["interval"].zero_()
-                    if not math.isfinite(loss_sum):
-                        raise Diverged(f"the training loss is {loss_sum / n} at step {step}; stopping. "
-                                       f"{folder.last} holds the last good state (lower --lr or --rho?)")
-                    stats = mean_stats(opt)
-                    folder.log("steps", {"step": step, "epoch": round(epoch + (i + 1) / steps_per_epoch, 4),
-                                         "lr": opt.param_groups[0]["lr"], "rho": opt.param_groups[0]["rho"],
-                                         "loss": loss_sum / n, "acc": 100 * correct / n,
-                                         **{k: stats[k] for k in STEP_COLUMNS[6:]}})
-                    if tty:
-                        elapsed = time.perf_counter() - session_start
-                        rate = session_steps * args.batch_size / elapsed
-                        eta = (total_steps - step - 1) * args.batch_size / rate
-                        say(f"\repoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch}  loss {loss_sum / n:.4f}"
-                            f"  {rate:.0f} img/s  ETA {format_seconds(eta)}   ", end="", flush=True)
-                stop = state["step"] == args.max_steps
-                if world == 1:
-                    stop |= stop_requested.is_set()
-                elif logged:   # ranks agree on a logged step, so every rank stops at the same one
-                    flag = torch.tensor([float(stop_requested.is_set())], device=device)
-                    all_reduce_([flag])
-                    stop |= flag.item() > 0
-                if stop:
-                    state["seconds"] += time.perf_counter() - started
-                    if not math.isfinite(state["totals"][0].item()):
-                        raise Diverged(f"the training loss is not finite at step {step}; {folder.last} keeps the last good state")
-                    folder.save(folder.last, snapshot())
-                    say(f"{chr(10) if tty else ''}stopped at step {state['step']}; continue with the same command "
-                        "and --resume")
-                    return None
-
-            # ---- end of epoch: metrics, evaluation, checkpoints
-            totals = state["totals"].clone()
-            all_reduce_([totals])
-            loss_sum, correct, n, clean_correct, clean_n, noisy_agree, noisy_n = totals.tolist()
-            state["seconds"] += time.perf_counter() - started
-            if not math.isfinite(loss_sum):
-                raise Diverged(f"the training loss is {loss_sum / n} in epoch {epoch + 1}; stopping. "
-                               f"{folder.last} holds the last good state (lower --lr or --rho?)")
-            sync_buffers(model)
-            val_loss, val_acc = evaluate(net, val_set, run)
-            test_loss, test_acc = evaluate(net, test_set, run)
-            noisy = args.label_noise > 0
-            folder.log("epochs", {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": 100 * correct / n,
-                                  "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
-                                  "clean_train_acc": 100 * clean_correct / clean_n if noisy else None,
-                                  "noisy_train_acc": 100 * noisy_agree / noisy_n if noisy and noisy_n else None,
-                                  "seconds": state["seconds"], "images_per_sec": n / state["seconds"]})
-            state.update(epoch=epoch + 1, pos=0, perm=None, test_last=[test_loss, test_acc])
-            if val_acc > state["best_val_acc"]:
-                state.update(best_val_acc=val_acc, best_epoch=epoch + 1, test_at_best=[test_loss, test_acc])
-                folder.save(folder.best, {"model": model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc})
-            folder.save(folder.last, snapshot())
-            if args.sharpness_every and (epoch + 1) % args.sharpness_every == 0:
-                folder.log("sharpness", {"epoch": epoch + 1, **sharpness(model, train_set, args)})
-            say(f"{ERASE_LINE if tty else ''}epoch {epoch + 1}/{args.epochs}  train {loss_sum / n:.4f} {100 * correct / n:.2f}%"
-                f"  val {val_loss:.4f} {val_acc:.2f}%  test {test_loss:.4f} {test_acc:.2f}%  "
-                f"{state['seconds']:.1f}s {n / state['seconds']:.0f} img/s", flush=True)
+        r = set_up(args, argv, folder, rank, world, device)
+        if r is None:
+            print(f"{folder.path} is finished; nothing to resume")
+            return json.loads((folder.path / "final.json").read_text())
+        with ctrl_c_stops_the_run() as stop_requested:
+            while r.state["epoch"] < args.epochs:
+                if not run_epoch(r, stop_requested):
+                    return stop_early(r, stop_requested)
+                end_epoch(r)
+        return finish(r)
     except KeyboardInterrupt:
-        say(f"\ninterrupted; {folder.last} holds the state at the end of the last epoch or stop")
+        kept = f"{folder.last} holds the last checkpoint" if folder.last.exists() else "no checkpoint was written"
+        print(f"\ninterrupted at once; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        restore_ctrl_c()
-
-    # ---- the end: sharpness of the best-val checkpoint (origin 3), final.json
-    result = None
-    if args.sharpness:
-        barrier()   # rank 0 has written best.pt
-        model.load_state_dict(torch.load(folder.best, map_location=device)["model"])
-        result = sharpness(model, train_set, args)
-    final = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
-             "test_acc_best": state["test_at_best"][1], "test_loss_best": state["test_at_best"][0],
-             "test_acc_last": state["test_last"][1], "test_loss_last": state["test_last"][0], "sharpness": result}
-    folder.finish(final)
-    say(json.dumps(final))
-    return final
+        folder.release(unmake=True)
 
 
 if __name__ == "__main__":
