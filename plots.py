@@ -5,7 +5,7 @@
 
 Runs are grouped by (dataset, model, variant, rho, condition); seeds are averaged (mean, and a band
 of +- one sample standard deviation). A run folder whose settings and seed equal another's (a copy) is
-counted once, with a warning. Under reproduce.py's results/ it also writes results.md (one table per claim,
+counted once, with a warning. Under reproduce.py's results/ it writes instead results.md (one table per claim,
 mean ± std over seeds, the command of each row, and whether the notes' claim holds) and the figures of
 claims 1-3 into <out>/results/. Unfinished runs (no final.json, partial CSVs) are plotted but
 left out of the final-accuracy table; runs that cannot be read are skipped with the reason.
@@ -470,17 +470,18 @@ def main(argv=None):
         print(f"unfinished (plotted, not in the table): {', '.join(unfinished)}")
     groups = group_runs(runs)
     print(f"{len(runs)} runs in {len(groups)} groups")
-    for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_curves, plot_mag_up):
-        print("wrote", plot(groups, args.out))
-    tables = ["Final test accuracy (%), loss and sharpness: mean ± sample std (ddof=1) over finished seeds.\n\n"
-              + results_table(groups)] + (toy_tables(args.toy) if args.toy else [])
-    text = "\n\n".join(tables) + "\n"
-    print(text)
-    with open(os.path.join(args.out, "tables.md"), "w") as f:
-        f.write(text)
-    print("wrote", os.path.join(args.out, "tables.md"))
     results = results_md(args.runs, runs)
-    if results:
+    if not results:   # reproduce.py's results/ has its own tables and figures, one per claim
+        for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_curves, plot_mag_up):
+            print("wrote", plot(groups, args.out))
+        tables = ["Final test accuracy (%), loss and sharpness: mean ± sample std (ddof=1) over finished seeds.\n\n"
+                  + results_table(groups)] + (toy_tables(args.toy) if args.toy else [])
+        text = "\n\n".join(tables) + "\n"
+        print(text)
+        with open(os.path.join(args.out, "tables.md"), "w") as f:
+            f.write(text)
+        print("wrote", os.path.join(args.out, "tables.md"))
+    else:
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(results)
         print("wrote", os.path.join(args.out, "results.md"))

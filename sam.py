@@ -278,7 +278,7 @@ class SAM(torch.optim.Optimizer):
 
     def _direction(self, part, gp, dots):
         """d for one part from g and g' (flat), in the order: bin rule, combine, GSAM. Plain SAM: the grads as they are."""
-        if gp is None or not (_has_bin_rule(part.group) or part.group["combine"] or self.flags["gsam_alpha"] > 0):
+        if gp is None:
             return part.grads
         g, group, f, d = part.g, part.group, self.flags, gp
         if _has_bin_rule(group):   # SAME, CustomSAME, SAMCKPT: d = s_k (g' or g) on checkpoint k of r
@@ -291,7 +291,7 @@ class SAM(torch.optim.Optimizer):
             d = gp.sign() * g.abs()
         if f["gsam_alpha"] > 0:                # d = g' - alpha (g - (<g,g'>/||g'||^2) g')
             d = d - f["gsam_alpha"] * (g - (dots["g_gp"] / (dots["gp_gp"] + f["norm_eps"])).to(g) * gp)
-        return _views(d, part.params)
+        return part.grads if d is gp else _views(d, part.params)
 
     def _one_pass_direction(self, parts):
         """sgd: d = g; sgdhess: (1 + rho |H z|) g; sgdhess-exact: g + rho H g; LookSAM: g + alpha ||g||/||g_v|| g_v."""
@@ -674,40 +674,34 @@ def _top_k_mask(score, k):
 
 def _check_flags(f):
     """Clear errors for values that cannot work (every number finite and in its range) or cannot work together."""
-    def real(x, allow_inf=False):
-        return isinstance(x, numbers.Real) and not isinstance(x, bool) and (math.isfinite(x) or allow_inf and x == math.inf)
+    def real(x, low=0.0, high=math.inf, inf=False):   # low <= x < high (x <= high where high is inf)
+        return (isinstance(x, numbers.Real) and not isinstance(x, bool) and (math.isfinite(x) or inf and x == math.inf)
+                and low <= x and (x < high or high == math.inf))
 
-    def integer(x):
-        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-    nonnegative = ("asam_eta", "fisher_eta", "friendly_sigma", "gsam_alpha", "looksam_alpha", "ratio_eps", "norm_eps")
-    checks = [   # (flags named, ok, what they must be)
-        (["rho"], real(f["rho"]) and f["rho"] >= 0, "a finite number >= 0"),
-        (["p"], real(f["p"], allow_inf=True) and f["p"] > 1, "a number > 1 (2 is SAM, inf the L-inf geometry)"),
-        (["dual", "normalize", "adaptive", "skip_nonfinite"],
-         all(isinstance(f[k], bool) for k in ("dual", "normalize", "adaptive", "skip_nonfinite")), "True or False"),
-        (nonnegative, all(real(f[k]) and f[k] >= 0 for k in nonnegative), "finite numbers >= 0"),
-        (["friendly_lambda"], real(f["friendly_lambda"]) and 0 <= f["friendly_lambda"] < 1, "in [0, 1)"),
-        (["sparsity"], real(f["sparsity"]) and 0 <= f["sparsity"] < 1, "in [0, 1)"),
-        (["drop_rate"], real(f["drop_rate"]) and 0 <= f["drop_rate"] <= 1, "in [0, 1]"),
-        (["condition"], real(f["condition"]) and f["condition"] > 0, "a finite number > 0"),
-        (["bin_scale"], isinstance(f["bin_scale"], (tuple, list)) and len(f["bin_scale"]) == 5 and
-         all(s in ("c", "1/c") or real(s) for s in f["bin_scale"]), "5 entries (B0..B4), each a finite number, 'c' or '1/c'"),
-        (["sam_bins"], isinstance(f["sam_bins"], str) and set(f["sam_bins"]) <= set("01234"), "bins among '01234'"),
-        (["combine"], f["combine"] in ("", "magnitude", "direction"), "'', 'magnitude' or 'direction'"),
-        (["mask_mode"], f["mask_mode"] in ("fisher", "dynamic"), "'fisher' or 'dynamic'"),
-        (["descent"], f["descent"] in ("sam", "sgd", "hessian", "hessian-exact"),
-         "'sam', 'sgd', 'hessian' or 'hessian-exact'"),
-        (["looksam_k", "hessian_every"], all(integer(f[k]) and f[k] >= 1 for k in ("looksam_k", "hessian_every")),
-         "integers >= 1"),
-        (["stats_every", "condition_warmup"], all(integer(f[k]) and f[k] >= 0 for k in ("stats_every", "condition_warmup")),
-         "integers >= 0"),
-        (["persist_from"], f["persist_from"] is None or integer(f["persist_from"]) and f["persist_from"] >= 0,
-         "None or an integer >= 0"),
+    def whole(x, low):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
+    rules = [   # (flags, is each value fine, what they must be)
+        (("rho", "asam_eta", "fisher_eta", "friendly_sigma", "gsam_alpha", "looksam_alpha", "ratio_eps", "norm_eps"),
+         real, "finite numbers >= 0"),
+        (("p",), lambda x: real(x, inf=True) and x > 1, "a number > 1 (2 is SAM, inf the L-inf geometry)"),
+        (("condition",), lambda x: real(x) and x > 0, "a finite number > 0"),
+        (("friendly_lambda", "sparsity"), lambda x: real(x, high=1.0), "in [0, 1)"),
+        (("drop_rate",), lambda x: real(x) and x <= 1, "in [0, 1]"),
+        (("dual", "normalize", "adaptive", "skip_nonfinite"), lambda x: isinstance(x, bool), "True or False"),
+        (("looksam_k", "hessian_every"), lambda x: whole(x, 1), "integers >= 1"),
+        (("stats_every", "condition_warmup"), lambda x: whole(x, 0), "integers >= 0"),
+        (("persist_from",), lambda x: x is None or whole(x, 0), "None or an integer >= 0"),
+        (("bin_scale",), lambda x: isinstance(x, (tuple, list)) and len(x) == 5 and
+         all(s in ("c", "1/c") or real(s, low=-math.inf) for s in x), "5 entries (B0..B4), finite numbers, 'c' or '1/c'"),
+        (("sam_bins",), lambda x: isinstance(x, str) and set(x) <= set("01234"), "bins among '01234'"),
+        (("combine",), lambda x: x in ("", "magnitude", "direction"), "'', 'magnitude' or 'direction'"),
+        (("mask_mode",), lambda x: x in ("fisher", "dynamic"), "'fisher' or 'dynamic'"),
+        (("descent",), lambda x: x in ("sam", "sgd", "hessian", "hessian-exact"), "'sam', 'sgd', 'hessian' or 'hessian-exact'"),
     ]
-    for names, ok, requirement in checks:
-        if not ok:
-            raise ValueError(f"{' and '.join(names)} must be {requirement}; got "
-                             f"{', '.join(f'{k}={f[k]!r}' for k in names)}")
+    for names, fine, requirement in rules:
+        bad = [f"{k}={f[k]!r}" for k in names if not fine(f[k])]
+        if bad:
+            raise ValueError(f"{', '.join(names)} must be {requirement}; got {', '.join(bad)}")
     rule = _has_bin_rule(f)
     if not f["normalize"] and f["p"] != 2:
         raise ValueError("normalize=False (USAM) is defined for p=2 only")
