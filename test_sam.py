@@ -1409,6 +1409,10 @@ def test_checkpoint_points_fall_in_their_bins_by_sam_stats():
         assert opt.stats[f"ckpt{k}"] == 100.0, k
 
 
+def test_toy_panels_name_presets_of_sam_py():
+    assert {v for names in toy.PANELS.values() for v in names} <= set(VARIANTS)
+
+
 def test_toy_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         toy.main(["bogus"])

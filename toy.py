@@ -271,7 +271,7 @@ def landscapes():
 
 # Panels of the landscape figures: which variants share a contour plot.
 PANELS = {
-    "ascent: ball and scale": ("sgd", "sam", "usam", "asam", "linf"),
+    "ascent: ball and scale": ("sgd", "sam", "usam", "asam", "linf-sign", "linf-norm"),
     "peers: sparse, Fisher, friendly, imb": ("sam", "friendlysam", "ssamf", "ssamd", "fishersam", "imbsam"),
     "SAME: c g' on one checkpoint": ("sam", "samme1", "samme2", "samme3", "samme4"),
     "magnitude vs direction": ("sgd", "sam", "sammagnitude", "samdirection"),
