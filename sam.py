@@ -682,26 +682,26 @@ def _check_flags(f):
         return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
     rules = [   # (flags, is each value fine, what they must be)
         (("rho", "asam_eta", "fisher_eta", "friendly_sigma", "gsam_alpha", "looksam_alpha", "ratio_eps", "norm_eps"),
-         real, "finite numbers >= 0"),
+         real, "a finite number >= 0"),
         (("p",), lambda x: real(x, inf=True) and x > 1, "a number > 1 (2 is SAM, inf the L-inf geometry)"),
         (("condition",), lambda x: real(x) and x > 0, "a finite number > 0"),
         (("friendly_lambda", "sparsity"), lambda x: real(x, high=1.0), "in [0, 1)"),
         (("drop_rate",), lambda x: real(x) and x <= 1, "in [0, 1]"),
         (("dual", "normalize", "adaptive", "skip_nonfinite"), lambda x: isinstance(x, bool), "True or False"),
-        (("looksam_k", "hessian_every"), lambda x: whole(x, 1), "integers >= 1"),
-        (("stats_every", "condition_warmup"), lambda x: whole(x, 0), "integers >= 0"),
+        (("looksam_k", "hessian_every"), lambda x: whole(x, 1), "an integer >= 1"),
+        (("stats_every", "condition_warmup"), lambda x: whole(x, 0), "an integer >= 0"),
         (("persist_from",), lambda x: x is None or whole(x, 0), "None or an integer >= 0"),
         (("bin_scale",), lambda x: isinstance(x, (tuple, list)) and len(x) == 5 and
-         all(s in ("c", "1/c") or real(s, low=-math.inf) for s in x), "5 entries (B0..B4), finite numbers, 'c' or '1/c'"),
+         all(s in ("c", "1/c") or real(s, low=-math.inf) for s in x), "5 entries (B0..B4), each a finite number, 'c' or '1/c'"),
         (("sam_bins",), lambda x: isinstance(x, str) and set(x) <= set("01234"), "bins among '01234'"),
         (("combine",), lambda x: x in ("", "magnitude", "direction"), "'', 'magnitude' or 'direction'"),
         (("mask_mode",), lambda x: x in ("fisher", "dynamic"), "'fisher' or 'dynamic'"),
         (("descent",), lambda x: x in ("sam", "sgd", "hessian", "hessian-exact"), "'sam', 'sgd', 'hessian' or 'hessian-exact'"),
     ]
     for names, fine, requirement in rules:
-        bad = [f"{k}={f[k]!r}" for k in names if not fine(f[k])]
-        if bad:
-            raise ValueError(f"{', '.join(names)} must be {requirement}; got {', '.join(bad)}")
+        for name in names:
+            if not fine(f[name]):
+                raise ValueError(f"{name} must be {requirement}; got {f[name]!r}")
     rule = _has_bin_rule(f)
     if not f["normalize"] and f["p"] != 2:
         raise ValueError("normalize=False (USAM) is defined for p=2 only")
