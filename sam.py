@@ -442,7 +442,8 @@ class SAM(torch.optim.Optimizer):
             warnings.warn(f"load_state_dict: the saved flags replace {', '.join(changed)}")
         self.flags = {k: self.param_groups[0][k] for k in FLAGS}
         self._step, self._skipped = state_dict["counters"]["step"], state_dict["counters"]["skipped"]
-        self.ratio_stats.state = state_dict["ratio_stats"]
+        device = self.param_groups[0]["params"][0].device   # a checkpoint loaded to the CPU, a run on CUDA
+        self.ratio_stats.state = _to_device(state_dict["ratio_stats"], device)
 
     # ------------------------------------------------------------------ small helpers
     def _gather(self):
@@ -633,6 +634,14 @@ def _dots(parts, gp):
     gp_gp = sum(torch.dot(x, x).to(device, torch.float64) for x in gp)
     g_gp = sum(torch.dot(part.g, x).to(device, torch.float64) for part, x in zip(parts, gp))
     return dict(g_g=g_g, gp_gp=gp_gp, g_gp=g_gp)
+
+
+def _to_device(state, device):
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_device(v, device) for v in state]
+    return state.to(device) if torch.is_tensor(state) else state
 
 
 def _fisher_diagonal(grads, eta):

@@ -864,7 +864,7 @@ def walk_keys(obj):
     ("friendlysam", {}, torch.optim.SGD, dict(lr=0.1, momentum=0.9), "friendly_m"),
     ("ssamd", {}, torch.optim.SGD, dict(lr=0.1, momentum=0.9), "mask"),
     ("looksam", dict(looksam_k=3), torch.optim.AdamW, dict(lr=1e-2), "looksam_gv"),
-    ("samme1", dict(persist_from=1), torch.optim.SGD, dict(lr=0.1, momentum=0.9), "momentum_buffer"),
+    ("samme1", dict(persist_from=1, stats_every=1), torch.optim.SGD, dict(lr=0.1, momentum=0.9), "persist"),
 ])
 def test_state_dict_resume_continues_bit_identically(name, flags, base, kw, state_key):
     def make(params):
