@@ -317,7 +317,7 @@ class SAM(torch.optim.Optimizer):
         self.last_step_skipped = False
         if self.flags["skip_nonfinite"] and parts:   # the one host read of the step (as torch.amp.GradScaler)
             squares = [_sq_norm(x) + (part.g_sq if part.g_sq is not None else 0) for part, x in zip(parts, d)]
-            self.last_step_skipped = not torch.isfinite(sum(s.to(parts[0].device) for s in squares)).item()
+            self.last_step_skipped = not self._all_finite(torch.isfinite(sum(s.to(parts[0].device) for s in squares)))
         if self._stats_step() or (gp is not None and self._tracks_persistence()):
             self._measure(parts, gp, dots)    # at this step's w, before the base step
         if self.last_step_skipped:
@@ -542,6 +542,11 @@ class SAM(torch.optim.Optimizer):
     def _set_state_list(self, part, key, tensors):
         for p, x in zip(part.params, tensors):
             self.state[p][key] = x.detach().clone()
+
+    def _all_finite(self, finite):
+        """The host read of the step's finite flag. Data parallel code that averages d after this check (in the
+        base optimizer) overrides it to agree over ranks, so that every rank skips the same steps."""
+        return bool(finite)
 
     def _warn_once(self, key, message):
         if key not in self._warned:

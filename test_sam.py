@@ -1706,6 +1706,36 @@ def test_train_two_gloo_processes(tmp_path):
     assert len(_rows(out / "epochs.csv")) == 2 and len(_rows(out / "steps.csv")) == 2 * 5   # 60 images, batch 12
 
 
+def _nan_on_rank_zero(rank, port, out):
+    """One rank of a two-process gloo group: rank 0's gradient at step 1 is NaN, rank 1's is finite."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    params = make_params()
+    opt = train.SAMOverRanks(params, train.averaging_over_ranks(torch.optim.SGD), rho=RHO, lr=LR, momentum=MOM)
+    skipped = []
+    for t in range(3):
+        poisoned = lambda step, point, kind: _poison(synthetic(step, point, kind), 0, math.nan if rank == 0 else 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            drive(opt, params, poisoned if t == 1 else synthetic, 1)
+        skipped.append(opt.last_step_skipped)
+    torch.save({"skipped": skipped, "weights": snap(params)}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_skip_a_non_finite_step_together(tmp_path):
+    # d is averaged in the base step, after the finite check: a rank that skipped alone would leave the
+    # other waiting in that all-reduce, or pair it with the next step's
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_nan_on_rank_zero, args=(port, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == [False, True, False]
+    assert_same(ranks[0]["weights"], ranks[1]["weights"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "resnet7"], "invalid choice: 'resnet7'"),
     (["--variant", "nosuch"], "invalid choice: 'nosuch'"),

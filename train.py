@@ -607,13 +607,14 @@ def build_optimizer(args, model, steps_per_epoch, world):
         base, kwargs = torch.optim.SGD, dict(momentum=args.momentum, nesterov=args.nesterov)
     else:
         base, kwargs = torch.optim.AdamW, {}
+    optimizer = SAM
     if world > 1:
-        base = averaging_over_ranks(base)
+        base, optimizer = averaging_over_ranks(base), SAMOverRanks
     flags = sam_flags(args)
     if args.condition_warmup_epochs is not None:
         flags["condition_warmup"] = round(args.condition_warmup_epochs * steps_per_epoch)
-    return SAM(model.parameters(), base, variant=args.variant, lr=args.lr, weight_decay=args.weight_decay,
-               **kwargs, **flags)
+    return optimizer(model.parameters(), base, variant=args.variant, lr=args.lr, weight_decay=args.weight_decay,
+                     **kwargs, **flags)
 
 
 def lr_factor(args, step, total_steps, steps_per_epoch):
@@ -678,6 +679,16 @@ def averaging_over_ranks(base):
             return super().step(closure)
     Averaged.__name__ = Averaged.__qualname__ = f"{base.__name__}AveragedOverRanks"
     return Averaged
+
+
+class SAMOverRanks(SAM):
+    """SAM whose non-finite skip is agreed over ranks: each rank's d may differ until the base step averages it,
+    and a rank that skipped alone would leave the others waiting in that average."""
+
+    def _all_finite(self, finite):
+        flag = finite.float().view(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
 
 def sync_buffers(model):
