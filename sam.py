@@ -540,8 +540,11 @@ class SAM(torch.optim.Optimizer):
         return [self.state[p][key] for p in part.params]
 
     def _set_state_list(self, part, key, tensors):
-        for p, x in zip(part.params, tensors):
-            self.state[p][key] = x.detach().clone()
+        if key in self.state[part.params[0]]:
+            torch._foreach_copy_(self._state_list(part, key), tensors)
+        else:
+            for p, x in zip(part.params, tensors):
+                self.state[p][key] = x.detach().clone()
 
     def _all_finite(self, finite):
         """The host read of the step's finite flag. Data parallel code that averages d after this check (in the
