@@ -11,7 +11,6 @@ skipped, runs with a last.pt are resumed, runs with a config.json but no last.pt
 the same command continues where a stopped call left off. Groups run in priority order.
 """
 import argparse
-import io
 import json
 import os
 import shlex
