@@ -895,7 +895,8 @@ class RunFolder:
         if not run:
             others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK) if self.path.is_dir() else []
             if others:
-                fail(f"--out {self.path} is not a run folder (no config.json) and holds {len(others)} entries "
+                fail(f"--out {self.path} is not a run folder (no config.json) and holds {len(others)} "
+                     f"{'entry' if len(others) == 1 else 'entries'} "
                      f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); train.py writes only into a "
                      "new or empty folder and never deletes what it did not write: choose another --out")
             if args.resume:
