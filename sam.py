@@ -5,10 +5,10 @@ SAM (Foret et al. 2021, arXiv 2010.01412) takes two gradients a step:
     e  = rho g / ||g||      ascent: climb to w + e
     g' = grad L(w + e)      second pass
     d  = g'                 direction
-    w  = base_step(w, d)    at the unperturbed w: the base optimizer's momentum and weight decay act after d
-Every variant changes e, d or the number of passes. The research notes sort coordinates by the ratio
-r = g' / (g + ratio_eps) into four checkpoints: B1 r > 1, B2 0 < r < 1, B3 r < -1, B4 -1 < r < 0
-(strict, as the origin code; B0 holds r = 0, -1, 1 and 0/0). c is the flag `condition`, T = |w| + asam_eta.
+    w  = base_step(w, d)    at w: the base optimizer's momentum and weight decay act after d
+Every variant changes e, d or the number of passes. The notes sort coordinates by r = g'/(g + ratio_eps)
+into checkpoints B1 r > 1, B2 0 < r < 1, B3 r < -1, B4 -1 < r < 0 (strict, as the origin code; B0 holds
+r = 0, -1, 1 and 0/0). c is the flag `condition`, T = |w| + asam_eta.
 
 preset           e (ascent)                          d (direction)                       source
 sam              rho g/||g||                         g'                                  Foret et al. 2021
@@ -35,11 +35,11 @@ imbsam           as SAM on the tail-class loss       g'_tail + g_head           
 fishersam        rho (g/f)/sqrt(g.(g/f)), rho 0.1    g'                                  Kim et al. 2022; f = 1 + g^2
 gsam             as SAM                              g' - 0.4 (g - (<g,g'>/||g'||^2) g') Zhuang et al. 2022
 looksam          as SAM every 10 steps, rho 0.1      between: g + 0.7 ||g||/||g_v|| g_v  Liu et al. 2022
-Weight decay is the base optimizer's: it is added to d, never scaled by c. The flags in FLAGS combine
-(e.g. `SAM(params, SGD, variant="samme1", adaptive=True)`); VARIANTS holds the presets.
+Weight decay is the base optimizer's, never scaled by c. The FLAGS combine (`variant="samme1", adaptive=True`).
 Statistics (opt.stats: checkpoint shares, finer r > 1 bins, norms, cos(g, g'), mag_up, persistence of the
 B1 set) are off unless stats_every > 0; they stay on the device until read.
 """
+import functools
 import inspect
 import math
 import numbers
@@ -125,14 +125,11 @@ STAT_KEYS = (("step",) + tuple(f"ckpt{k}" for k in range(5)) + FINE_NAMES +
 class SAM(torch.optim.Optimizer):
     """SAM(params, base_optimizer, rho=None, adaptive=None, *, variant="sam", **flags_and_base_kwargs).
 
-    davda54/sam's signature: rho and adaptive may be positional (None: the preset's value). The preset
-    `variant` sets flags first, flags given explicitly override it; other kwargs build the base optimizer
-    (a class). Two-step use:
+    davda54/sam's signature (None: the preset's value); explicit flags override the preset `variant`, other
+    kwargs build the base optimizer (a class). Two-step use:
         loss(w).backward();   opt.first_step(zero_grad=True)    # w -> w + e
         loss(w+e).backward(); opt.second_step(zero_grad=True)   # back to w, base step with d
-    or opt.step(closure), where closure zeroes grads, runs forward and backward and returns the loss.
-    w is kept by swapping storage, as davda54/sam: no copy. A non-finite g or d skips the step exactly:
-    the base optimizer is not called and the weights stay bit for bit (opt.last_step_skipped).
+    or opt.step(closure), the closure zeroing grads, running forward and backward, returning the loss.
     """
 
     def __init__(self, params, base_optimizer, rho=None, adaptive=None, *, variant="sam", **kwargs):
@@ -209,8 +206,11 @@ class SAM(torch.optim.Optimizer):
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
         dots = _dots(parts, gp) if gp[0] is not None else None
         d = [self._direction(part, gp_part, dots) for part, gp_part in zip(parts, gp)]
-        if self._clean is not None:
-            self._add_clean(parts, d)
+        if self._clean is not None:                                   # ImbSAM: d = g'_tail + g_head
+            params, clean = self._clean
+            if [id(p) for p in params] != [id(p) for part in parts for p in part.params]:
+                raise ValueError("stash_clean_grad(): the clean and the perturbed loss must reach the same parameters")
+            torch._foreach_add_([x for part_d in d for x in part_d], clean)
         self._descend(parts, d, gp, dots)
         if zero_grad:
             self.zero_grad()
@@ -248,7 +248,8 @@ class SAM(torch.optim.Optimizer):
                 x = torch._foreach_mul(x, self._asam_t(part))
             h.append(x)
         if f["fisher_eta"] > 0:
-            fisher = [_fisher_diagonal(part.grads, f["fisher_eta"]) for part in parts]
+            fisher = [torch._foreach_add(torch._foreach_mul(torch._foreach_mul(x.grads, x.grads), f["fisher_eta"]), 1.0)
+                      for x in parts]   # f = 1 + eta g^2, the diagonal Fisher from the same mini-batch
             u = [torch._foreach_div(x, y) for x, y in zip(h, fisher)]
             norm = _global_norm([torch._foreach_div(x, torch._foreach_sqrt(y)) for x, y in zip(h, fisher)], 2)
         elif p == 2 and all(x is part.grads for part, x in zip(parts, h)):   # ||g||, already known
@@ -300,11 +301,12 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("sgdhess needs the first backward with create_graph=True (see opt.create_graph)")
         if f["descent"] == "hessian-exact":
             with torch.enable_grad():
-                hg = [torch.autograd.grad(x.grads, x.params, _detached(x.grads), retain_graph=True) for x in parts]
-            return [torch._foreach_add(_detached(x.grads), h, alpha=x.group["rho"]) for x, h in zip(parts, hg)]
+                hg = [torch.autograd.grad(x.grads, x.params, [g.detach() for g in x.grads], retain_graph=True)
+                      for x in parts]
+            return [torch._foreach_add(x.grads, h, alpha=x.group["rho"]) for x, h in zip(parts, hg)]
         if f["descent"] == "hessian":
-            return [torch._foreach_addcmul(_detached(x.grads), self._hessian_diagonal(x), _detached(x.grads),
-                                           value=x.group["rho"]) for x in parts]
+            return [torch._foreach_addcmul(x.grads, self._hessian_diagonal(x), x.grads, value=x.group["rho"])
+                    for x in parts]
         if f["looksam_k"] > 1:
             gv = [[self.state[p].get("looksam_gv", torch.zeros_like(p)) for p in x.params] for x in parts]
             ratio = _global_norm([x.grads for x in parts], 2) / (_global_norm(gv, 2) + f["norm_eps"])
@@ -318,8 +320,13 @@ class SAM(torch.optim.Optimizer):
         if self.flags["skip_nonfinite"] and parts:   # the one host read of the step (as torch.amp.GradScaler)
             squares = [_sq_norm(x) + (part.g_sq if part.g_sq is not None else 0) for part, x in zip(parts, d)]
             self.last_step_skipped = not self._all_finite(torch.isfinite(sum(s.to(parts[0].device) for s in squares)))
-        if self._stats_step() or (gp is not None and self._tracks_persistence()):
-            self._measure(parts, gp, dots)    # at this step's w, before the base step
+        tracks = gp is not None and self._tracks_persistence()
+        if tracks or self._stats_step():      # the ratio instrument, at this step's w before the base step
+            buckets = [self._buckets(part, x) for part, x in zip(parts, gp)] if gp is not None else None
+            if tracks:
+                self.ratio_stats.track_persistence(buckets)
+            if self._stats_step():
+                self.ratio_stats.measure(self._step, buckets, dots or _dots(parts, None), [x.params for x in parts])
         if self.last_step_skipped:
             self._skipped += 1
             self._warn_once("skip", f"SAM skipped step {self._step}: a non-finite gradient; the weights and the "
@@ -372,7 +379,9 @@ class SAM(torch.optim.Optimizer):
     @property
     def stats(self):
         """The latest statistics step as Python floats (NaN before one); this read is the host sync."""
-        return {**self.ratio_stats.read(), "skipped": float(self._skipped)}
+        latest = self.ratio_stats.state["latest"]
+        values = latest.tolist() if latest is not None else [math.nan] * len(STAT_KEYS)
+        return {**dict(zip(STAT_KEYS, values)), "skipped": float(self._skipped)}
 
     @torch.no_grad()
     def stash_clean_grad(self):
@@ -472,15 +481,6 @@ class SAM(torch.optim.Optimizer):
     def _tracks_persistence(self):
         return self.flags["persist_from"] is not None and self._step >= self.flags["persist_from"]
 
-    def _measure(self, parts, gp, dots):
-        """Feed the ratio instrument: every statistics step, and every step once persistence is tracked."""
-        buckets = [self._buckets(part, x) for part, x in zip(parts, gp)] if gp is not None else None
-        if self._tracks_persistence() and buckets is not None:
-            self.ratio_stats.track_persistence(buckets)
-        if self._stats_step():
-            weights = [part.params for part in parts]
-            self.ratio_stats.measure(self._step, buckets, dots or _dots(parts, None), weights)
-
     def _buckets(self, part, gp):
         """The 13 buckets of r = g'/(g + ratio_eps) (module constants), computed once a step per part."""
         if part.buckets is None:
@@ -529,13 +529,6 @@ class SAM(torch.optim.Optimizer):
                 self.state[p]["mask"] = part.view_as(p).to(p.device).clone()
         return [self.state[p]["mask"] for p in params]
 
-    def _add_clean(self, parts, d):
-        """ImbSAM: d = g'_tail + g_head."""
-        params, clean = self._clean
-        if [id(p) for p in params] != [id(p) for part in parts for p in part.params]:
-            raise ValueError("stash_clean_grad(): the clean loss and the perturbed loss must reach the same parameters")
-        torch._foreach_add_([x for part_d in d for x in part_d], clean)
-
     def _state_list(self, part, key):
         return [self.state[p][key] for p in part.params]
 
@@ -568,7 +561,7 @@ class _Part:
 
 class RatioStats:
     """The notes' instrument: fed g, g' and w on statistics steps, and the B1 set every step once persistence
-    is tracked. Everything stays on the device as one float64 vector laid out as STAT_KEYS; read() syncs."""
+    is tracked. Everything stays on the device as one float64 vector laid out as STAT_KEYS (SAM.stats reads it)."""
 
     def __init__(self):
         self.state = {"latest": None, "persist": None}
@@ -602,11 +595,6 @@ class RatioStats:
                   for t0, now, run in zip(persist["t0"], in_b1, persist["running"])]
         persist["counts"] = sum(counts)
 
-    def read(self):
-        latest = self.state["latest"]
-        values = latest.tolist() if latest is not None else [math.nan] * len(STAT_KEYS)
-        return dict(zip(STAT_KEYS, values))
-
 
 # ------------------------------------------------------------------ functions on flat vectors and tensor lists
 def _flat(tensors):
@@ -615,10 +603,6 @@ def _flat(tensors):
 
 def _views(flat, like):
     return [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in like]), like)]
-
-
-def _detached(tensors):
-    return [x.detach() for x in tensors]
 
 
 def _sq_norm(tensors):
@@ -652,34 +636,21 @@ def _to_device(state, device):
     return state.to(device) if torch.is_tensor(state) else state
 
 
-def _fisher_diagonal(grads, eta):
-    """f = 1 + eta g^2, the diagonal Fisher of Fisher SAM from the same mini-batch."""
-    return torch._foreach_add(torch._foreach_mul(torch._foreach_mul(grads, grads), eta), 1.0)
-
-
 def _has_bin_rule(group):
     return tuple(group["bin_scale"]) != (1, 1, 1, 1, 1) or group["sam_bins"] != "01234"
 
 
-_CONSTANTS = {}
-
-
+@functools.cache
 def _constant(values, dtype, device):
     """A small tensor made once per device (a fresh host-to-device copy each step would wait on the GPU)."""
-    key = (values, dtype, device)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return _CONSTANTS[key]
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
+@functools.cache
 def _edges(dtype, device):
-    key = ("edges", dtype, device)
-    if key not in _CONSTANTS:
-        at = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype)
-        after = torch.nextafter(at, torch.full_like(at, math.inf))
-        fine = torch.tensor(FINE_EDGES, dtype=dtype)
-        _CONSTANTS[key] = torch.cat([torch.stack([at, after], 1).flatten(), fine]).to(device)
-    return _CONSTANTS[key]
+    at = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype)
+    after = torch.nextafter(at, torch.full_like(at, math.inf))
+    return torch.cat([torch.stack([at, after], 1).flatten(), torch.tensor(FINE_EDGES, dtype=dtype)]).to(device)
 
 
 def _top_k_mask(score, k):
@@ -691,25 +662,25 @@ def _top_k_mask(score, k):
 
 def _check_flags(f):
     """Clear errors for values that cannot work (every number finite and in its range) or cannot work together."""
-    def real(x, low=0.0, high=math.inf, inf=False):   # low <= x < high (x <= high where high is inf)
-        return (isinstance(x, numbers.Real) and not isinstance(x, bool) and (math.isfinite(x) or inf and x == math.inf)
-                and low <= x and (x < high or high == math.inf))
+    def finite(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
     def whole(x, low):
         return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= low
     rules = [   # (flags, is each value fine, what they must be)
         (("rho", "asam_eta", "fisher_eta", "friendly_sigma", "gsam_alpha", "looksam_alpha", "ratio_eps", "norm_eps"),
-         real, "a finite number >= 0"),
-        (("p",), lambda x: real(x, inf=True) and x > 1, "a number > 1 (2 is SAM, inf the L-inf geometry)"),
-        (("condition",), lambda x: real(x) and x > 0, "a finite number > 0"),
-        (("friendly_lambda", "sparsity"), lambda x: real(x, high=1.0), "in [0, 1)"),
-        (("drop_rate",), lambda x: real(x) and x <= 1, "in [0, 1]"),
+         lambda x: finite(x) and x >= 0, "a finite number >= 0"),
+        (("p",), lambda x: (finite(x) or isinstance(x, float) and x == math.inf) and x > 1,
+         "a number > 1 (2 is SAM, inf the L-inf geometry)"),
+        (("condition",), lambda x: finite(x) and x > 0, "a finite number > 0"),
+        (("friendly_lambda", "sparsity"), lambda x: finite(x) and 0 <= x < 1, "in [0, 1)"),
+        (("drop_rate",), lambda x: finite(x) and 0 <= x <= 1, "in [0, 1]"),
         (("dual", "normalize", "adaptive", "skip_nonfinite"), lambda x: isinstance(x, bool), "True or False"),
         (("looksam_k", "hessian_every"), lambda x: whole(x, 1), "an integer >= 1"),
         (("stats_every", "condition_warmup"), lambda x: whole(x, 0), "an integer >= 0"),
         (("persist_from",), lambda x: x is None or whole(x, 0), "None or an integer >= 0"),
         (("bin_scale",), lambda x: isinstance(x, (tuple, list)) and len(x) == 5 and
-         all(s in ("c", "1/c") or real(s, low=-math.inf) for s in x), "5 entries (B0..B4), each a finite number, 'c' or '1/c'"),
+         all(s in ("c", "1/c") or finite(s) for s in x), "5 entries (B0..B4), each a finite number, 'c' or '1/c'"),
         (("sam_bins",), lambda x: isinstance(x, str) and set(x) <= set("01234"), "bins among '01234'"),
         (("combine",), lambda x: x in ("", "magnitude", "direction"), "'', 'magnitude' or 'direction'"),
         (("mask_mode",), lambda x: x in ("fisher", "dynamic"), "'fisher' or 'dynamic'"),
