@@ -206,11 +206,8 @@ class SAM(torch.optim.Optimizer):
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
         dots = _dots(parts, gp) if gp[0] is not None else None
         d = [self._direction(part, gp_part, dots) for part, gp_part in zip(parts, gp)]
-        if self._clean is not None:                                   # ImbSAM: d = g'_tail + g_head
-            params, clean = self._clean
-            if [id(p) for p in params] != [id(p) for part in parts for p in part.params]:
-                raise ValueError("stash_clean_grad(): the clean and the perturbed loss must reach the same parameters")
-            torch._foreach_add_([x for part_d in d for x in part_d], clean)
+        if self._clean is not None:
+            self._add_clean(parts, d)
         self._descend(parts, d, gp, dots)
         if zero_grad:
             self.zero_grad()
@@ -528,6 +525,13 @@ class SAM(torch.optim.Optimizer):
             for p, part in zip(every, live.split([p.numel() for p in every])):
                 self.state[p]["mask"] = part.view_as(p).to(p.device).clone()
         return [self.state[p]["mask"] for p in params]
+
+    def _add_clean(self, parts, d):
+        """ImbSAM: d = g'_tail + g_head."""
+        params, clean = self._clean
+        if [id(p) for p in params] != [id(p) for part in parts for p in part.params]:
+            raise ValueError("stash_clean_grad(): the clean and the perturbed loss must reach the same parameters")
+        torch._foreach_add_([x for part_d in d for x in part_d], clean)
 
     def _state_list(self, part, key):
         return [self.state[p][key] for p in part.params]
