@@ -354,6 +354,8 @@ def main(argv=None):
     parser.add_argument("--override", default="", help="train.py arguments appended to every command, overriding (smoke tests)")
     parser.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.deadline is not None and not args.deadline > 0) or not args.grace >= 0:
+        parser.error("--jobs must be >= 1, --deadline > 0 and --grace >= 0")
     if args.stage == "pack":
         if not args.outfile:
             parser.error("pack needs OUTFILE")
