@@ -1553,6 +1553,14 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
 
 
+@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])
+def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
+    import reproduce
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["claims", "--dry-run", *argv])
+    assert stop.value.code == 2 and "--jobs must be >= 1" in capsys.readouterr().err
+
+
 def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
     import tarfile
     import reproduce
