@@ -1638,6 +1638,10 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
     assert json.loads((out / "final.json").read_text()) == final
     assert set(final["sharpness"]) == {"lambda_max", "trace", "trace_se", "top5_pos_mean"}
     assert final["sharpness"]["lambda_max"] > 0
+    for when in ("best", "last"):   # 3 test classes of 6 images: each share is k/6, their mean the accuracy
+        per_class = final[f"test_acc_per_class_{when}"]
+        assert len(per_class) == 3 and all(round(a * 6 / 100, 9).is_integer() for a in per_class)
+        assert sum(per_class) / 3 == pytest.approx(final[f"test_acc_{when}"])
     config = json.loads((out / "config.json").read_text())
     assert {"dataset", "model", "variant", "rho", "condition", "seed", "epochs", "command", "torch", "device",
             "git_commit"} <= set(config)

@@ -1068,18 +1068,28 @@ def fisher_pass(model, opt, loader, generator, n_samples, settings, cutout):
 
 @torch.no_grad()
 def evaluate(model, loader, settings, rank=0, world=1, batch_size=1000):
-    """(loss, accuracy %) over the split, each rank taking a share; NaN for an empty split."""
+    """(loss, accuracy %, accuracy % per class) over the split, each rank taking a share; NaN for an empty split.
+    The per-class accuracies give ImbSAM's head and tail classes."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=loader.labels.device)
+    device = loader.labels.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    per_class = None
     for x, y in loader.batches(batch_size, rank, world):
         with settings.autocast():
             logits = model(x).float()
-        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                               (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=totals.device)])
+        hit = logits.argmax(1) == y
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit.sum().double(),
+                               torch.tensor(len(y), dtype=torch.float64, device=device)])
+        counts = torch.stack([torch.bincount(y[hit], minlength=logits.shape[1]),
+                              torch.bincount(y, minlength=logits.shape[1])]).double()
+        per_class = counts if per_class is None else per_class + counts
     model.train()
-    all_reduce_([totals])
+    all_reduce_([totals] + ([per_class] if per_class is not None else []))
     loss, correct, n = totals.tolist()
-    return (loss / n, 100 * correct / n) if n else (math.nan, math.nan)
+    if not n:
+        return math.nan, math.nan, []
+    class_acc = [100 * c / s if s else math.nan for c, s in zip(*per_class.tolist())]
+    return loss / n, 100 * correct / n, class_acc
 
 
 def mean_stats(opt):
@@ -1180,8 +1190,8 @@ def start_state(r, checkpoint):
     """The loop's state: fresh, or the checkpoint's (weights, optimizer, RNGs, counters); CSVs cut to it."""
     zeros = torch.zeros(len(Counts._fields), dtype=torch.float64, device=r.device)
     r.state = dict(epoch=0, pos=0, step=0, perm=None, interval=zeros.clone(), totals=zeros.clone(), seconds=0.0,
-                   best_val_acc=-math.inf, best_epoch=0, test_at_best=[math.nan, math.nan],
-                   test_last=[math.nan, math.nan])
+                   best_val_acc=-math.inf, best_epoch=0, test_at_best=[math.nan, math.nan, []],
+                   test_last=[math.nan, math.nan, []])
     if checkpoint is not None:
         r.model.load_state_dict(checkpoint["model"])
         r.opt.load_state_dict(checkpoint["optimizer"])
@@ -1310,8 +1320,8 @@ def end_epoch(r):
     args, state, epoch = r.args, r.state, r.state["epoch"]
     train = read_counts(r, state["totals"], f"in epoch {epoch + 1}")
     sync_buffers(r.model)
-    val_loss, val_acc = evaluate(r.net, r.val_set, r.step_settings, r.rank, r.world)
-    test_loss, test_acc = evaluate(r.net, r.test_set, r.step_settings, r.rank, r.world)
+    val_loss, val_acc, _ = evaluate(r.net, r.val_set, r.step_settings, r.rank, r.world)
+    test_loss, test_acc, test_per_class = evaluate(r.net, r.test_set, r.step_settings, r.rank, r.world)
     noisy = args.label_noise > 0
     r.folder.log("epochs", {
         "epoch": epoch + 1, "train_loss": train.loss_sum / train.seen, "train_acc": 100 * train.correct / train.seen,
@@ -1321,9 +1331,9 @@ def end_epoch(r):
         "seconds": state["seconds"], "images_per_sec": train.seen / state["seconds"]})
     if args.sharpness_every and (epoch + 1) % args.sharpness_every == 0:
         r.folder.log("sharpness", {"epoch": epoch + 1, **sharpness(r.model, r.train_set, args)})
-    state.update(epoch=epoch + 1, pos=0, perm=None, test_last=[test_loss, test_acc])
+    state.update(epoch=epoch + 1, pos=0, perm=None, test_last=[test_loss, test_acc, test_per_class])
     if val_acc > state["best_val_acc"]:
-        state.update(best_val_acc=val_acc, best_epoch=epoch + 1, test_at_best=[test_loss, test_acc])
+        state.update(best_val_acc=val_acc, best_epoch=epoch + 1, test_at_best=[test_loss, test_acc, test_per_class])
         r.folder.save(r.folder.best, {"model": r.model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc})
     r.folder.save(r.folder.last, snapshot(r))
     r.say(f"{ERASE_LINE if sys.stdout.isatty() else ''}epoch {epoch + 1}/{args.epochs}  train "
@@ -1342,7 +1352,8 @@ def finish(r):
     state = r.state
     final = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
              "test_acc_best": state["test_at_best"][1], "test_loss_best": state["test_at_best"][0],
-             "test_acc_last": state["test_last"][1], "test_loss_last": state["test_last"][0], "sharpness": result}
+             "test_acc_last": state["test_last"][1], "test_loss_last": state["test_last"][0], "sharpness": result,
+             "test_acc_per_class_best": state["test_at_best"][2], "test_acc_per_class_last": state["test_last"][2]}
     r.folder.finish(final)
     r.say(json.dumps(final))
     return final
