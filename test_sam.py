@@ -1134,6 +1134,33 @@ def test_a_skipped_step_leaves_the_base_optimizer_untouched_and_no_flag_means_da
 
 
 # ------------------------------------------------------------------ a contributor's rule, the audit's fixes, davda54 users
+@pytest.mark.parametrize("name", ["sam", "usam", "ssamd"])
+def test_scaling_the_grads_in_place_equals_the_out_of_place_ascent(name):
+    # first_step(zero_grad=True) builds e in the gradients it is about to drop (no allocation); without
+    # zero_grad it must leave the caller's gradients alone, and both must climb to the same point bit for bit
+    torch.manual_seed(3)
+    a, b = make_params(), make_params()
+    opt_a = SAM(a, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM)
+    opt_b = SAM(b, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM)
+    if opt_a.sparse:   # the same random SSAM-D mask for both
+        for opt, params in ((opt_a, a), (opt_b, b)):
+            torch.manual_seed(5)
+            opt._masks(params)
+    for t in range(3):
+        g = synthetic(t, None, "g")
+        set_grads(a, g)
+        set_grads(b, g)
+        opt_a.first_step(zero_grad=True)
+        opt_b.first_step(zero_grad=False)
+        assert_same([p.grad for p in b], g)
+        assert_same(snap(a), snap(b))
+        set_grads(a, synthetic(t, None, "gp"))
+        set_grads(b, synthetic(t, None, "gp"))
+        opt_a.second_step(zero_grad=True)
+        opt_b.second_step(zero_grad=True)
+        assert_same(snap(a), snap(b))
+
+
 @pytest.mark.parametrize("stats_every", [0, 1])
 def test_a_new_direction_rule_that_reads_g_after_the_ratio_gets_g(stats_every):
     # the old code let r overwrite the kept g: a rule d = g then handed g'/g to the base optimizer
