@@ -137,14 +137,17 @@ def bench_optimizer_on(model_name, args, device, measure):
                 p.grad = g.clone()
             return seconds + measure(opt.second_step)
         return run
-    base_alone = torch.optim.SGD(params, foreach=True, **base)   # the floor both share: the base step itself
+    def base_step(kind):   # the base step alone: torch's default (the loop's), and the fused one sam.SAM builds
+        base_alone = torch.optim.SGD(params, **base, **({kind: True} if kind else {}))
 
-    def base_step():
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        return measure(base_alone.step)
+        def run():
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            return measure(base_alone.step)
+        return run
     seconds = interleaved_medians({**{name: step(opt) for name, opt in optimizers.items()},
-                                   "base SGD step alone (foreach)": base_step}, args.repeats, 3, lambda fn: fn())
+                                   "base SGD step alone, torch's default": base_step(None),
+                                   "base SGD step alone, fused": base_step("fused")}, args.repeats, 3, lambda fn: fn())
     loop = seconds["davda54 loop"]
     rows = [(f"{name} [ms]", f"{1000 * s:.2f}", "") for name, s in seconds.items()]
     rows.append(("SAM / loop", f"{seconds['sam.SAM'] / loop:.2f}", f"<= {OPTIMIZER_TARGETS.get(model_name, '')}"))

@@ -76,6 +76,7 @@ FLAGS = dict(   # every flag with its neutral value: at these values SAM is plai
     stats_every=0,          # ratio statistics every k steps (0: never)
     persist_from=None,      # step t0 from which the B1 set is tracked, every step (seed 000, Exp. 2-3)
 )
+FUSED_BASES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)   # fused kernels on CPU and CUDA
 GROUP_FLAGS = ("rho", "adaptive", "asam_eta", "condition", "bin_scale", "sam_bins", "combine")   # per param group
 
 VARIANTS = {
@@ -143,8 +144,11 @@ class SAM(torch.optim.Optimizer):
         flags = {**FLAGS, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
         _check_flags(flags)
         super().__init__(params, flags)
-        if "foreach" in inspect.signature(base_optimizer).parameters:
-            kwargs.setdefault("foreach", True)   # torch's default on CPU is its per-tensor loop; same results
+        if not {"fused", "foreach", "differentiable"} & set(kwargs):   # torch's CPU default is a per-tensor loop
+            fused = base_optimizer in FUSED_BASES and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                                          for group in self.param_groups for p in group["params"])
+            if fused or "foreach" in inspect.signature(base_optimizer).parameters:
+                kwargs["fused" if fused else "foreach"] = True   # fused: one kernel for all tensors (bench.py)
         try:
             self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         except TypeError as err:

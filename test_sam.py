@@ -653,8 +653,9 @@ def run_mlp(opt_fn, steps, params):
 @pytest.mark.parametrize("name", ["sam", "usam", "asam", "linf-sign", "linf-norm", "fishersam", "friendlysam", "ssamd", "imbsam"])
 def test_rho_zero_equals_the_bare_base_optimizer(base, kw, name):
     a, b = mlp_params(), mlp_params()
-    run_mlp(lambda ps: SAM(ps, base, variant=name, rho=0.0, **kw), 4, a)
-    run_mlp(lambda ps: base(ps, **kw), 4, b)
+    opt = run_mlp(lambda ps: SAM(ps, base, variant=name, rho=0.0, **kw), 4, a)
+    kernel = {k: opt.base_optimizer.defaults[k] for k in ("fused", "foreach") if opt.base_optimizer.defaults.get(k)}
+    run_mlp(lambda ps: base(ps, **kw, **kernel), 4, b)   # the same kernel SAM chose (fused where torch has it)
     assert_same(a, b)
 
 
@@ -1191,6 +1192,22 @@ def test_davda54_positional_signature_and_its_example_loop():
         point = [x + y for x, y in zip(w, ascent("asam", w, synthetic(t, w, "g"), 0.05))]
         w = base.step(w, synthetic(t, point, "gp"))
     assert_lists_close([got[-1]], [w])
+
+
+@pytest.mark.parametrize("base, kw", [(torch.optim.SGD, dict(lr=LR, momentum=MOM, weight_decay=WD, nesterov=True)),
+                                      (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))])
+def test_base_optimizer_is_fused_and_steps_as_torchs_default_one(base, kw):
+    """SAM builds the base fused (one kernel for all tensors; bench.py): the same SAM steps as with torch's
+    per-tensor default, to rounding. An explicit foreach/fused choice, or a base without fused, is left alone."""
+    params, ref = make_params(), make_params()
+    opt = SAM(params, base, rho=0.05, **kw)
+    assert opt.base_optimizer.defaults["fused"] is True
+    plain = SAM(ref, base, rho=0.05, foreach=False, **kw)
+    assert plain.base_optimizer.defaults["fused"] in (None, False) and plain.base_optimizer.defaults["foreach"] is False
+    _, got = drive(opt, params, synthetic, 4)
+    _, want = drive(plain, ref, synthetic, 4)
+    assert_lists_close(got, want, rtol=1e-13, atol=1e-15)
+    assert SAM(make_params(), torch.optim.RMSprop, lr=LR).base_optimizer.defaults["foreach"] is True
 
 
 def test_load_state_dict_takes_davda54_layout_with_a_warning():
