@@ -293,7 +293,7 @@ def toy_tables(folder):
 
 
 # ----------------------------------------------------------------------------- results.md (reproduce.py)
-ACCURACY = ("test_acc",)   # the metrics whose verdict needs SAM to beat SGD in the setting first
+ACCURACY = ("test_acc", "head_acc", "tail_acc")   # the metrics whose verdict needs SAM to beat SGD in the setting first
 RULE = ("holds: the difference from the reference has the notes' sign and is larger than the combined sample "
         "std sqrt(s_a^2 + s_b^2) (against a number: larger than the row's std); does not hold: the opposite sign "
         "beyond that spread; '~' (about equal) holds within the spread, or within 25% of the notes' number; "
@@ -321,6 +321,13 @@ def _persist(cols, col, after):
     return float(100 * cols[col][i] / cols["persist_t0"][i])
 
 
+def _class_mean(final, tail):
+    """Mean test accuracy at best val over the tail classes (train.py's --tail-threshold) or over the others."""
+    per_class, tail_classes = final["test_acc_per_class_best"], set(final["tail_classes"])
+    chosen = [a for k, a in enumerate(per_class) if (k in tail_classes) == tail]
+    return float(np.mean(chosen)) if chosen and tail_classes else math.nan
+
+
 def _last_epoch(run, col):
     values = run["epochs"].get(col, np.array([]))
     return float(values[-1]) if len(values) else math.nan
@@ -331,6 +338,8 @@ METRICS = {   # name -> (what it is, value of one finished run)
     "train_acc": ("final train acc (%)", lambda r: _last_epoch(r, "train_acc")),
     "clean_train_acc": ("train acc, clean labels (%)", lambda r: _last_epoch(r, "clean_train_acc")),
     "noisy_train_acc": ("train acc on flipped samples, their noisy label (%)", lambda r: _last_epoch(r, "noisy_train_acc")),
+    "head_acc": ("head classes' test acc (%)", lambda r: _class_mean(r["final"], tail=False)),
+    "tail_acc": ("tail classes' test acc (%)", lambda r: _class_mean(r["final"], tail=True)),
     "lambda_max": ("lambda_max", lambda r: (r["final"].get("sharpness") or {}).get("lambda_max", math.nan)),
     "top5_pos_mean": ("top-5 eigenvalue mean", lambda r: (r["final"].get("sharpness") or {}).get("top5_pos_mean", math.nan)),
     "ckpt1_min": ("B1 lowest share after the first tenth (%)",

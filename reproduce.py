@@ -146,8 +146,10 @@ def claims(setting):
                 expect=((acc, ">", sam_ref, "at SAM's wall time (~2/1.1 x the epochs)"),)),
             # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
             *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + ["--imbalance", "10", "--subset", "100000",
-                                                               "--tail-threshold", "1500"])
-              for v in ("sgd", "sam", "imbsam")],
+                                                               "--tail-threshold", "1500"], expect=expect)
+              for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
+                  ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
+                  ("head_acc", "~", "peers/lt-sam", "the head classes about as SAM"))))],
         ]),
     ]
 

@@ -1597,6 +1597,18 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
 
 
+def test_plots_head_and_tail_accuracy_from_the_per_class_accuracies(tmp_path):
+    """ImbSAM's claim: the tail classes (final.json's tail_classes) against the head, each a mean of per-class
+    test accuracies at best val; no tail classes (a balanced run) gives no value."""
+    run = {"final": dict(make_run(tmp_path, "lt", "imbsam", 0), test_acc_per_class_best=[90.0, 80.0, 70.0, 30.0, 10.0],
+                         tail_classes=[3, 4])}
+    assert plots.METRICS["head_acc"][1](run) == pytest.approx((90 + 80 + 70) / 3)
+    assert plots.METRICS["tail_acc"][1](run) == pytest.approx((30 + 10) / 2)
+    run["final"]["tail_classes"] = []
+    assert math.isnan(plots.METRICS["tail_acc"][1](run)) and math.isnan(plots.METRICS["head_acc"][1](run))
+    assert train.tail_classes(torch.tensor([0, 0, 0, 2, 2, 0]), 3, 4) == [1, 2, 3]   # 4, 0, 2, 0 images
+
+
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])
 def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     import reproduce
@@ -1686,6 +1698,7 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
         per_class = final[f"test_acc_per_class_{when}"]
         assert len(per_class) == 3 and all(round(a * 6 / 100, 9).is_integer() for a in per_class)
         assert sum(per_class) / 3 == pytest.approx(final[f"test_acc_{when}"])
+    assert final["tail_classes"] == []   # the tiny run's classes all have --tail-threshold 20 images or more
     config = json.loads((out / "config.json").read_text())
     assert {"dataset", "model", "variant", "rho", "condition", "seed", "epochs", "command", "torch", "device",
             "git_commit"} <= set(config)
