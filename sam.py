@@ -145,9 +145,11 @@ class SAM(torch.optim.Optimizer):
         _check_flags(flags)
         super().__init__(params, flags)
         if not {"fused", "foreach", "differentiable"} & set(kwargs):   # torch's CPU default is a per-tensor loop
-            fused = base_optimizer in FUSED_BASES and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                                          for group in self.param_groups for p in group["params"])
-            if fused or "foreach" in inspect.signature(base_optimizer).parameters:
+            accepts = inspect.signature(base_optimizer).parameters
+            params = [p for group in self.param_groups for p in group["params"]]
+            fused = issubclass(base_optimizer, FUSED_BASES) and "fused" in accepts and all(
+                p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+            if fused or "foreach" in accepts:
                 kwargs["fused" if fused else "foreach"] = True   # fused: one kernel for all tensors (bench.py)
         try:
             self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
