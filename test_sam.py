@@ -1209,6 +1209,15 @@ def test_base_optimizer_is_fused_and_steps_as_torchs_default_one(base, kw):
     assert_lists_close(got, want, rtol=1e-13, atol=1e-15)
     assert SAM(make_params(), torch.optim.RMSprop, lr=LR).base_optimizer.defaults["foreach"] is True
 
+    class Averaged(torch.optim.SGD):   # a subclass as train.py's rank-averaging base: fused too
+        pass
+
+    class Fixed(torch.optim.SGD):      # a subclass whose constructor takes no fused: left to its own default
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+    assert SAM(make_params(), Averaged, lr=LR).base_optimizer.defaults["fused"] is True
+    assert not SAM(make_params(), Fixed, lr=LR).base_optimizer.defaults["fused"]
+
 
 def test_load_state_dict_takes_davda54_layout_with_a_warning():
     params = make_params()
