@@ -1615,7 +1615,7 @@ def test_plots_head_and_tail_accuracy_from_the_per_class_accuracies(tmp_path):
     assert plots.METRICS["tail_acc"][1](run) == pytest.approx((30 + 10) / 2)
     run["final"]["tail_classes"] = []
     assert math.isnan(plots.METRICS["tail_acc"][1](run)) and math.isnan(plots.METRICS["head_acc"][1](run))
-    assert train.tail_classes(torch.tensor([0, 0, 0, 2, 2, 0]), 3, 4) == [1, 2, 3]   # 4, 0, 2, 0 images
+    assert train.tail_mask(torch.tensor([0, 0, 0, 2, 2, 0]), 3, 4).tolist() == [False, True, True, True]   # 4, 0, 2, 0
 
 
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])

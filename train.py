@@ -1153,8 +1153,7 @@ def set_up(args, argv, folder, rank, world, device):
              f"{data['fingerprint']}, run: {checkpoint['data_fingerprint']}); point --data-dir at the run's data")
     model, net, opt = build_model(args, len(data["classes"]), steps_per_epoch, world, device)
     cuda = device.type == "cuda"
-    tail = torch.zeros(len(data["classes"]), dtype=torch.bool, device=device)
-    tail[tail_classes(loaders[0].labels, args.tail_threshold, len(tail))] = True
+    tail = tail_mask(loaders[0].labels, args.tail_threshold, len(data["classes"]))
     step_settings = StepSettings(
         freeze_bn=args.freeze_bn_stats, device_type=device.type, label_smoothing=args.label_smoothing,
         autocast_dtype=torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and cuda) else None,
@@ -1343,9 +1342,9 @@ def end_epoch(r):
           f"{train.seen / state['seconds']:.0f} img/s", flush=True)
 
 
-def tail_classes(labels, threshold, n_classes):
-    """The classes with fewer than --tail-threshold training images (ImbSAM's tail; the rest is the head)."""
-    return torch.nonzero(torch.bincount(labels, minlength=n_classes) < threshold).flatten().tolist()
+def tail_mask(labels, threshold, n_classes):
+    """True for each class with fewer than --tail-threshold training images (ImbSAM's tail; the rest is the head)."""
+    return torch.bincount(labels, minlength=n_classes) < threshold
 
 
 def finish(r):
@@ -1360,7 +1359,8 @@ def finish(r):
              "test_acc_best": state["test_at_best"][1], "test_loss_best": state["test_at_best"][0],
              "test_acc_last": state["test_last"][1], "test_loss_last": state["test_last"][0], "sharpness": result,
              "test_acc_per_class_best": state["test_at_best"][2], "test_acc_per_class_last": state["test_last"][2],
-             "tail_classes": tail_classes(r.train_set.labels, r.args.tail_threshold, len(state["test_last"][2]))}
+             "tail_classes": tail_mask(r.train_set.labels, r.args.tail_threshold,
+                                       len(state["test_last"][2])).nonzero().flatten().tolist()}
     r.folder.finish(final)
     r.say(json.dumps(final))
     return final
