@@ -235,9 +235,29 @@ def signal_job(proc, signum):
         pass
 
 
+def stop_jobs(running, grace):
+    """SIGINT every job (train.py checkpoints and exits), SIGKILL what is left after `grace` seconds or at a
+    second Ctrl-C. The jobs run in their own sessions, so nothing else stops them when this runner ends."""
+    for run, proc, log in running:
+        signal_job(proc, signal.SIGINT)
+    end = time.monotonic() + grace
+    try:
+        for run, proc, log in running:
+            try:
+                proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                signal_job(proc, signal.SIGKILL)
+    except KeyboardInterrupt:
+        for run, proc, log in running:
+            signal_job(proc, signal.SIGKILL)
+    for run, proc, log in running:
+        proc.wait()
+
+
 def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
     """Run train.py jobs `jobs` at a time; at deadline - grace ask each to stop (SIGINT: it checkpoints),
-    at the deadline kill what is left. Returns the count of each outcome."""
+    at the deadline kill what is left. Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM
+    through main), it stops the jobs the same way, files their logs and raises KeyboardInterrupt."""
     import sam
     counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0)
     todo, missing = [], {}
@@ -257,30 +277,37 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
             print(f"[{action}] python train.py {shlex.join(run.args)}")
         return counts
     start, running, stopping = start or time.monotonic(), [], False
-    while todo or running:
-        elapsed = time.monotonic() - start
-        if deadline and elapsed > deadline - grace and not stopping:
-            stopping = True
-            print(f"deadline: stopping {len(running)} jobs, {len(todo)} not started", flush=True)
-            counts["incomplete"] += len(todo)
-            todo = []
-            for run, proc, log in running:
-                signal_job(proc, signal.SIGINT)
-        if deadline and elapsed > deadline:
-            for run, proc, log in running:
-                signal_job(proc, signal.SIGKILL)
-        while todo and len(running) < jobs:
-            run, action = todo.pop(0)
-            print(f"[{action}] {run.group}/{run.out.name}", flush=True)
-            running.append((run, *launch(run, action)))
-        for item in list(running):
-            run, proc, log = item
-            if proc.poll() is not None:
-                running.remove(item)
-                outcome = finish(run, proc, log)
-                counts[outcome] += 1
-                print(f"{outcome}: {run.group}/{run.out.name} ({time.monotonic() - start:.0f}s)", flush=True)
-        time.sleep(0.2)
+    try:
+        while todo or running:
+            elapsed = time.monotonic() - start
+            if deadline and elapsed > deadline - grace and not stopping:
+                stopping = True
+                print(f"deadline: stopping {len(running)} jobs, {len(todo)} not started", flush=True)
+                counts["incomplete"] += len(todo)
+                todo = []
+                for run, proc, log in running:
+                    signal_job(proc, signal.SIGINT)
+            if deadline and elapsed > deadline:
+                for run, proc, log in running:
+                    signal_job(proc, signal.SIGKILL)
+            while todo and len(running) < jobs:
+                run, action = todo.pop(0)
+                print(f"[{action}] {run.group}/{run.out.name}", flush=True)
+                running.append((run, *launch(run, action)))
+            for item in list(running):
+                run, proc, log = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    outcome = finish(run, proc, log)
+                    counts[outcome] += 1
+                    print(f"{outcome}: {run.group}/{run.out.name} ({time.monotonic() - start:.0f}s)", flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        print(f"interrupted: stopping {len(running)} jobs (they checkpoint), {len(todo)} not started", flush=True)
+        stop_jobs(running, grace)
+        for run, proc, log in running:
+            print(f"{finish(run, proc, log)}: {run.group}/{run.out.name}", flush=True)
+        raise
     return counts
 
 
@@ -342,6 +369,10 @@ def pack(outfile, limit=16 << 20):
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("select", "choose", "claims", "pack"))
@@ -392,7 +423,12 @@ def main(argv=None):
     print(f"all: {len(runs)} runs, {sum(map(cost, runs)) / 1e6:.1f} M SGD-equivalent images")
     if not args.dry_run:
         decode_once(args.data_dir)
-    counts = execute(runs, args.jobs, args.deadline, args.grace, args.dry_run, start)
+    signal.signal(signal.SIGTERM, _interrupt)   # a session or a scheduler ending the runner stops its jobs too
+    try:
+        counts = execute(runs, args.jobs, args.deadline, args.grace, args.dry_run, start)
+    except KeyboardInterrupt:
+        print("reproduce.py: interrupted; the same command resumes the stopped runs", file=sys.stderr)
+        return 130
     print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     if args.stage == "select" and not args.dry_run:
         choose()

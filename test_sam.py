@@ -1653,6 +1653,39 @@ def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
     assert reproduce.decision(out) == "resume" and "stopped at step" in (out / "train.log").read_text()
 
 
+def test_reproduce_stopped_by_sigterm_stops_its_jobs_with_a_checkpoint(tmp_path, monkeypatch):
+    """The jobs run in their own sessions: a runner ended by its session (SIGTERM) or Ctrl-C must stop them
+    itself, or they run on as orphans with their logs outside their folders."""
+    import threading
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    out = tmp_path / "results" / "g" / "long-s0"
+    run = reproduce.Run("g", "long", 0, "sgd", _tiny_run(tmp_path, "--epochs", "1000", "--out", str(out)), out)
+    previous = signal.signal(signal.SIGTERM, reproduce._interrupt)   # as reproduce.main installs it
+    timer = threading.Timer(12, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reproduce.execute([run], jobs=1, deadline=None, grace=8)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert [pid for pid in _pids() if str(out).encode() in _cmdline(pid)] == []
+    assert reproduce.decision(out) == "resume" and "stopped at step" in (out / "train.log").read_text()
+    assert not (out.parent / "long-s0.log").exists()
+
+
+def _pids():
+    return [pid for pid in os.listdir("/proc") if pid.isdigit()] if os.path.isdir("/proc") else []
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:   # gone meanwhile
+        return b""
+
+
 # ==================================================================== train.py
 REPO = Path(__file__).resolve().parent
 CIFAR10_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
