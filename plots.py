@@ -385,10 +385,12 @@ def verdict(ours, op, reference):
 
 
 def row_command(runs):
-    """The train.py command of a row with its seed as $SEED (from config.json: what really ran)."""
+    """The train.py command of a row with its seed as $SEED (from config.json: what really ran), without the
+    --overwrite or --resume that reproduce.py adds to relaunch a folder (how it was started, not the setting)."""
     command = next((r["config"].get("command") for r in runs if r["config"].get("command")), None)
     if not command:
         return "–"
+    command = re.sub(r" --(overwrite|resume)\b", "", command)
     seed = str(runs[0]["config"]["seed"])
     return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
 

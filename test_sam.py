@@ -1586,7 +1586,8 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
         for seed in (0, 1, 2):
             finals.setdefault(variant, []).append(make_run(tmp_path / "core", f"{variant}-s{seed}", variant, seed))
             config = json.loads((tmp_path / "core" / f"{variant}-s{seed}" / "config.json").read_text())
-            config["command"] = f"python train.py --variant {variant} --seed {seed} --out results/core/{variant}-s{seed}"
+            config["command"] = f"python train.py --variant {variant} --seed {seed} --out results/core/{variant}-s{seed}" \
+                + " --overwrite" * (seed == 0)   # as reproduce.py relaunches a folder: not part of the row's setting
             (tmp_path / "core" / f"{variant}-s{seed}" / "config.json").write_text(json.dumps(config))
     runs, _ = plots.load_runs(str(tmp_path))
     text = plots.results_md(str(tmp_path), runs)
