@@ -123,7 +123,8 @@ def bench_optimizer_on(model_name, args, device, measure):
     model = train.MODELS[model_name](10, 1.0).to(device)
     params = list(model.parameters())
     grads = [torch.randn_like(p) for p in params]
-    base = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    perturbed = [g + torch.randn_like(g) for g in grads]   # cos(g, g') ~ 0.7, r spread over every bucket as in
+    base = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)   # training (g' = g would put every r in one bucket)
     optimizers = {"davda54 loop": LoopSAM(params, torch.optim.SGD, rho=0.05, **base),
                   "sam.SAM": sam.SAM(params, torch.optim.SGD, rho=0.05, **base),
                   "sam.SAM, stats every step": sam.SAM(params, torch.optim.SGD, rho=0.05, stats_every=1, **base)}
@@ -133,7 +134,7 @@ def bench_optimizer_on(model_name, args, device, measure):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             seconds = measure(lambda: opt.first_step(zero_grad=True))
-            for p, g in zip(params, grads):
+            for p, g in zip(params, perturbed):
                 p.grad = g.clone()
             return seconds + measure(opt.second_step)
         return run
