@@ -198,7 +198,7 @@ def decode_once(data_dir):
     train.load_images(args)
 
 
-def launch(run, action):
+def launch(run, action, threads):
     log_path = run.out.parent / f"{run.out.name}.log"   # beside the folder: train.py recreates the folder on a start
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")
@@ -206,7 +206,7 @@ def launch(run, action):
     command = [sys.executable, "train.py", *run.args, *extra]
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # many jobs share the CPU cores; their work is on the GPU
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}   # the jobs share the CPU cores without oversubscribing
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=env), log
 
@@ -293,7 +293,7 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
             while todo and len(running) < jobs:
                 run, action = todo.pop(0)
                 print(f"[{action}] {run.group}/{run.out.name}", flush=True)
-                running.append((run, *launch(run, action)))
+                running.append((run, *launch(run, action, threads=max(1, (os.cpu_count() or 1) // jobs))))
             for item in list(running):
                 run, proc, log = item
                 if proc.poll() is not None:
@@ -377,7 +377,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("select", "choose", "claims", "pack"))
     parser.add_argument("outfile", nargs="?", help="pack: the .tar.gz to write")
-    parser.add_argument("--jobs", type=int, default=1, help="train.py processes at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="train.py processes at a time; they split the CPU cores (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
     parser.add_argument("--deadline", type=float, help="seconds: stop launching, checkpoint and end by then")

@@ -1654,6 +1654,26 @@ def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
     assert reproduce.decision(out) == "resume" and "stopped at step" in (out / "train.log").read_text()
 
 
+@pytest.mark.parametrize("jobs,threads", [(1, 16), (4, 4), (5, 3), (32, 1)])
+def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jobs, threads):
+    """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); many jobs share them."""
+    import reproduce
+    seen = []
+
+    class Finished:   # a train.py job that has already ended
+        def __init__(self, command, env, **kwargs):
+            seen.append(env["OMP_NUM_THREADS"])
+            self.pid, self.returncode = 0, 0
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(reproduce.subprocess, "Popen", Finished)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
+    runs = [reproduce.Run("g", f"r{i}", 0, "sgd", [], tmp_path / "results" / "g" / f"r{i}-s0") for i in range(2)]
+    reproduce.execute(runs, jobs=jobs, deadline=None, grace=1)
+    assert seen == [str(threads)] * 2
+
+
 def test_reproduce_stopped_by_sigterm_stops_its_jobs_with_a_checkpoint(tmp_path, monkeypatch):
     """The jobs run in their own sessions: a runner ended by its session (SIGTERM) or Ctrl-C must stop them
     itself, or they run on as orphans with their logs outside their folders."""
