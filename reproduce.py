@@ -377,7 +377,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("select", "choose", "claims", "pack"))
     parser.add_argument("outfile", nargs="?", help="pack: the .tar.gz to write")
-    parser.add_argument("--jobs", type=int, default=1, help="train.py processes at a time; they split the CPU cores (OMP_NUM_THREADS)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train.py processes at a time; they split the CPU cores (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
     parser.add_argument("--deadline", type=float, help="seconds: stop launching, checkpoint and end by then")
