@@ -237,7 +237,8 @@ def signal_job(proc, signum):
 
 def stop_jobs(running, grace):
     """SIGINT every job (train.py checkpoints and exits), SIGKILL what is left after `grace` seconds or at a
-    second Ctrl-C. The jobs run in their own sessions, so nothing else stops them when this runner ends."""
+    second Ctrl-C; returns when all have ended. The jobs run in their own sessions, so nothing else stops them
+    when this runner ends: the deadline and an interrupt both come here."""
     for run, proc, log in running:
         signal_job(proc, signal.SIGINT)
     end = time.monotonic() + grace
@@ -255,9 +256,9 @@ def stop_jobs(running, grace):
 
 
 def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
-    """Run train.py jobs `jobs` at a time; at deadline - grace ask each to stop (SIGINT: it checkpoints),
-    at the deadline kill what is left. Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM
-    through main), it stops the jobs the same way, files their logs and raises KeyboardInterrupt."""
+    """Run train.py jobs `jobs` at a time, each on cores / jobs threads; at deadline - grace stop them
+    (stop_jobs). Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM through main), it stops
+    the jobs the same way, files their logs and raises KeyboardInterrupt."""
     import sam
     counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0)
     todo, missing = [], {}
@@ -276,24 +277,19 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
         for run, action in todo:
             print(f"[{action}] python train.py {shlex.join(run.args)}")
         return counts
-    start, running, stopping = start or time.monotonic(), [], False
+    start, running = start or time.monotonic(), []
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     try:
         while todo or running:
-            elapsed = time.monotonic() - start
-            if deadline and elapsed > deadline - grace and not stopping:
-                stopping = True
+            if deadline and time.monotonic() - start > deadline - grace:
                 print(f"deadline: stopping {len(running)} jobs, {len(todo)} not started", flush=True)
                 counts["incomplete"] += len(todo)
                 todo = []
-                for run, proc, log in running:
-                    signal_job(proc, signal.SIGINT)
-            if deadline and elapsed > deadline:
-                for run, proc, log in running:
-                    signal_job(proc, signal.SIGKILL)
+                stop_jobs(running, grace)   # they end by the deadline; the loop below files them
             while todo and len(running) < jobs:
                 run, action = todo.pop(0)
                 print(f"[{action}] {run.group}/{run.out.name}", flush=True)
-                running.append((run, *launch(run, action, threads=max(1, (os.cpu_count() or 1) // jobs))))
+                running.append((run, *launch(run, action, threads)))
             for item in list(running):
                 run, proc, log = item
                 if proc.poll() is not None:
