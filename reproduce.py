@@ -8,7 +8,9 @@
 
 Each run is results/<group>/<label>-s<seed>/, a train.py run folder. Runs whose final.json exists are
 skipped, runs with a last.pt are resumed, runs with a config.json but no last.pt are started again, so
-the same command continues where a stopped call left off. Groups run in priority order.
+the same command continues where a stopped call left off. A finished or cut folder made with other settings
+than its row's command (a new setting, an edited row) is reported as stale and left alone. Groups run in
+priority order.
 """
 import argparse
 import json
@@ -43,6 +45,8 @@ FIT_MARGIN = 2.0
 SHARP = ["--sharpness", "--sharpness-batches", "4", "--sharpness-iters", "20"]   # cheap: only for sharpness claims
 # the cost of one training image relative to SGD's (for the estimate the dry run prints)
 PASSES = {"sgd": 1, "sgdhess": 3, "sgdhess-exact": 3, "looksam": 1.1}
+# what a run folder's config.json records of the machine and the launch, not of the experiment
+MACHINE_SETTINGS = {"channels_last", "command", "torch", "world_size", "git_commit", "data_fingerprint"}
 
 Row = namedtuple("Row", "label variant flags seeds expect", defaults=((), SEEDS, ()))
 # expect: (metric, op, reference, the notes' words); op '>' '<' '~'; reference a number or 'group/label'
@@ -183,6 +187,22 @@ def decision(out):
     return "start"
 
 
+def stale(run):
+    """What a run folder was made with that its row's command no longer gives (a new setting, an edited row, a
+    changed preset), as 'setting folder -> command' strings; empty when they agree. Such a folder is not this
+    row's result, so the runner neither skips nor resumes it."""
+    import torch
+    import train
+    try:
+        saved = json.loads((run.out / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return [f"config.json unreadable ({type(err).__name__})"]
+    args = train.parse_settings(run.args)
+    wanted = json.loads(json.dumps(train.run_config(args, run.args, torch.device("cpu"), 1, None)))
+    return [f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in wanted
+            if k not in train.SESSION_SETTINGS | MACHINE_SETTINGS and k in saved and saved[k] != wanted[k]]
+
+
 def cost(run):
     """SGD-equivalent images of a run (the estimate the dry run prints): training passes, and the val and test
     evaluation every epoch at a third of a training image each; sharpness not counted."""
@@ -260,14 +280,19 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
     (stop_jobs). Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM through main), it stops
     the jobs the same way, files their logs and raises KeyboardInterrupt."""
     import sam
-    counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0)
+    counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0, stale=0)
     todo, missing = [], {}
     for run in runs:
         if run.variant not in sam.VARIANTS:   # a preset of a newer sam.py
             missing.setdefault(run.variant, []).append(f"{run.group}/{run.out.name}")
             continue
         action = decision(run.out)
-        if action == "skip":
+        changed = stale(run) if action in ("skip", "resume") else []
+        if changed:   # left as it is: it holds another experiment's results, which nothing here may delete
+            counts["stale"] += 1
+            print(f"stale: {run.group}/{run.out.name} was run with other settings ({'; '.join(changed)}); "
+                  "move it out of results/ and run again to redo it", flush=True)
+        elif action == "skip":
             counts["skipped"] += 1
         else:
             todo.append((run, action))
@@ -429,7 +454,7 @@ def main(argv=None):
     print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     if args.stage == "select" and not args.dry_run:
         choose()
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or counts["stale"] else 0
 
 
 if __name__ == "__main__":

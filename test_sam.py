@@ -1674,6 +1674,30 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jo
     assert seen == [str(threads)] * 2
 
 
+def test_reproduce_leaves_a_folder_made_with_other_settings_alone(tmp_path, monkeypatch, capsys):
+    """A finished folder counts as its row's result only if it was run with what the row's command gives now:
+    a new setting (another --lr) or a changed preset (sam_flags) makes it stale: reported, not run, not touched."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "launch", None)   # nothing may be launched
+    out = tmp_path / "results" / "g" / "r-s0"
+    out.mkdir(parents=True)
+    args = _tiny_run(tmp_path, "--variant", "sam", "--lr", "0.1", "--out", str(out))
+    config = train.run_config(train.parse_settings(args), args, torch.device("cpu"), 1, None)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "final.json").write_text("{}")
+    run = lambda *extra: reproduce.Run("g", "r", 0, "sam", args + list(extra), out)
+    assert reproduce.execute([run()], jobs=1, deadline=None, grace=1)["skipped"] == 1
+
+    counts = reproduce.execute([run("--lr", "0.05")], jobs=1, deadline=None, grace=1)
+    assert counts["stale"] == 1 and counts["skipped"] == 0
+    assert "g/r-s0 was run with other settings (lr 0.1 -> 0.05)" in capsys.readouterr().out
+
+    config["sam_flags"]["rho"] = 0.5   # the preset's radius when the folder was made, 0.05 now
+    (out / "config.json").write_text(json.dumps(config))
+    assert reproduce.execute([run()], jobs=1, deadline=None, grace=1)["stale"] == 1
+    assert "rho': 0.5" in capsys.readouterr().out and sorted(p.name for p in out.iterdir()) == ["config.json", "final.json"]
+
+
 def test_reproduce_stopped_by_sigterm_stops_its_jobs_with_a_checkpoint(tmp_path, monkeypatch):
     """The jobs run in their own sessions: a runner ended by its session (SIGTERM) or Ctrl-C must stop them
     itself, or they run on as orphans with their logs outside their folders."""
