@@ -1674,6 +1674,30 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jo
     assert seen == [str(threads)] * 2
 
 
+def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys):
+    """Among the candidates whose SGD train accuracy is within 2 points of the best, the largest SAM - SGD
+    validation gain (means over the finished seeds); a changed choice says the old claims folders are stale."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
+    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("a", "b", "c", "unrun")})
+    # candidate: (SGD final train acc, SGD best val acc, SAM best val acc) per seed
+    made = {"a": [(90, 70, 75)] * 3, "b": [(97, 60, 62), (98, 61, 61)], "c": [(99, 70, 69), (99, 72, 70)]}
+    for name, seeds in made.items():
+        for seed, (train_acc, sgd_val, sam_val) in enumerate(seeds):
+            for variant, val in (("sgd", sgd_val), ("sam", sam_val)):
+                out = tmp_path / "select" / name / f"{variant}-s{seed}"
+                out.mkdir(parents=True)
+                (out / "final.json").write_text(json.dumps({"best_val_acc": val}))
+                (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{train_acc}\n")
+    (tmp_path / "setting.json").write_text(json.dumps({"name": "c"}))
+    setting = reproduce.choose()
+    # a has the largest gain (+5) but SGD fits only 90% there; b (+1, train 97.5) beats c (-1, train 99)
+    assert setting["name"] == "b" and setting["args"] == ["--subset", "b"] and set(setting["candidates"]) == set(made)
+    assert setting["candidates"]["b"]["gain"] == pytest.approx(1.0) and setting["candidates"]["b"]["seeds"] == 2
+    assert json.loads((tmp_path / "setting.json").read_text())["name"] == "b"
+    assert "the setting changes from c to b" in capsys.readouterr().out
+
+
 def test_reproduce_leaves_a_folder_made_with_other_settings_alone(tmp_path, monkeypatch, capsys):
     """A finished folder counts as its row's result only if it was run with what the row's command gives now:
     a new setting (another --lr) or a changed preset (sam_flags) makes it stale: reported, not run, not touched."""
