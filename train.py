@@ -28,6 +28,7 @@ import sys
 import tarfile
 import threading
 import time
+import warnings
 import zlib
 from argparse import BooleanOptionalAction
 from contextlib import contextmanager, nullcontext
@@ -613,8 +614,11 @@ def build_optimizer(args, model, steps_per_epoch, world):
     flags = sam_flags(args)
     if args.condition_warmup_epochs is not None:
         flags["condition_warmup"] = round(args.condition_warmup_epochs * steps_per_epoch)
-    return optimizer(model.parameters(), base, variant=args.variant, lr=args.lr, weight_decay=args.weight_decay,
-                     **kwargs, **flags)
+    opt = optimizer(model.parameters(), base, variant=args.variant, lr=args.lr, weight_decay=args.weight_decay,
+                    **kwargs, **flags)
+    if opt.create_graph:   # torch warns of a grad -> graph -> param cycle; SAM sets the grads to None each step
+        warnings.filterwarnings("ignore", r"Using backward\(\) with create_graph=True", UserWarning)
+    return opt
 
 
 def lr_factor(args, step, total_steps, steps_per_epoch):
