@@ -203,8 +203,8 @@ def stale(run):
         return [f"config.json unreadable ({type(err).__name__})"]
     args = train.parse_settings(run.args)
     wanted = json.loads(json.dumps(train.run_config(args, run.args, torch.device("cpu"), 1, None)))
-    return [f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in wanted
-            if k not in train.SESSION_SETTINGS | MACHINE_SETTINGS and k in saved and saved[k] != wanted[k]]
+    return [f"{k} {saved[k]!r} -> {wanted[k]!r}"
+            for k in train.changed_settings(saved, wanted, train.SESSION_SETTINGS | MACHINE_SETTINGS)]
 
 
 def cost(run):
@@ -367,8 +367,9 @@ def choose():
     chosen = max(eligible, key=lambda n: table[n]["gain"])
     setting = dict(name=chosen, args=CANDIDATES[chosen], rule=RULE, candidates=table)
     previous = RESULTS / "setting.json"
-    if previous.exists() and json.loads(previous.read_text())["name"] != chosen:
-        print(f"note: the setting changes from {json.loads(previous.read_text())['name']} to {chosen}: the claims "
+    previous = json.loads(previous.read_text())["name"] if previous.exists() else chosen
+    if previous != chosen:
+        print(f"note: the setting changes from {previous} to {chosen}: the claims "
               "folders already in results/ belong to the old one (`claims` reports them as stale); move them away")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "setting.json").write_text(json.dumps(setting, indent=1) + "\n")

@@ -919,7 +919,7 @@ class RunFolder:
     def checkpoint(self, args):
         saved = json.loads((self.path / "config.json").read_text())
         config = vars(args)
-        changed = [k for k in config if k not in SESSION_SETTINGS and k in saved and saved[k] != config[k]]
+        changed = changed_settings(saved, config)
         if changed:
             fail("--resume with different settings: " + ", ".join(
                 f"--{k.replace('_', '-')} {config[k]!r} (run: {saved[k]!r})" for k in changed))
@@ -970,6 +970,11 @@ class RunFolder:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def changed_settings(saved, config, ignore=SESSION_SETTINGS):
+    """The keys of config that a run's saved config.json holds with another value (--resume, reproduce.py)."""
+    return [k for k in config if k not in ignore and k in saved and saved[k] != config[k]]
 
 
 def run_config(args, argv, device, world, fingerprint):
