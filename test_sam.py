@@ -1620,6 +1620,28 @@ def test_plots_head_and_tail_accuracy_from_the_per_class_accuracies(tmp_path):
     assert train.tail_mask(torch.tensor([0, 0, 0, 2, 2, 0]), 3, 4).tolist() == [False, True, True, True]   # 4, 0, 2, 0
 
 
+def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
+    """Every 'group/label' reference names a row of the claims, and an accuracy comparison of two SAM-like rows is
+    made at one radius (the rho each command gives, else its preset's): a peer run at its preset rho 0.05 is not
+    judged against SAM at 0.1, which is less accurate in this setting."""
+    import reproduce
+
+    def radius(row):
+        given = reproduce.value(row.flags, "--rho")
+        return float(given) if given is not None else sam.VARIANTS[row.variant].get("rho", sam.FLAGS["rho"])
+    setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
+    rows = {f"{group.name}/{row.label}": row for group in reproduce.claims(setting) for row in group.rows}
+    peers = 0
+    for name, row in rows.items():
+        for metric, op, reference, words in row.expect:
+            if isinstance(reference, str):
+                assert reference in rows, f"{name}: no row {reference}"
+                if name.startswith("peers/") and not name.startswith("peers/lt-") and metric == "test_acc":
+                    assert rows[reference].variant == "sam" and radius(rows[reference]) == radius(row), name
+                    peers += 1
+    assert peers == 7 and radius(rows["peers/friendlysam"]) == 0.05 and radius(rows["peers/fishersam"]) == 0.1
+
+
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])
 def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     import reproduce
