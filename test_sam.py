@@ -1891,6 +1891,25 @@ def test_train_bn_running_stats_come_from_the_first_pass_only():
         assert torch.equal(model.get_buffer(name), buffer), name
 
 
+@pytest.mark.parametrize("name,flags,passes", [
+    ("sam", {}, [2] * 6), ("sgd", {}, [1] * 6), ("looksam", dict(looksam_k=3), [2, 1, 1, 2, 1, 1])])
+def test_train_step_runs_one_forward_pass_per_gradient_the_step_needs(name, flags, passes):
+    """LookSAM's step before a refresh takes one pass: its first_step moves the step count onto the refresh, so
+    train_step asks whether the weights were perturbed, not whether the next step needs two passes."""
+    torch.manual_seed(0)
+    model = train.MODELS["cnn"](3, 1.0)
+    opt = sam.SAM(model.parameters(), torch.optim.SGD, variant=name, lr=0.1, momentum=0.9, **flags)
+    calls = [0]
+    model.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    got = []
+    for t in range(6):
+        before = calls[0]
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+        train.train_step(model, opt, x, y, train.StepSettings())
+        got.append(calls[0] - before)
+    assert got == passes
+
+
 @pytest.mark.parametrize("variant", ["imbsam", "ssamf", "ssamd", "sgdhess", "looksam", "gsam"])
 def test_train_variants_with_their_own_loop_paths_run(tmp_path, variant):
     extra = ["--imbalance", "4", "--tail-threshold", "12"] if variant == "imbsam" else []

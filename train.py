@@ -1049,7 +1049,7 @@ def train_step(model, opt, x, y, settings, flipped=None, mask_progress=None):
     if s.sync_ascent and not opt.single_pass:
         all_reduce_([p.grad for p in model.parameters() if p.grad is not None], average=True)
     opt.first_step(zero_grad=True)
-    if not opt.single_pass:
+    if opt.perturbed:   # not single_pass: a one-pass step has moved the step count on, and with it single_pass
         if s.freeze_bn:   # BN normalises with this batch's statistics but leaves the running ones alone
             disable_running_stats(model)
         with s.autocast():
