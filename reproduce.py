@@ -69,6 +69,10 @@ def claims(setting):
     epochs = int(value(setting, "--epochs"))
     rho = ["--rho", RHO]
     sam_ref = "core/sam"
+    sam_at = {"0.05": "seed004/sam-rho0.05", RHO: sam_ref}   # SAM's rows of this setting, by radius
+
+    def preset_rho(variant):
+        return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
     acc = "test_acc"
     resnet18 = ["--model", "resnet18", "--width", "1", "--subset", "100000", "--epochs", str(RESNET18_EPOCHS)] + SHARP
     return [
@@ -151,10 +155,8 @@ def claims(setting):
         Group("peers", "9. The peers at equal epochs against SAM at the same radius; ImbSAM on long-tailed CIFAR-10", [
             # each peer at its preset radius (sam.VARIANTS), judged against SAM at that radius: SAM's accuracy
             # falls as rho grows here, so SAM at 0.1 would flatter the peers run at 0.05
-            *[Row(v, v, [], expect=((acc, ">", {"0.05": "seed004/sam-rho0.05", RHO: sam_ref}[r],
-                                     f"published above SAM (both at rho {r})"),))
-              for v in ("friendlysam", "ssamf", "ssamd", "fishersam", "gsam", "looksam")
-              for r in [str(sam.VARIANTS[v].get("rho", sam.FLAGS["rho"]))]],
+            *[Row(v, v, [], expect=((acc, ">", sam_at[preset_rho(v)], f"published above SAM (both at rho {preset_rho(v)})"),))
+              for v in ("friendlysam", "ssamf", "ssamd", "fishersam", "gsam", "looksam")],
             Row("looksam-walltime", "looksam", ["--epochs", str(round(epochs * 2 / PASSES["looksam"]))],
                 expect=((acc, ">", sam_ref, "at SAM's wall time (~2/1.1 x the epochs)"),)),
             # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
