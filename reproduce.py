@@ -166,6 +166,11 @@ def claims(setting):
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
                   ("head_acc", "~", "peers/lt-sam", "the head classes about as SAM"))))],
         ]),
+        Group("device", "Control: SAM on a CPU in fp32 against the same rows on the GPU (bf16), for the rows that ran "
+              "on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
+            Row(f"sam-rho{r}-cpu", "sam", ["--rho", r, "--device", "cpu"], seeds=(0,),
+                expect=((acc, "~", ref, "the device does not change the result"),))
+            for r, ref in (("0.05", sam_at["0.05"]), (RHO, sam_ref))]),
     ]
 
 
@@ -181,8 +186,9 @@ def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
         for row in group.rows:
             for seed in row.seeds if seeds is None else [s for s in row.seeds if s in seeds]:
                 out = RESULTS / group.name / f"{row.label}-s{seed}"
+                device_args = [] if "--device" in row.flags else ["--device", device]   # a row may pin its device
                 args = [*COMMON, *setting, "--variant", row.variant, *row.flags, "--seed", str(seed),
-                        "--data-dir", data_dir, "--device", device, "--out", str(out.relative_to(ROOT)), *override]
+                        "--data-dir", data_dir, *device_args, "--out", str(out.relative_to(ROOT)), *override]
                 runs.append(Run(group.name, row.label, seed, row.variant, args, out))
     return runs
 

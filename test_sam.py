@@ -1642,6 +1642,26 @@ def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
     assert peers == 7 and radius(rows["peers/friendlysam"]) == 0.05 and radius(rows["peers/fishersam"]) == 0.1
 
 
+def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
+    """The control rows pin --device cpu: launched with --device cuda they still train on the CPU, with SAM's settings
+    at the radius of the GPU row they are compared with; every other row takes the runner's device."""
+    import reproduce
+    import train
+    setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
+    groups = reproduce.claims(setting)
+    rows = {f"{g.name}/{row.label}": row for g in groups for row in g.rows}
+    runs = reproduce.runs_of(groups, setting, "data", "cuda")
+    device = {f"{run.group}/{run.label}": train.parse_settings(run.args).device for run in runs}
+    control = {name for name in device if name.startswith("device/")}
+    assert control == {"device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu"}
+    assert all(device[name] == "cpu" for name in control)
+    assert {d for name, d in device.items() if name not in control} == {"cuda"}
+    for label in ("sam-rho0.05-cpu", "sam-rho0.1-cpu"):
+        reference = rows[rows[f"device/{label}"].expect[0][2]]
+        assert reference.variant == "sam" and reproduce.value(reference.flags, "--rho", sam.FLAGS["rho"]) == \
+            reproduce.value(rows[f"device/{label}"].flags, "--rho")
+
+
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])
 def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     import reproduce
