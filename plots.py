@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 
 import matplotlib
@@ -395,6 +396,12 @@ def row_command(runs):
     return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
 
 
+def planned_command(group, row, setting):
+    """A row with no run folder yet: the train.py command reproduce.py would run (its default data dir and device)."""
+    run = reproduce.runs_of([group._replace(rows=[row._replace(seeds=(0,))])], setting, reproduce.DATA_DIR, "auto")[0]
+    return re.sub(r"(--seed 0\b|-s0\b)", lambda m: m.group(0)[:-1] + "$SEED", "python train.py " + shlex.join(run.args))
+
+
 def results_md(root, runs):
     """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
     by_path = {os.path.relpath(run["folder"], root): run for run in runs}
@@ -403,7 +410,8 @@ def results_md(root, runs):
     if os.path.exists(setting_path):
         with open(setting_path) as f:
             setting = json.load(f)
-    groups = reproduce.claims(setting["args"] if setting else next(iter(reproduce.CANDIDATES.values())))
+    setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
+    groups = reproduce.claims(setting_args)
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
     if not any(rows.values()):
@@ -431,7 +439,7 @@ def results_md(root, runs):
             diverged = sum(1 for r in mine if r["diverged"])
             n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
             lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
-                         + f" | `{row_command(mine)}` |")
+                         + f" | `{row_command(mine) if mine else planned_command(group, row, setting_args)}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
                 result = verdict(values(mine, metric), op, ref_values)

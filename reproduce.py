@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 SEEDS = (0, 1, 2)
+DATA_DIR = "../shared/data/cifar10-jpeg.tar.gz"   # the real CIFAR-10 beside the repo (--data-dir)
 RHO = "0.1"            # SAM's radius in every comparison unless a row says otherwise (seed 002, the README's CPU runs)
 RESNET18_EPOCHS = 8   # what one ~10-minute call on an H100 holds next to the other jobs
 PERSIST_FROM = 100     # the early step whose checkpoint-1 set claim 2 follows (seed 000 used step 172)
@@ -423,7 +424,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="train.py processes at a time; they split the CPU cores (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--deadline", type=float, help="seconds: stop launching, checkpoint and end by then")
     parser.add_argument("--grace", type=float, default=30, help="seconds between SIGINT and SIGKILL at the deadline")
     parser.add_argument("--groups", help="comma-separated group names (default: all, in priority order)")

@@ -1581,6 +1581,7 @@ def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
 
 def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     """reproduce.py's folder layout -> results.md: mean ± std over seeds per row, the verdict by the stated rule."""
+    import reproduce
     (tmp_path / "core").mkdir()
     finals = {}
     for variant in ("sgd", "sam"):
@@ -1596,6 +1597,11 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| sam | 3 |"))
     assert f"| {np.mean(sam_acc):.4g} ± {np.std(sam_acc, ddof=1):.2g} |" in row
     assert "`python train.py --variant sam --seed $SEED --out results/core/sam-s$SEED`" in row
+    # a row with no folder yet shows the command reproduce.py would run, from its own row definition
+    planned = next(line for line in text.splitlines() if line.startswith("| sam-rho0.05-cpu | 0 |"))
+    assert planned.endswith(" --variant sam --rho 0.05 --device cpu --seed $SEED --data-dir "
+                            f"{reproduce.DATA_DIR} --out results/device/sam-rho0.05-cpu-s$SEED` |")
+    assert "`–`" not in text
     # SAM is 1 point above SGD, each with std 1 over seeds: the difference is within sqrt(1 + 1)
     spread = math.hypot(np.std(sam_acc, ddof=1), np.std(sgd_acc, ddof=1))
     expected = "holds" if np.mean(sam_acc) - np.mean(sgd_acc) > spread else "can't tell"
