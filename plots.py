@@ -392,14 +392,19 @@ def row_command(runs):
     if not command:
         return "–"
     command = re.sub(r" --(overwrite|resume)\b", "", command)
-    seed = str(runs[0]["config"]["seed"])
-    return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
+    return seed_as_variable(command, runs[0]["config"]["seed"])
 
 
 def planned_command(group, row, setting):
     """A row with no run folder yet: the train.py command reproduce.py would run (its default data dir and device)."""
     run = reproduce.runs_of([group._replace(rows=[row._replace(seeds=(0,))])], setting, reproduce.DATA_DIR, "auto")[0]
-    return re.sub(r"(--seed 0\b|-s0\b)", lambda m: m.group(0)[:-1] + "$SEED", "python train.py " + shlex.join(run.args))
+    return seed_as_variable("python train.py " + shlex.join(run.args), 0)
+
+
+def seed_as_variable(command, seed):
+    """One command line for all of a row's seeds: its --seed and its folder's -s<seed> become $SEED."""
+    seed = str(seed)
+    return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
 
 
 def results_md(root, runs):

@@ -181,13 +181,13 @@ Run = namedtuple("Run", "group label seed variant args out")
 
 def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
     """Every run, in priority order: the setting, then the row's variant and flags, then any override (later
-    flags win)."""
+    flags win). The runner's --device applies to every row that does not name its own (the device control)."""
     runs = []
     for group in groups:
         for row in group.rows:
             for seed in row.seeds if seeds is None else [s for s in row.seeds if s in seeds]:
                 out = RESULTS / group.name / f"{row.label}-s{seed}"
-                device_args = [] if "--device" in row.flags else ["--device", device]   # a row may pin its device
+                device_args = [] if "--device" in row.flags else ["--device", device]
                 args = [*COMMON, *setting, "--variant", row.variant, *row.flags, "--seed", str(seed),
                         "--data-dir", data_dir, *device_args, "--out", str(out.relative_to(ROOT)), *override]
                 runs.append(Run(group.name, row.label, seed, row.variant, args, out))
