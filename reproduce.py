@@ -428,6 +428,7 @@ def main(argv=None):
     parser.add_argument("--deadline", type=float, help="seconds: stop launching, checkpoint and end by then")
     parser.add_argument("--grace", type=float, default=30, help="seconds between SIGINT and SIGKILL at the deadline")
     parser.add_argument("--groups", help="comma-separated group names (default: all, in priority order)")
+    parser.add_argument("--rows", help="comma-separated row labels, e.g. lt-sam,lt-imbsam (default: every row)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: each row's)")
     parser.add_argument("--override", default="", help="train.py arguments appended to every command, overriding (smoke tests)")
     parser.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
@@ -460,6 +461,14 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown groups {sorted(unknown)}; known: {[g.name for g in groups]}")
         groups = [g for g in groups if g.name in wanted]
+    if args.rows:
+        wanted = args.rows.split(",")
+        unknown = set(wanted) - {row.label for g in groups for row in g.rows}
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)} in groups {[g.name for g in groups]}; "
+                         "`claims --dry-run` lists every row's folder")
+        groups = [g._replace(rows=[row for row in g.rows if row.label in wanted]) for g in groups]
+        groups = [g for g in groups if g.rows]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     runs = runs_of(groups, setting, args.data_dir, args.device, seeds, shlex.split(args.override))
     for group in groups:

@@ -1668,6 +1668,16 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
             reproduce.value(rows[f"device/{label}"].flags, "--rho")
 
 
+def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(capsys):
+    import reproduce
+    reproduce.main(["claims", "--dry-run", "--rows", "lt-imbsam,sam-rho0.05-cpu", "--seeds", "0"])
+    outs = [line.split("--out ")[1].split()[0] for line in capsys.readouterr().out.splitlines() if "--out " in line]
+    assert outs == ["results/peers/lt-imbsam-s0", "results/device/sam-rho0.05-cpu-s0"]
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["claims", "--dry-run", "--groups", "core", "--rows", "lt-imbsam"])
+    assert stop.value.code == 2 and "unknown rows ['lt-imbsam']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])
 def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     import reproduce
