@@ -385,6 +385,11 @@ def verdict(ours, op, reference):
     return "holds" if sign * diff > spread else "does not hold" if sign * diff < -spread else "can't tell"
 
 
+def devices(runs):
+    """Where a row's runs ran, as config.json names it ('cpu', a GPU's name without its vendor), '–' for none."""
+    return ", ".join(sorted({str(r["config"].get("device", "?")).removeprefix("NVIDIA ") for r in runs})) or "–"
+
+
 def row_command(runs):
     """The train.py command of a row with its seed as $SEED (from config.json: what really ran), without the
     --overwrite or --resume that reproduce.py adds to relaunch a folder (how it was started, not the setting)."""
@@ -435,8 +440,8 @@ def results_md(root, runs):
         metrics = list(dict.fromkeys(m for row in group.rows for m, *_ in row.expect)) or ["test_acc"]
         if "test_acc" not in metrics:
             metrics.insert(0, "test_acc")
-        lines = [f"## {group.claim}", "", "| row | n | " + " | ".join(METRICS[m][0] for m in metrics) + " | command |",
-                 "|---|---|" + "---|" * (len(metrics) + 1)]
+        lines = [f"## {group.claim}", "", "| row | n | " + " | ".join(METRICS[m][0] for m in metrics)
+                 + " | ran on | command |", "|---|---|" + "---|" * (len(metrics) + 2)]
         checks = ["", "| row | measure | ours | reference | the notes | verdict |", "|---|---|---|---|---|---|"]
         for row in group.rows:
             mine = rows[f"{group.name}/{row.label}"]
@@ -444,13 +449,17 @@ def results_md(root, runs):
             diverged = sum(1 for r in mine if r["diverged"])
             n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
             lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
-                         + f" | `{row_command(mine) if mine else planned_command(group, row, setting_args)}` |")
+                         + f" | {devices(mine)} | `{row_command(mine) if mine else planned_command(group, row, setting_args)}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
                 result = verdict(values(mine, metric), op, ref_values)
                 if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
                 shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
+                if isinstance(reference, str) and ref_values and values(mine, metric):
+                    ours_on, ref_on = (devices([r for r in x if r["final"]]) for x in (mine, rows[reference]))
+                    if ours_on != ref_on:   # the device alone moves a row by about a seed's spread (README)
+                        shown += f" (on {ref_on}; this row on {ours_on})"
                 checks.append(f"| {row.label} | {METRICS[metric][0]} {op} | {mean_std(values(mine, metric))} | {shown} "
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))

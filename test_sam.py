@@ -1590,13 +1590,14 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
             config = json.loads((tmp_path / "core" / f"{variant}-s{seed}" / "config.json").read_text())
             config["command"] = f"python train.py --variant {variant} --seed {seed} --out results/core/{variant}-s{seed}" \
                 + " --overwrite" * (seed == 0)   # as reproduce.py relaunches a folder: not part of the row's setting
+            config["device"] = "cpu" if variant == "sam" else "NVIDIA H100 80GB HBM3"
             (tmp_path / "core" / f"{variant}-s{seed}" / "config.json").write_text(json.dumps(config))
     runs, _ = plots.load_runs(str(tmp_path))
     text = plots.results_md(str(tmp_path), runs)
     sam_acc, sgd_acc = ([f["test_acc_best"] for f in finals[v]] for v in ("sam", "sgd"))
     row = next(line for line in text.splitlines() if line.startswith("| sam | 3 |"))
     assert f"| {np.mean(sam_acc):.4g} ± {np.std(sam_acc, ddof=1):.2g} |" in row
-    assert "`python train.py --variant sam --seed $SEED --out results/core/sam-s$SEED`" in row
+    assert "| cpu | `python train.py --variant sam --seed $SEED --out results/core/sam-s$SEED`" in row
     # a row with no folder yet shows the command reproduce.py would run, from its own row definition
     planned = next(line for line in text.splitlines() if line.startswith("| sam-rho0.05-cpu | 0 |"))
     assert planned.endswith(" --variant sam --rho 0.05 --device cpu --seed $SEED --data-dir "
@@ -1608,6 +1609,11 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     check = next(line for line in text.splitlines() if line.startswith("| sam | test acc at best val (%) >"))
     # and since SAM does not beat SGD here, every accuracy verdict is marked as untestable in this setting
     assert check.endswith(f"| can't tell here ({expected}) |") and expected == "can't tell"
+    # a comparison across devices says so: the device alone moves a row by about a seed's spread
+    assert f"core/sgd: {np.mean(sgd_acc):.4g} ± {np.std(sgd_acc, ddof=1):.2g} (on H100 80GB HBM3; this row on cpu) |" \
+        in check
+    fits = next(line for line in text.splitlines() if line.startswith("| sgd | final train acc (%) >"))
+    assert "this row on" not in fits   # a number from the notes ran nowhere
     assert "SAM above SGD in this setting (test accuracy): **can't tell**" in text
     assert plots.verdict([3.0, 3.2], ">", [1.0, 1.2]) == "holds"
     assert plots.verdict([1.0, 1.2], ">", [3.0, 3.2]) == "does not hold"
