@@ -448,8 +448,9 @@ def results_md(root, runs):
             finished = sum(1 for r in mine if r["final"])
             diverged = sum(1 for r in mine if r["diverged"])
             n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
+            command = row_command(mine) if mine else planned_command(group, row, setting_args)
             lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
-                         + f" | {devices(mine)} | `{row_command(mine) if mine else planned_command(group, row, setting_args)}` |")
+                         + f" | {devices(mine)} | `{command}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
                 result = verdict(values(mine, metric), op, ref_values)
