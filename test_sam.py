@@ -1674,8 +1674,10 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
             reproduce.value(rows[f"device/{label}"].flags, "--rho")
 
 
-def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(capsys):
+def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
     import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")   # every run is to start, whatever results/ holds
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
     reproduce.main(["claims", "--dry-run", "--rows", "lt-imbsam,sam-rho0.05-cpu", "--seeds", "0"])
     outs = [line.split("--out ")[1].split()[0] for line in capsys.readouterr().out.splitlines() if "--out " in line]
     assert outs == ["results/peers/lt-imbsam-s0", "results/device/sam-rho0.05-cpu-s0"]
