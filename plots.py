@@ -386,7 +386,8 @@ def verdict(ours, op, reference):
 
 
 def devices(runs):
-    """Where a row's runs ran, as config.json names it ('cpu', a GPU's name without its vendor), '–' for none."""
+    """Where runs ran, as config.json names it ('cpu', a GPU's name without its vendor), '–' for none. Tables pass
+    the runs that ended only, so that results.md is the same in a clean clone and beside a running job."""
     return ", ".join(sorted({str(r["config"].get("device", "?")).removeprefix("NVIDIA ") for r in runs})) or "–"
 
 
@@ -450,7 +451,7 @@ def results_md(root, runs):
             n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
             command = row_command(mine) if mine else planned_command(group, row, setting_args)
             lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
-                         + f" | {devices(mine)} | `{command}` |")
+                         + f" | {devices([r for r in mine if r['final'] or r['diverged']])} | `{command}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
                 result = verdict(values(mine, metric), op, ref_values)

@@ -1592,8 +1592,15 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
                 + " --overwrite" * (seed == 0)   # as reproduce.py relaunches a folder: not part of the row's setting
             config["device"] = "cpu" if variant == "sam" else "NVIDIA H100 80GB HBM3"
             (tmp_path / "core" / f"{variant}-s{seed}" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "device").mkdir()   # a run still going: where it runs shows once it ends (a clean clone has no folder)
+    make_run(tmp_path / "device", "sam-rho0.1-cpu-s0", "sam", 0, final=False)
+    config = json.loads((tmp_path / "device" / "sam-rho0.1-cpu-s0" / "config.json").read_text())
+    config.update(device="cpu", command="python train.py --variant sam --device cpu --seed 0", epochs=30)
+    (tmp_path / "device" / "sam-rho0.1-cpu-s0" / "config.json").write_text(json.dumps(config))
     runs, _ = plots.load_runs(str(tmp_path))
     text = plots.results_md(str(tmp_path), runs)
+    going = next(line for line in text.splitlines() if line.startswith("| sam-rho0.1-cpu | 0 |"))
+    assert "| – | `python train.py --variant sam --device cpu --seed $SEED` |" in going
     sam_acc, sgd_acc = ([f["test_acc_best"] for f in finals[v]] for v in ("sam", "sgd"))
     row = next(line for line in text.splitlines() if line.startswith("| sam | 3 |"))
     assert f"| {np.mean(sam_acc):.4g} ± {np.std(sam_acc, ddof=1):.2g} |" in row
