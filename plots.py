@@ -386,9 +386,10 @@ def verdict(ours, op, reference):
 
 
 def devices(runs):
-    """Where runs ran, as config.json names it ('cpu', a GPU's name without its vendor), '–' for none. Tables pass
-    the runs that ended only, so that results.md is the same in a clean clone and beside a running job."""
-    return ", ".join(sorted({str(r["config"].get("device", "?")).removeprefix("NVIDIA ") for r in runs})) or "–"
+    """Where the runs that ended ran, as config.json names it ('cpu', a GPU's name without its vendor), '–' for
+    none. A run still going is left out, so that results.md is the same in a clean clone and beside a running job."""
+    return ", ".join(sorted({str(r["config"].get("device", "?")).removeprefix("NVIDIA ")
+                             for r in runs if r["final"] or r["diverged"]})) or "–"
 
 
 def row_command(runs):
@@ -451,17 +452,16 @@ def results_md(root, runs):
             n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
             command = row_command(mine) if mine else planned_command(group, row, setting_args)
             lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
-                         + f" | {devices([r for r in mine if r['final'] or r['diverged']])} | `{command}` |")
+                         + f" | {devices(mine)} | `{command}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
                 result = verdict(values(mine, metric), op, ref_values)
                 if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
                 shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
-                if isinstance(reference, str) and ref_values and values(mine, metric):
-                    ours_on, ref_on = (devices([r for r in x if r["final"]]) for x in (mine, rows[reference]))
-                    if ours_on != ref_on:   # the device alone moves a row by about a seed's spread (README)
-                        shown += f" (on {ref_on}; this row on {ours_on})"
+                if isinstance(reference, str) and ref_values and values(mine, metric) and \
+                        devices(mine) != devices(rows[reference]):   # the device alone moves a row (README)
+                    shown += f" (on {devices(rows[reference])}; this row on {devices(mine)})"
                 checks.append(f"| {row.label} | {METRICS[metric][0]} {op} | {mean_std(values(mine, metric))} | {shown} "
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))
