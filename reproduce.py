@@ -166,6 +166,10 @@ def claims(setting):
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
                   ("head_acc", "~", "peers/lt-sam", "the head classes about as SAM"))))],
+            # ImbSAM at rho 0 is its loss alone (head + 2 x tail, at w): what the tail owes to the weight, not to e
+            Row("lt-imbsam-rho0", "imbsam", ["--rho", "0", "--imbalance", "10", "--subset", "100000",
+                                             "--tail-threshold", "1500"],
+                expect=(("tail_acc", "<", "peers/lt-imbsam", "the perturbation, not the 2x tail weight, lifts the tail"),)),
         ]),
         Group("device", "Control: SAM on a CPU in fp32 against the same rows on the GPU (bf16), for the rows that ran "
               "on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
