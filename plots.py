@@ -459,9 +459,9 @@ def results_md(root, runs):
                 if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
                 shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
-                if isinstance(reference, str) and ref_values and values(mine, metric) and \
-                        devices(mine) != devices(rows[reference]):   # the device alone moves a row (README)
-                    shown += f" (on {devices(rows[reference])}; this row on {devices(mine)})"
+                ours_on, ref_on = devices(mine), devices(rows[reference]) if isinstance(reference, str) else None
+                if ref_values and values(mine, metric) and ref_on and ours_on != ref_on:   # the device alone moves a row
+                    shown += f" (on {ref_on}; this row on {ours_on})"
                 checks.append(f"| {row.label} | {METRICS[metric][0]} {op} | {mean_std(values(mine, metric))} | {shown} "
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))

@@ -76,6 +76,8 @@ def claims(setting):
         return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
     acc = "test_acc"
     resnet18 = ["--model", "resnet18", "--width", "1", "--subset", "100000", "--epochs", str(RESNET18_EPOCHS)] + SHARP
+    # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
+    long_tailed = ["--imbalance", "10", "--subset", "100000", "--tail-threshold", "1500"]
     return [
         Group("resnet18", f"GPU: ResNet-18 on all of CIFAR-10 at the notes' hyper-parameters, {RESNET18_EPOCHS} epochs", [
             Row(v, v, resnet18 + (rho if v != "sgd" else []), seeds=(0,)) for v in ("sgd", "sam", "samckpt1", "samme1")]),
@@ -160,15 +162,12 @@ def claims(setting):
               for v in ("friendlysam", "ssamf", "ssamd", "fishersam", "gsam", "looksam")],
             Row("looksam-walltime", "looksam", ["--epochs", str(round(epochs * 2 / PASSES["looksam"]))],
                 expect=((acc, ">", sam_ref, "at SAM's wall time (~2/1.1 x the epochs)"),)),
-            # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
-            *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + ["--imbalance", "10", "--subset", "100000",
-                                                               "--tail-threshold", "1500"], expect=expect)
+            *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + long_tailed, expect=expect)
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
                   ("head_acc", "~", "peers/lt-sam", "the head classes about as SAM"))))],
             # ImbSAM at rho 0 is its loss alone (head + 2 x tail, at w): what the tail owes to the weight, not to e
-            Row("lt-imbsam-rho0", "imbsam", ["--rho", "0", "--imbalance", "10", "--subset", "100000",
-                                             "--tail-threshold", "1500"],
+            Row("lt-imbsam-rho0", "imbsam", ["--rho", "0"] + long_tailed,
                 expect=(("tail_acc", "<", "peers/lt-imbsam", "the perturbation, not the 2x tail weight, lifts the tail"),)),
         ]),
         Group("device", "Control: SAM on a CPU in fp32 against the same rows on the GPU (bf16), for the rows that ran "
