@@ -168,7 +168,8 @@ def claims(setting):
                   ("head_acc", "~", "peers/lt-sam", "the head classes about as SAM"))))],
             # ImbSAM at rho 0 is its loss alone (head + 2 x tail, at w): what the tail owes to the weight, not to e
             Row("lt-imbsam-rho0", "imbsam", ["--rho", "0"] + long_tailed,
-                expect=(("tail_acc", "<", "peers/lt-imbsam", "the perturbation, not the 2x tail weight, lifts the tail"),)),
+                expect=(("tail_acc", "<", "peers/lt-imbsam", "the perturbation, not the 2x tail weight, lifts the tail"),
+                        ("head_acc", "~", "peers/lt-imbsam", "the perturbation leaves the head classes as they are"))),
         ]),
         Group("device", "Control: SAM on a CPU in fp32 against the same rows on the GPU (bf16), for the rows that ran "
               "on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
