@@ -429,6 +429,9 @@ def results_md(root, runs):
     if not any(rows.values()):
         return None
     gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
+    # the device control reruns a reference row on another device; a row that ran there is judged against it
+    stand_in = {(row.expect[0][2], devices(rows[f"device/{row.label}"])): f"device/{row.label}"
+                for g in groups if g.name == "device" for row in g.rows}
     parts = ["# Results (made by `python plots.py results/`)"]
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
@@ -455,13 +458,18 @@ def results_md(root, runs):
                          + f" | {devices(mine)} | `{command}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
+                shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
+                ours_on, ref_on = devices(mine), devices(rows[reference]) if isinstance(reference, str) else None
+                control = stand_in.get((reference, ours_on)) if group.name != "device" else None
+                if ref_values and values(mine, metric) and ref_on and ours_on != ref_on:   # the device alone moves a row
+                    if control and values(rows[control], metric):
+                        ref_values = values(rows[control], metric)
+                        shown = f"{control}: {mean_std(ref_values)} (the same row run on {ours_on}; {shown} on {ref_on})"
+                    else:
+                        shown += f" (on {ref_on}; this row on {ours_on})"
                 result = verdict(values(mine, metric), op, ref_values)
                 if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
-                shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
-                ours_on, ref_on = devices(mine), devices(rows[reference]) if isinstance(reference, str) else None
-                if ref_values and values(mine, metric) and ref_on and ours_on != ref_on:   # the device alone moves a row
-                    shown += f" (on {ref_on}; this row on {ours_on})"
                 checks.append(f"| {row.label} | {METRICS[metric][0]} {op} | {mean_std(values(mine, metric))} | {shown} "
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))

@@ -1627,6 +1627,47 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
 
 
+def test_plots_results_md_judges_a_row_against_the_device_control_on_its_own_device(tmp_path):
+    """A peer that ran on the CPU, whose reference ran on a GPU: judged against the device control (the reference
+    row rerun on the CPU) when that has run, with the GPU row still named; the control itself against the GPU row."""
+    def put(name, variant, seed, acc, device):
+        group, label = name.split("/")
+        (tmp_path / group).mkdir(exist_ok=True)
+        make_run(tmp_path / group, f"{label}-s{seed}", variant, seed)
+        folder = tmp_path / group / f"{label}-s{seed}"
+        final = json.loads((folder / "final.json").read_text())
+        (folder / "final.json").write_text(json.dumps(dict(final, test_acc_best=acc)))
+        config = json.loads((folder / "config.json").read_text())
+        rho = 0.05 if name.endswith("0.05") or name.endswith("0.05-cpu") else 0.1
+        (folder / "config.json").write_text(json.dumps(dict(config, device=device, rho=rho, channels_last=device != "cpu")))
+    gpu = "NVIDIA H100 80GB HBM3"
+    accs = {("core/sgd", gpu): [70.0, 70.5, 71.0], ("core/sam", gpu): [80.0, 80.5, 81.0],
+            ("seed004/sam-rho0.05", gpu): [71.9, 72.1], ("device/sam-rho0.05-cpu", "cpu"): [75.5, 75.8, 75.2],
+            ("peers/friendlysam", "cpu"): [74.0, 74.3, 73.8]}
+    for (name, device), values in accs.items():
+        for seed, acc in enumerate(values):
+            put(name, name.split("/")[1].split("-")[0], seed, acc, device)
+    runs, _ = plots.load_runs(str(tmp_path))
+    text = plots.results_md(str(tmp_path), runs)
+
+    def expected(ours, reference):   # the stated rule, written out: the difference against the hypot of the stds
+        diff = np.mean(ours) - np.mean(reference)
+        spread = math.hypot(np.std(ours, ddof=1), np.std(reference, ddof=1))
+        return "holds" if diff > spread else "does not hold" if diff < -spread else "can't tell"
+    peer, control, gpu_sam = (accs[k] for k in (("peers/friendlysam", "cpu"), ("device/sam-rho0.05-cpu", "cpu"),
+                                                ("seed004/sam-rho0.05", gpu)))
+    assert (expected(peer, control), expected(peer, gpu_sam)) == ("does not hold", "holds")   # the device decides
+    check = next(line for line in text.splitlines() if line.startswith("| friendlysam | test acc at best val (%) >"))
+    assert f"| device/sam-rho0.05-cpu: {np.mean(control):.4g} ± {np.std(control, ddof=1):.2g} (the same row run on " \
+           f"cpu; seed004/sam-rho0.05: {np.mean(gpu_sam):.4g} ± {np.std(gpu_sam, ddof=1):.2g} on H100 80GB HBM3) |" in check
+    assert check.endswith(f"| {expected(peer, control)} |")
+    own = next(line for line in text.splitlines() if line.startswith("| sam-rho0.05-cpu | test acc at best val (%) ~"))
+    assert "| seed004/sam-rho0.05: 72 ± 0.14 (on H100 80GB HBM3; this row on cpu) |" in own
+    # a peer on the GPU beside a GPU reference keeps its reference
+    ssamf = next(line for line in text.splitlines() if line.startswith("| ssamf | test acc at best val (%) >"))
+    assert "| seed004/sam-rho0.05: 72 ± 0.14 |" in ssamf
+
+
 def test_plots_head_and_tail_accuracy_from_the_per_class_accuracies(tmp_path):
     """ImbSAM's claim: the tail classes (final.json's tail_classes) against the head, each a mean of per-class
     test accuracies at best val; no tail classes (a balanced run) gives no value."""
