@@ -1638,7 +1638,7 @@ def test_plots_results_md_judges_a_row_against_the_device_control_on_its_own_dev
         final = json.loads((folder / "final.json").read_text())
         (folder / "final.json").write_text(json.dumps(dict(final, test_acc_best=acc)))
         config = json.loads((folder / "config.json").read_text())
-        rho = 0.05 if name.endswith("0.05") or name.endswith("0.05-cpu") else 0.1
+        rho = 0.05 if "0.05" in name else 0.1
         (folder / "config.json").write_text(json.dumps(dict(config, device=device, rho=rho, channels_last=device != "cpu")))
     gpu = "NVIDIA H100 80GB HBM3"
     accs = {("core/sgd", gpu): [70.0, 70.5, 71.0], ("core/sam", gpu): [80.0, 80.5, 81.0],
