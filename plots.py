@@ -95,13 +95,16 @@ def load_run(folder):
 
 
 def identity(config):
-    """What makes a run this run: its settings and seed, not where or how it ran."""
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, sort_keys=True, default=str)
+    """What makes a run this run: its settings, seed and the device it ran on (the same settings on another
+    device are another measurement: CPU and GPU kernels differ), not how it was launched."""
+    kept = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    return json.dumps({**kept, "ran_on": config.get("device")}, sort_keys=True, default=str)
 
 
 def load_runs(root):
     """Every run folder under root (a folder holding config.json), and the skipped ones with reasons. A
-    folder holding the same run as an earlier one (a copied folder is not a second seed) is skipped."""
+    folder holding the same run on the same device as an earlier one (a copied folder is not a second seed)
+    is skipped."""
     runs, skipped, seen = [], [], {}
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()

@@ -1579,6 +1579,20 @@ def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
     assert "sam_s0_copy holds the same run as" in capsys.readouterr().out
 
 
+def test_plots_counts_the_same_settings_on_another_device_as_another_run(tmp_path):
+    """A device control reruns a row's exact settings elsewhere: a second measurement, not a copy."""
+    import shutil
+    make_run(tmp_path, "sam_s0", "sam", 0)
+    config = json.loads((tmp_path / "sam_s0" / "config.json").read_text())
+    for name, device in (("sam_s0", "cpu"), ("sam_s0_gpu", "NVIDIA H100 80GB HBM3"), ("sam_s0_copy", "cpu")):
+        if name != "sam_s0":
+            shutil.copytree(tmp_path / "sam_s0", tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, "device": device}))
+    runs, skipped = plots.load_runs(str(tmp_path))
+    assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s0_gpu"]
+    assert [(os.path.basename(folder), why.split(os.sep)[-1]) for folder, why in skipped] == [("sam_s0_copy", "sam_s0")]
+
+
 def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     """reproduce.py's folder layout -> results.md: mean ± std over seeds per row, the verdict by the stated rule."""
     import reproduce
