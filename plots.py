@@ -28,8 +28,9 @@ import reproduce
 from sam import FINE_NAMES as FINE   # the r > 1 sub-bins, as steps.csv names them
 from train import SESSION_SETTINGS
 
-# config.json entries that say how or where a run ran, not which run it is
-NOT_IDENTITY = SESSION_SETTINGS | {"command", "git_commit", "torch", "world_size"}
+# config.json entries that say how a run was launched, not which run it is. The device stays: the same settings
+# on another device are another measurement (CPU and GPU kernels differ), not a copied folder
+NOT_IDENTITY = (SESSION_SETTINGS - {"device"}) | {"command", "git_commit", "torch", "world_size"}
 
 GROUP_KEYS = ("dataset", "model", "variant", "rho", "condition")
 CKPTS = ("ckpt1", "ckpt2", "ckpt3", "ckpt4")
@@ -95,10 +96,8 @@ def load_run(folder):
 
 
 def identity(config):
-    """What makes a run this run: its settings, seed and the device it ran on (the same settings on another
-    device are another measurement: CPU and GPU kernels differ), not how it was launched."""
-    kept = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-    return json.dumps({**kept, "ran_on": config.get("device")}, sort_keys=True, default=str)
+    """What makes a run this run: its settings, seed and the device it ran on, not how it was launched."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, sort_keys=True, default=str)
 
 
 def load_runs(root):

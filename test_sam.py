@@ -1581,13 +1581,13 @@ def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
 
 def test_plots_counts_the_same_settings_on_another_device_as_another_run(tmp_path):
     """A device control reruns a row's exact settings elsewhere: a second measurement, not a copy."""
-    import shutil
     make_run(tmp_path, "sam_s0", "sam", 0)
-    config = json.loads((tmp_path / "sam_s0" / "config.json").read_text())
-    for name, device in (("sam_s0", "cpu"), ("sam_s0_gpu", "NVIDIA H100 80GB HBM3"), ("sam_s0_copy", "cpu")):
-        if name != "sam_s0":
-            shutil.copytree(tmp_path / "sam_s0", tmp_path / name)
-        (tmp_path / name / "config.json").write_text(json.dumps({**config, "device": device}))
+    config_path = tmp_path / "sam_s0" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "device": "cpu"}))
+    shutil.copytree(tmp_path / "sam_s0", tmp_path / "sam_s0_copy")
+    shutil.copytree(tmp_path / "sam_s0", tmp_path / "sam_s0_gpu")
+    gpu_config = tmp_path / "sam_s0_gpu" / "config.json"
+    gpu_config.write_text(json.dumps({**json.loads(gpu_config.read_text()), "device": "NVIDIA H100 80GB HBM3"}))
     runs, skipped = plots.load_runs(str(tmp_path))
     assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s0_gpu"]
     assert [(os.path.basename(folder), why.split(os.sep)[-1]) for folder, why in skipped] == [("sam_s0_copy", "sam_s0")]
