@@ -175,7 +175,7 @@ def claims(setting):
               "on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
             Row(f"sam-rho{r}-cpu", "sam", ["--rho", r, "--device", "cpu"],
                 expect=((acc, "~", ref, "the device does not change the result"),))
-            for r, ref in (("0.05", sam_at["0.05"]), (RHO, sam_ref))]),
+            for r, ref in (("0.05", sam_at["0.05"]), (RHO, sam_ref), ("0.5", "seed004/sam-rho0.5"))]),
     ]
 
 

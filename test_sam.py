@@ -1727,10 +1727,10 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     runs = reproduce.runs_of(groups, setting, "data", "cuda")
     device = {f"{run.group}/{run.label}": train.parse_settings(run.args).device for run in runs}
     control = {name for name in device if name.startswith("device/")}
-    assert control == {"device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu"}
+    assert control == {"device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu"}
     assert all(device[name] == "cpu" for name in control)
     assert {d for name, d in device.items() if name not in control} == {"cuda"}
-    for label in ("sam-rho0.05-cpu", "sam-rho0.1-cpu"):
+    for label in ("sam-rho0.05-cpu", "sam-rho0.1-cpu", "sam-rho0.5-cpu"):
         reference = rows[rows[f"device/{label}"].expect[0][2]]
         assert reference.variant == "sam" and reproduce.value(reference.flags, "--rho", sam.FLAGS["rho"]) == \
             reproduce.value(rows[f"device/{label}"].flags, "--rho")
