@@ -171,11 +171,16 @@ def claims(setting):
                 expect=(("tail_acc", "<", "peers/lt-imbsam", "the perturbation, not the 2x tail weight, lifts the tail"),
                         ("head_acc", "~", "peers/lt-imbsam", "the perturbation leaves the head classes as they are"))),
         ]),
-        Group("device", "Control: SAM on a CPU in fp32 against the same rows on the GPU (bf16), for the rows that ran "
-              "on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
-            Row(f"sam-rho{r}-cpu", "sam", ["--rho", r, "--device", "cpu"],
-                expect=((acc, "~", sam_at[r], "the device does not change the result"),))
-            for r in sam_at]),
+        Group("device", "Control: SAM and SGD on a CPU in fp32 against the same rows on the GPU (bf16), for the rows "
+              "that ran on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
+            *[Row(f"sam-rho{r}-cpu", "sam", ["--rho", r, "--device", "cpu"],
+                  expect=((acc, "~", sam_at[r], "the device does not change the result"),))
+              for r in sam_at],
+            # the reference of the sgdhess rows, which ran on the CPU
+            Row("sgd-cpu", "sgd", SHARP + ["--device", "cpu"], expect=(
+                (acc, "~", "core/sgd", "the device does not change the result"),
+                ("lambda_max", "~", "core/sgd", "nor the sharpness"))),
+        ]),
     ]
 
 

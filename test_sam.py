@@ -1717,8 +1717,8 @@ def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
 
 
 def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
-    """The control rows pin --device cpu: launched with --device cuda they still train on the CPU, with SAM's settings
-    at the radius of the GPU row they are compared with; every other row takes the runner's device."""
+    """The control rows pin --device cpu: launched with --device cuda they still train on the CPU, with the variant and
+    radius of the GPU row they are compared with; every other row takes the runner's device."""
     import reproduce
     import train
     setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
@@ -1727,13 +1727,14 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     runs = reproduce.runs_of(groups, setting, "data", "cuda")
     device = {f"{run.group}/{run.label}": train.parse_settings(run.args).device for run in runs}
     control = {name for name in device if name.startswith("device/")}
-    assert control == {"device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu"}
+    assert control == {"device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu", "device/sgd-cpu"}
     assert all(device[name] == "cpu" for name in control)
     assert {d for name, d in device.items() if name not in control} == {"cuda"}
-    for label in ("sam-rho0.05-cpu", "sam-rho0.1-cpu", "sam-rho0.5-cpu"):
-        reference = rows[rows[f"device/{label}"].expect[0][2]]
-        assert reference.variant == "sam" and reproduce.value(reference.flags, "--rho", sam.FLAGS["rho"]) == \
-            reproduce.value(rows[f"device/{label}"].flags, "--rho")
+    for name in control:
+        reference = rows[rows[name].expect[0][2]]
+        assert reference.variant == rows[name].variant
+        assert reproduce.value(reference.flags, "--rho", sam.FLAGS["rho"]) == \
+            reproduce.value(rows[name].flags, "--rho", sam.FLAGS["rho"])
 
 
 def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
