@@ -297,10 +297,12 @@ def toy_tables(folder):
 
 # ----------------------------------------------------------------------------- results.md (reproduce.py)
 ACCURACY = ("test_acc", "head_acc", "tail_acc")   # the metrics whose verdict needs SAM to beat SGD in the setting first
+SHARPNESS = ("lambda_max", "top5_pos_mean")   # the curvature of a model still at chance says nothing about flatness
 RULE = ("holds: the difference from the reference has the notes' sign and is larger than the combined sample "
         "std sqrt(s_a^2 + s_b^2) (against a number: larger than the row's std); does not hold: the opposite sign "
         "beyond that spread; '~' (about equal) holds within the spread, or within 25% of the notes' number; "
-        "can't tell: in between, or fewer than 2 seeds")
+        "can't tell: in between, or fewer than 2 seeds, or a sharpness comparison with a row whose train accuracy "
+        "ends under twice chance")
 
 
 def _late(cols, name, early):
@@ -385,6 +387,13 @@ def verdict(ours, op, reference):
         return "holds" if abs(diff) <= max(spread, tolerance) else "does not hold"
     sign = 1 if op == ">" else -1
     return "holds" if sign * diff > spread else "does not hold" if sign * diff < -spread else "can't tell"
+
+
+def at_chance(runs):
+    """A row whose finished runs end, on average, under twice chance train accuracy: a model that never learned."""
+    acc = values(runs, "train_acc")
+    classes = 100 if any(r["config"].get("dataset") == "cifar100" for r in runs) else 10
+    return bool(acc) and np.mean(acc) < 2 * 100 / classes
 
 
 def devices(runs):
@@ -473,6 +482,9 @@ def results_md(root, runs):
                 result = verdict(values(mine, metric), op, ref_values)
                 if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
+                if metric in SHARPNESS and result != "can't tell (n < 2)" and (
+                        at_chance(mine) or isinstance(reference, str) and at_chance(rows[reference])):
+                    result = "can't tell (a row at chance train accuracy)"
                 checks.append(f"| {row.label} | {METRICS[metric][0]} {op} | {mean_std(values(mine, metric))} | {shown} "
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))

@@ -1682,6 +1682,44 @@ def test_plots_results_md_judges_a_row_against_the_device_control_on_its_own_dev
     assert "| seed004/sam-rho0.05: 72 ± 0.14 |" in ssamf
 
 
+def test_plots_results_md_does_not_call_a_model_at_chance_flat(tmp_path):
+    """A row that never left chance (sgdhess-exact at a large rho_H) has a tiny lambda_max: no verdict on flatness,
+    for that row and for a row judged against it, while a row that learned keeps the stated rule."""
+    def put(label, seed, lam, train_acc):
+        (tmp_path / "direction").mkdir(exist_ok=True)
+        make_run(tmp_path / "direction", f"{label}-s{seed}", "sgdhess-exact", seed)
+        folder = tmp_path / "direction" / f"{label}-s{seed}"
+        config = json.loads((folder / "config.json").read_text())   # a run's settings tell it from a copied folder
+        (folder / "config.json").write_text(json.dumps(dict(config, rho=float(label.split("rhoH")[1]))))
+        final = json.loads((folder / "final.json").read_text())
+        final["sharpness"]["lambda_max"] = lam
+        (folder / "final.json").write_text(json.dumps(final))
+        lines = (folder / "epochs.csv").read_text().splitlines()
+        cells = lines[-1].split(",")
+        cells[EPOCH_COLS.index("train_acc")] = str(train_acc)
+        (folder / "epochs.csv").write_text("\n".join(lines[:-1] + [",".join(cells)]) + "\n")
+    lams = {"sgdhess-exact-rhoH0.05": [300.0, 320.0], "sgdhess-exact-rhoH1": [0.5, 0.4], "sgdhess-exact-rhoH2": [30.0, 31.0]}
+    trains = {"sgdhess-exact-rhoH0.05": [80.0, 82.0], "sgdhess-exact-rhoH1": [10.3, 14.5], "sgdhess-exact-rhoH2": [10.3, 60.0]}
+    for label in lams:
+        for seed in (0, 1):
+            put(label, seed, lams[label][seed], trains[label][seed])
+    runs, _ = plots.load_runs(str(tmp_path))
+    text = plots.results_md(str(tmp_path), runs)
+
+    def check(label, metric):
+        return next(line for line in text.splitlines() if line.startswith(f"| {label} | {metric} <"))
+    # the stated rule alone would call rho_H 1 flatter than rho_H 0.05 (its mean is 310 lower, the spread about 14)
+    assert np.mean(lams["sgdhess-exact-rhoH0.05"]) - np.mean(lams["sgdhess-exact-rhoH1"]) > math.hypot(
+        np.std(lams["sgdhess-exact-rhoH0.05"], ddof=1), np.std(lams["sgdhess-exact-rhoH1"], ddof=1))
+    assert check("sgdhess-exact-rhoH1", "lambda_max").endswith("| can't tell (a row at chance train accuracy) |")
+    # rho_H 2 averages 35% train accuracy (not at chance) but is judged against rho_H 1, which is
+    assert check("sgdhess-exact-rhoH2", "lambda_max").endswith("| can't tell (a row at chance train accuracy) |")
+    # accuracy verdicts are untouched: less accurate at chance is a finding
+    assert "at chance" not in check("sgdhess-exact-rhoH1", "test acc at best val (%)")
+    assert plots.at_chance([r for r in runs if "rhoH1-" in r["folder"]])
+    assert not plots.at_chance([r for r in runs if "rhoH2-" in r["folder"] or "rhoH0.05-" in r["folder"]])
+
+
 def test_plots_head_and_tail_accuracy_from_the_per_class_accuracies(tmp_path):
     """ImbSAM's claim: the tail classes (final.json's tail_classes) against the head, each a mean of per-class
     test accuracies at best val; no tail classes (a balanced run) gives no value."""
