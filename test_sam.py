@@ -2417,3 +2417,12 @@ def test_train_sigkill_anywhere_then_resume_gives_the_same_csvs(tmp_path, finish
     _same_logs(finished_and_stopped / "done", run)
     rows = [int(r["step"]) for r in _rows(run / "steps.csv")]
     assert rows == list(range(3 * STEPS))   # none lost, none twice
+
+
+def test_readme_line_counts_match_the_files():
+    """The README's file list says how long each script is; a reader sizing up sam.py before copying it trusts it."""
+    readme = (REPO / "README.md").read_text()
+    claimed = dict(re.findall(r"`(\w+\.py)` \((\d+) lines", readme))
+    assert {"sam.py", "train.py", "toy.py", "plots.py", "reproduce.py"} <= set(claimed)
+    for name, lines in claimed.items():
+        assert len((REPO / name).read_text().splitlines()) == int(lines), name
