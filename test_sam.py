@@ -1517,6 +1517,11 @@ def make_run(root, name, variant, seed, final=True, cut=False):
     return result
 
 
+def update_json(path, **changes):
+    """Rewrite a made run's config.json or final.json with some fields changed."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def png_size(path):
     with open(path, "rb") as f:
         head = f.read(24)
@@ -1582,12 +1587,10 @@ def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
 def test_plots_counts_the_same_settings_on_another_device_as_another_run(tmp_path):
     """A device control reruns a row's exact settings elsewhere: a second measurement, not a copy."""
     make_run(tmp_path, "sam_s0", "sam", 0)
-    config_path = tmp_path / "sam_s0" / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "device": "cpu"}))
+    update_json(tmp_path / "sam_s0" / "config.json", device="cpu")
     shutil.copytree(tmp_path / "sam_s0", tmp_path / "sam_s0_copy")
     shutil.copytree(tmp_path / "sam_s0", tmp_path / "sam_s0_gpu")
-    gpu_config = tmp_path / "sam_s0_gpu" / "config.json"
-    gpu_config.write_text(json.dumps({**json.loads(gpu_config.read_text()), "device": "NVIDIA H100 80GB HBM3"}))
+    update_json(tmp_path / "sam_s0_gpu" / "config.json", device="NVIDIA H100 80GB HBM3")
     runs, skipped = plots.load_runs(str(tmp_path))
     assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s0_gpu"]
     assert [(os.path.basename(folder), why.split(os.sep)[-1]) for folder, why in skipped] == [("sam_s0_copy", "sam_s0")]
@@ -1601,16 +1604,14 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     for variant in ("sgd", "sam"):
         for seed in (0, 1, 2):
             finals.setdefault(variant, []).append(make_run(tmp_path / "core", f"{variant}-s{seed}", variant, seed))
-            config = json.loads((tmp_path / "core" / f"{variant}-s{seed}" / "config.json").read_text())
-            config["command"] = f"python train.py --variant {variant} --seed {seed} --out results/core/{variant}-s{seed}" \
+            command = f"python train.py --variant {variant} --seed {seed} --out results/core/{variant}-s{seed}" \
                 + " --overwrite" * (seed == 0)   # as reproduce.py relaunches a folder: not part of the row's setting
-            config["device"] = "cpu" if variant == "sam" else "NVIDIA H100 80GB HBM3"
-            (tmp_path / "core" / f"{variant}-s{seed}" / "config.json").write_text(json.dumps(config))
+            update_json(tmp_path / "core" / f"{variant}-s{seed}" / "config.json", command=command,
+                        device="cpu" if variant == "sam" else "NVIDIA H100 80GB HBM3")
     (tmp_path / "device").mkdir()   # a run still going: where it runs shows once it ends (a clean clone has no folder)
     make_run(tmp_path / "device", "sam-rho0.1-cpu-s0", "sam", 0, final=False)
-    config = json.loads((tmp_path / "device" / "sam-rho0.1-cpu-s0" / "config.json").read_text())
-    config.update(device="cpu", command="python train.py --variant sam --device cpu --seed 0", epochs=30)
-    (tmp_path / "device" / "sam-rho0.1-cpu-s0" / "config.json").write_text(json.dumps(config))
+    update_json(tmp_path / "device" / "sam-rho0.1-cpu-s0" / "config.json", device="cpu",
+                command="python train.py --variant sam --device cpu --seed 0", epochs=30)
     runs, _ = plots.load_runs(str(tmp_path))
     text = plots.results_md(str(tmp_path), runs)
     going = next(line for line in text.splitlines() if line.startswith("| sam-rho0.1-cpu | 0 |"))
@@ -1649,11 +1650,9 @@ def test_plots_results_md_judges_a_row_against_the_device_control_on_its_own_dev
         (tmp_path / group).mkdir(exist_ok=True)
         make_run(tmp_path / group, f"{label}-s{seed}", variant, seed)
         folder = tmp_path / group / f"{label}-s{seed}"
-        final = json.loads((folder / "final.json").read_text())
-        (folder / "final.json").write_text(json.dumps(dict(final, test_acc_best=acc)))
-        config = json.loads((folder / "config.json").read_text())
+        update_json(folder / "final.json", test_acc_best=acc)
         rho = 0.05 if "0.05" in name else 0.1
-        (folder / "config.json").write_text(json.dumps(dict(config, device=device, rho=rho, channels_last=device != "cpu")))
+        update_json(folder / "config.json", device=device, rho=rho, channels_last=device != "cpu")
     gpu = "NVIDIA H100 80GB HBM3"
     accs = {("core/sgd", gpu): [70.0, 70.5, 71.0], ("core/sam", gpu): [80.0, 80.5, 81.0],
             ("seed004/sam-rho0.05", gpu): [71.9, 72.1], ("device/sam-rho0.05-cpu", "cpu"): [75.5, 75.8, 75.2],
@@ -1687,13 +1686,10 @@ def test_plots_results_md_does_not_call_a_model_at_chance_flat(tmp_path):
     for that row and for a row judged against it, while a row that learned keeps the stated rule."""
     def put(label, seed, lam, train_acc):
         (tmp_path / "direction").mkdir(exist_ok=True)
-        make_run(tmp_path / "direction", f"{label}-s{seed}", "sgdhess-exact", seed)
+        made = make_run(tmp_path / "direction", f"{label}-s{seed}", "sgdhess-exact", seed)
         folder = tmp_path / "direction" / f"{label}-s{seed}"
-        config = json.loads((folder / "config.json").read_text())   # a run's settings tell it from a copied folder
-        (folder / "config.json").write_text(json.dumps(dict(config, rho=float(label.split("rhoH")[1]))))
-        final = json.loads((folder / "final.json").read_text())
-        final["sharpness"]["lambda_max"] = lam
-        (folder / "final.json").write_text(json.dumps(final))
+        update_json(folder / "config.json", rho=float(label.split("rhoH")[1]))   # its own settings, else plots.py skips it as a copy
+        update_json(folder / "final.json", sharpness=dict(made["sharpness"], lambda_max=lam))
         lines = (folder / "epochs.csv").read_text().splitlines()
         cells = lines[-1].split(",")
         cells[EPOCH_COLS.index("train_acc")] = str(train_acc)
