@@ -487,10 +487,7 @@ class SAM(torch.optim.Optimizer):
     def _buckets(self, part, gp):
         """The 13 buckets of r = g'/(g + ratio_eps) (module constants), computed once a step per part."""
         if part.buckets is None:
-            g = part.g
-            if g.dtype in (torch.float16, torch.bfloat16):
-                g, gp = g.float(), gp.float()
-            r = (gp / (g + self.flags["ratio_eps"])).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            r = (_wide(gp) / (_wide(part.g) + self.flags["ratio_eps"])).nan_to_num_(0.0, math.inf, -math.inf)
             part.buckets = torch.bucketize(r, _edges(r.dtype, r.device), right=True, out_int32=True)
         return part.buckets
 
@@ -615,13 +612,22 @@ def _views(flat, like):
     return [x.view_as(t) for x, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
+def _norms(tensors, p=2):
+    """Per-tensor L_p norms, in float32 at least: a float16 norm overflows at 65504, its square at 256."""
+    return torch._foreach_norm(tensors, p, dtype=torch.promote_types(tensors[0].dtype, torch.float32))
+
+
+def _wide(x):
+    return x.float() if x.element_size() < 4 else x   # 16-bit values in float32 for sums and ratios
+
+
 def _sq_norm(tensors):
-    return torch.stack(torch._foreach_norm(tensors)).square().sum()
+    return torch.stack(_norms(tensors)).square().sum()
 
 
 def _global_norm(tensor_lists, p):
     device = tensor_lists[0][0].device
-    norms = [n.to(device) for x in tensor_lists for n in torch._foreach_norm(x, p)]
+    norms = [n.to(device) for x in tensor_lists for n in _norms(x, p)]
     return torch.linalg.vector_norm(torch.stack(norms), p)
 
 
@@ -633,8 +639,8 @@ def _dots(parts, gp):
     if gp is None:
         nan = torch.full((), math.nan, dtype=torch.float64, device=device)
         return dict(g_g=g_g, gp_gp=nan, g_gp=nan)
-    gp_gp = sum(torch.dot(x, x).to(device, torch.float64) for x in gp)
-    g_gp = sum(torch.dot(part.g, x).to(device, torch.float64) for part, x in zip(parts, gp))
+    gp_gp = sum(torch.dot(_wide(x), _wide(x)).to(device, torch.float64) for x in gp)
+    g_gp = sum(torch.dot(_wide(part.g), _wide(x)).to(device, torch.float64) for part, x in zip(parts, gp))
     return dict(g_g=g_g, gp_gp=gp_gp, g_gp=g_gp)
 
 

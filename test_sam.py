@@ -1042,6 +1042,24 @@ def test_zero_gradient_gives_zero_perturbation_and_no_nan(name, flags):
         assert s["ckpt0"] == 100.0
 
 
+@pytest.mark.parametrize("name", ["sam", "usam", "asam", "linf-norm", "fishersam", "friendlysam", "gsam"])
+def test_float16_weights_with_gradients_past_norm_256_step_as_the_float64_formula(name):
+    """||g|| ~ 900 and ||g'|| in the thousands are finite in float16 (max 65504), their squares are not."""
+    def grads16(t, point, kind):   # float16 gradients; the reference gets the same numbers in float64
+        return [(200 * x).half().double() for x in synthetic(t, point, kind)]
+    w0 = [p.detach().half().double() for p in make_params()]
+    params = [x.half().requires_grad_() for x in w0]
+    lr, rho = 1e-4, 0.5   # |w| stays near 1 and |e| is near 0.1 on each coordinate: float16 resolves both
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=rho, lr=lr, momentum=MOM, weight_decay=WD, stats_every=1)
+    points, weights = drive(opt, params, lambda t, point, kind: [x.half() for x in grads16(t, point, kind)], 3)
+    ref_points, ref_weights = reference_run(name, w0, grads16, 3, rho=rho, base=SGDRef(lr=lr))
+    assert opt.stats["skipped"] == 0 and norm(grads16(2, None, "g")) > 256
+    assert math.isclose(opt.stats["grad_norm"], norm(grads16(2, None, "g")), rel_tol=1e-3)
+    assert math.isclose(opt.stats["perturbed_grad_norm"], norm(grads16(2, None, "gp")), rel_tol=1e-3)
+    assert_lists_close([[x.double() for x in step] for step in points], ref_points, rtol=5e-3, atol=5e-3)
+    assert_lists_close([[x.double() for x in step] for step in weights], ref_weights, rtol=5e-3, atol=5e-3)
+
+
 def _poison(grads, where, value):
     grads = [x.clone() for x in grads]
     grads[where][(0,) * grads[where].dim()] = value
