@@ -487,7 +487,8 @@ class SAM(torch.optim.Optimizer):
     def _buckets(self, part, gp):
         """The 13 buckets of r = g'/(g + ratio_eps) (module constants), computed once a step per part."""
         if part.buckets is None:
-            r = (_wide(gp) / (_wide(part.g) + self.flags["ratio_eps"])).nan_to_num_(0.0, math.inf, -math.inf)
+            r = _wide(gp) / (_wide(part.g) + self.flags["ratio_eps"])
+            r.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             part.buckets = torch.bucketize(r, _edges(r.dtype, r.device), right=True, out_int32=True)
         return part.buckets
 
