@@ -640,7 +640,7 @@ def _dots(parts, gp):
     if gp is None:
         nan = torch.full((), math.nan, dtype=torch.float64, device=device)
         return dict(g_g=g_g, gp_gp=nan, g_gp=nan)
-    gp_gp = sum(torch.dot(_wide(x), _wide(x)).to(device, torch.float64) for x in gp)
+    gp_gp = sum(_sq_norm([x]).to(device, torch.float64) for x in gp)
     g_gp = sum(torch.dot(_wide(part.g), _wide(x)).to(device, torch.float64) for part, x in zip(parts, gp))
     return dict(g_g=g_g, gp_gp=gp_gp, g_gp=g_gp)
 
