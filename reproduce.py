@@ -70,7 +70,8 @@ def claims(setting):
     epochs = int(value(setting, "--epochs"))
     rho = ["--rho", RHO]
     sam_ref = "core/sam"
-    sam_at = {"0.05": "seed004/sam-rho0.05", RHO: sam_ref, "0.5": "seed004/sam-rho0.5"}   # SAM's rows, by radius
+    sam_at = {"0.01": "seed004/sam-rho0.01", "0.05": "seed004/sam-rho0.05", RHO: sam_ref,   # SAM's rows, by radius
+              "0.5": "seed004/sam-rho0.5"}
 
     def preset_rho(variant):
         return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
@@ -172,10 +173,15 @@ def claims(setting):
                         ("head_acc", "~", "peers/lt-imbsam", "the perturbation leaves the head classes as they are"))),
         ]),
         Group("device", "Control: SAM and SGD on a CPU in fp32 against the same rows on the GPU (bf16), for the rows "
-              "that ran on the CPU", [   # the row's --device wins over the runner's: these run on a CPU wherever launched
+              "that ran on the CPU; the rho sweep and L-inf on the CPU too, each claim with seeds on one device", [
+            # the row's --device wins over the runner's: these run on a CPU wherever launched
             *[Row(f"sam-rho{r}-cpu", "sam", ["--rho", r, "--device", "cpu"],
-                  expect=((acc, "~", sam_at[r], "the device does not change the result"),))
+                  expect=((acc, "~", sam_at[r], "the device does not change the result"),) + (
+                      ((acc, "~", "device/sam-rho0.05-cpu", "alike at small rho (both on the CPU)"),) if r == "0.01" else ()))
               for r in sam_at],
+            Row("linf-norm-rho0.05-cpu", "linf-norm", ["--rho", "0.05", "--device", "cpu"], expect=(
+                (acc, "~", "seed004/linf-norm-rho0.05", "the device does not change the result"),
+                (acc, "<", "device/sam-rho0.05-cpu", "L-inf worse than L2 (both on the CPU)"))),
             # the reference of the sgdhess rows, which ran on the CPU
             Row("sgd-cpu", "sgd", SHARP + ["--device", "cpu"], expect=(
                 (acc, "~", "core/sgd", "the device does not change the result"),

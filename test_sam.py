@@ -1780,7 +1780,8 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     runs = reproduce.runs_of(groups, setting, "data", "cuda")
     device = {f"{run.group}/{run.label}": train.parse_settings(run.args).device for run in runs}
     control = {name for name in device if name.startswith("device/")}
-    assert control == {"device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu", "device/sgd-cpu"}
+    assert control == {"device/sam-rho0.01-cpu", "device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu",
+                       "device/linf-norm-rho0.05-cpu", "device/sgd-cpu"}
     assert all(device[name] == "cpu" for name in control)
     assert {d for name, d in device.items() if name not in control} == {"cuda"}
     for name in control:
