@@ -441,9 +441,13 @@ def results_md(root, runs):
         return None
     gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
     # a row that pins its --device (the device control, as reproduce.runs_of reads it) reruns its reference row
-    # there; a row that ran on that device is judged against it
-    stand_in = {(row.expect[0][2], devices(rows[f"{g.name}/{row.label}"])): f"{g.name}/{row.label}"
-                for g in groups for row in g.rows if "--device" in row.flags}
+    # there; a row that ran on that device is judged against it: the first such control that measured the metric
+    stand_in = {}
+    for g in groups:
+        for row in g.rows:
+            if "--device" in row.flags:
+                key = (row.expect[0][2], devices(rows[f"{g.name}/{row.label}"]))
+                stand_in.setdefault(key, []).append(f"{g.name}/{row.label}")
     parts = ["# Results (made by `python plots.py results/`)"]
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
@@ -472,9 +476,10 @@ def results_md(root, runs):
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)
                 shown = f"{reference:g}" if isinstance(reference, (int, float)) else f"{reference}: {mean_std(ref_values)}"
                 ours_on, ref_on = devices(mine), devices(rows[reference]) if isinstance(reference, str) else None
-                control = stand_in.get((reference, ours_on)) if "--device" not in row.flags else None
+                controls = stand_in.get((reference, ours_on), []) if "--device" not in row.flags else []
+                control = next((c for c in controls if values(rows[c], metric)), None)
                 if ref_values and values(mine, metric) and ref_on and ours_on != ref_on:   # the device alone moves a row
-                    if control and values(rows[control], metric):
+                    if control:
                         ref_values = values(rows[control], metric)
                         shown = f"{control}: {mean_std(ref_values)} (the same row run on {ours_on}; {shown} on {ref_on})"
                     else:

@@ -76,6 +76,7 @@ def claims(setting):
     def preset_rho(variant):
         return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
     acc = "test_acc"
+    cpu, same_result = ["--device", "cpu"], "the device does not change the result"
     resnet18 = ["--model", "resnet18", "--width", "1", "--subset", "100000", "--epochs", str(RESNET18_EPOCHS)] + SHARP
     # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
     long_tailed = ["--imbalance", "10", "--subset", "100000", "--tail-threshold", "1500"]
@@ -175,16 +176,29 @@ def claims(setting):
         Group("device", "Control: SAM and SGD on a CPU in fp32 against the same rows on the GPU (bf16), for the rows "
               "that ran on the CPU; the rho sweep and L-inf on the CPU too, each claim with seeds on one device", [
             # the row's --device wins over the runner's: these run on a CPU wherever launched
-            *[Row(f"sam-rho{r}-cpu", "sam", ["--rho", r, "--device", "cpu"],
-                  expect=((acc, "~", sam_at[r], "the device does not change the result"),) + (
-                      ((acc, "~", "device/sam-rho0.1-cpu", "alike at small rho (both on the CPU)"),) if r == "0.01" else ()))
-              for r in sam_at],
-            Row("linf-norm-rho0.05-cpu", "linf-norm", ["--rho", "0.05", "--device", "cpu"], expect=(
-                (acc, "~", "seed004/linf-norm-rho0.05", "the device does not change the result"),
+            *[Row(f"sam-rho{r}-cpu", "sam", ["--rho", r] + cpu, expect=((acc, "~", sam_at[r], same_result),) + sweep)
+              for r, sweep in (("0.01", ((acc, "~", "device/sam-rho0.05-cpu", "alike at small rho (both on the CPU)"),
+                                         (acc, "~", "device/sam-rho0.1-cpu", "alike at small rho (both on the CPU)"))),
+                               ("0.05", ((acc, "~", "device/sam-rho0.1-cpu", "alike at small rho (both on the CPU)"),)),
+                               (RHO, ()),
+                               ("0.5", ((acc, "<", "device/sam-rho0.1-cpu", "slower or diverging (both on the CPU)"),)))],
+            Row("linf-norm-rho0.05-cpu", "linf-norm", ["--rho", "0.05"] + cpu, expect=(
+                (acc, "~", "seed004/linf-norm-rho0.05", same_result),
                 (acc, "<", "device/sam-rho0.05-cpu", "L-inf worse than L2 (both on the CPU)"))),
+            # claim 6 with seeds on one device: SAM with its sharpness on the CPU, and the two rows measured against it
+            Row("sam-rho0.1-sharp-cpu", "sam", rho + SHARP + cpu, expect=(
+                ("lambda_max", "~", sam_ref, "the device does not change the sharpness"), (acc, "~", sam_ref, same_result))),
+            Row("sammagnitude-cpu", "sammagnitude", rho + SHARP + cpu, expect=(
+                (acc, "~", "direction/sammagnitude", same_result),
+                (acc, "~", "device/sam-rho0.1-sharp-cpu", "about equal to SAM (both on the CPU)"))),
+            Row("samdirection-cpu", "samdirection", rho + SHARP + cpu, expect=(
+                (acc, "~", "direction/samdirection", same_result),
+                (acc, "<", "device/sam-rho0.1-sharp-cpu", "below SAM and sammagnitude (both on the CPU)"),
+                (acc, "<", "device/sammagnitude-cpu", "below sammagnitude (both on the CPU)"),
+                ("top5_pos_mean", ">", "device/sam-rho0.1-sharp-cpu", "far sharper: top-5 mean 259 vs SAM's 71 (CPU)"))),
             # the reference of the sgdhess rows, which ran on the CPU
-            Row("sgd-cpu", "sgd", SHARP + ["--device", "cpu"], expect=(
-                (acc, "~", "core/sgd", "the device does not change the result"),
+            Row("sgd-cpu", "sgd", SHARP + cpu, expect=(
+                (acc, "~", "core/sgd", same_result),
                 ("lambda_max", "~", "core/sgd", "nor the sharpness"))),
         ]),
     ]

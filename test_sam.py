@@ -1747,6 +1747,40 @@ def test_plots_head_and_tail_accuracy_from_the_per_class_accuracies(tmp_path):
     assert train.tail_mask(torch.tensor([0, 0, 0, 2, 2, 0]), 3, 4).tolist() == [False, True, True, True]   # 4, 0, 2, 0
 
 
+def test_plots_results_md_takes_the_first_device_control_that_measured_the_metric(tmp_path):
+    """Two CPU reruns of SAM at rho 0.1, one without sharpness: a CPU row's accuracy is judged against the first,
+    its lambda_max against the one that measured it, never against the GPU row when a CPU control has the metric."""
+    def put(name, variant, seed, acc, lam, device):
+        group, label = name.split("/")
+        (tmp_path / group).mkdir(exist_ok=True)
+        make_run(tmp_path / group, f"{label}-s{seed}", variant, seed)
+        folder = tmp_path / group / f"{label}-s{seed}"
+        update_json(folder / "final.json", test_acc_best=acc,
+                    sharpness=None if lam is None else dict(lambda_max=lam, trace=1.0, top5_pos_mean=lam / 2))
+        update_json(folder / "config.json", device=device, sharpness=lam is not None)   # another run, not a copy
+    gpu = "NVIDIA H100 80GB HBM3"
+    rows = {("core/sam", gpu): ([70.0, 70.4, 70.2], [200.0, 210.0, 205.0]),
+            ("device/sam-rho0.1-cpu", "cpu"): ([71.0, 71.3, 71.1], [None] * 3),
+            ("device/sam-rho0.1-sharp-cpu", "cpu"): ([72.0, 72.6], [300.0, 310.0]),
+            ("samckpt/samckpt1", "cpu"): ([71.2, 71.0, 71.4], [305.0, 303.0, 309.0])}
+    for (name, device), (accs, lams) in rows.items():
+        for seed, (acc, lam) in enumerate(zip(accs, lams)):
+            put(name, name.split("/")[1].split("-")[0], seed, acc, lam, device)
+    runs, _ = plots.load_runs(str(tmp_path))
+    text = plots.results_md(str(tmp_path), runs)
+
+    def shown(values):
+        return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
+    acc = next(line for line in text.splitlines() if line.startswith("| samckpt1 | test acc at best val (%) ~"))
+    lam = next(line for line in text.splitlines() if line.startswith("| samckpt1 | lambda_max ~"))
+    assert f"| device/sam-rho0.1-cpu: {shown(rows['device/sam-rho0.1-cpu', 'cpu'][0])} (the same row run on cpu; " \
+           f"core/sam: {shown(rows['core/sam', gpu][0])} on H100 80GB HBM3) |" in acc
+    assert f"| device/sam-rho0.1-sharp-cpu: {shown([300.0, 310.0])} (the same row run on cpu; " \
+           f"core/sam: {shown([200.0, 210.0, 205.0])} on H100 80GB HBM3) |" in lam
+    # 306 against 305 +- 7: as flat as SAM on the CPU; against the GPU's 205 it would read "does not hold"
+    assert lam.endswith("| holds |")
+
+
 def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
     """Every 'group/label' reference names a row of the claims, and an accuracy comparison of two SAM-like rows is
     made at one radius (the rho each command gives, else its preset's): a peer run at its preset rho 0.05 is not
@@ -1781,7 +1815,8 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     device = {f"{run.group}/{run.label}": train.parse_settings(run.args).device for run in runs}
     control = {name for name in device if name.startswith("device/")}
     assert control == {"device/sam-rho0.01-cpu", "device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu",
-                       "device/linf-norm-rho0.05-cpu", "device/sgd-cpu"}
+                       "device/linf-norm-rho0.05-cpu", "device/sam-rho0.1-sharp-cpu", "device/sammagnitude-cpu",
+                       "device/samdirection-cpu", "device/sgd-cpu"}
     assert all(device[name] == "cpu" for name in control)
     assert {d for name, d in device.items() if name not in control} == {"cuda"}
     for name in control:
