@@ -440,14 +440,7 @@ def results_md(root, runs):
     if not any(rows.values()):
         return None
     gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
-    # a row that pins its --device (the device control, as reproduce.runs_of reads it) reruns its reference row
-    # there; a row that ran on that device is judged against it: the first such control that measured the metric
-    stand_in = {}
-    for g in groups:
-        for row in g.rows:
-            if "--device" in row.flags:
-                key = (row.expect[0][2], devices(rows[f"{g.name}/{row.label}"]))
-                stand_in.setdefault(key, []).append(f"{g.name}/{row.label}")
+    stand_in = device_controls(groups, rows)
     parts = ["# Results (made by `python plots.py results/`)"]
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
@@ -494,6 +487,19 @@ def results_md(root, runs):
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))
     return "\n\n".join(parts) + "\n"
+
+
+def device_controls(groups, rows):
+    """(reference row, device) -> the rows that pin --device (the device control, as reproduce.runs_of reads it) and
+    rerun that reference there. A row that ran on that device is judged against the first of them that measured
+    the metric (SAM's accuracy may come from one rerun and its sharpness from another)."""
+    controls = {}
+    for group in groups:
+        for row in group.rows:
+            if "--device" in row.flags:
+                name = f"{group.name}/{row.label}"
+                controls.setdefault((row.expect[0][2], devices(rows[name])), []).append(name)
+    return controls
 
 
 def results_figures(root, runs, out):
