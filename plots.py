@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
 import sys
@@ -341,6 +342,7 @@ def _last_epoch(run, col):
 METRICS = {   # name -> (what it is, value of one finished run)
     "test_acc": ("test acc at best val (%)", lambda r: r["final"]["test_acc_best"]),
     "train_acc": ("final train acc (%)", lambda r: _last_epoch(r, "train_acc")),
+    "val_acc": ("best val acc (%)", lambda r: r["final"]["best_val_acc"]),
     "clean_train_acc": ("train acc, clean labels (%)", lambda r: _last_epoch(r, "clean_train_acc")),
     "noisy_train_acc": ("train acc on flipped samples, their noisy label (%)", lambda r: _last_epoch(r, "noisy_train_acc")),
     "head_acc": ("head classes' test acc (%)", lambda r: _class_mean(r["final"], tail=False)),
@@ -444,10 +446,7 @@ def results_md(root, runs):
     parts = ["# Results (made by `python plots.py results/`)"]
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
-                     f"{setting['rule']}.\n\n| candidate | SGD train acc | SGD val acc | SAM val acc | gain | seeds |\n"
-                     "|---|---|---|---|---|---|\n" + "\n".join(
-                         f"| {n} | {t['sgd_train_acc']:.2f} | {t['sgd_val_acc']:.2f} | {t['sam_val_acc']:.2f} | "
-                         f"{t['gain']:+.2f} | {t['seeds']} |" for n, t in setting["candidates"].items()))
+                     f"{setting['rule']}.\n\n" + selection_md(root, by_path, setting["name"]))
     parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{gate}**"
                  + ("" if gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"") + ".")
     for group in groups:
@@ -487,6 +486,31 @@ def results_md(root, runs):
                               f"| {words} | {result} |")
         parts.append("\n".join(lines + (checks if len(checks) > 3 else [])))
     return "\n\n".join(parts) + "\n"
+
+
+def selection_md(root, by_path, chosen):
+    """The selection table from the run folders of results/select (every candidate, finished or not) and what the
+    rule picks from them now, which differs from the setting in force only until `reproduce.py choose` runs."""
+    lines = ["| candidate | n (SGD / SAM) | ran on | SGD final train acc | SGD val acc | SAM val acc | SAM - SGD val "
+             "| SGD test acc | SAM test acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in reproduce.CANDIDATES:
+        sgd, sam = ([by_path[p] for s in reproduce.SEEDS if (p := f"select/{name}/{v}-s{s}") in by_path]
+                    for v in ("sgd", "sam"))
+        if not values(sgd + sam, "val_acc"):   # a run still going counts once it ends (as in a clean clone)
+            lines.append(f"| {name} | 0 / 0 | not run | | | | | | |")
+            continue
+        sgd_val, sam_val = values(sgd, "val_acc"), values(sam, "val_acc")
+        gain = "–" if not (sgd_val and sam_val) else f"{np.mean(sam_val) - np.mean(sgd_val):+.3g}" + (
+            f" ± {math.hypot(np.std(sgd_val, ddof=1), np.std(sam_val, ddof=1)):.2g}" if min(map(len, (sgd_val, sam_val))) > 1 else "")
+        lines.append(f"| {'**' + name + '** (chosen)' if name == chosen else name} | {len(sgd_val)} / {len(sam_val)} | "
+                     f"{devices(sgd + sam)} | {mean_std(values(sgd, 'train_acc'))} | {mean_std(sgd_val)} | "
+                     f"{mean_std(sam_val)} | {gain} | {mean_std(values(sgd, 'test_acc'))} | {mean_std(values(sam, 'test_acc'))} |")
+    now = reproduce.rule_choice(reproduce.candidate_table(pathlib.Path(root)))
+    if now is not None and now != chosen:
+        lines.append(f"\nThe finished selection runs now point to **{now}** by the rule; the claims below ran in {chosen}. "
+                     "`python reproduce.py choose` switches the setting, and `claims` then reports every claims folder "
+                     "of the old one as stale.")
+    return "\n".join(lines)
 
 
 def device_controls(groups, rows):

@@ -392,23 +392,40 @@ def read_final(out):
         return None
 
 
-def choose():
-    """Write results/setting.json from the finished selection runs by RULE; returns it."""
+def candidate_table(results=None):
+    """Per candidate with finished SGD and SAM runs: the means the rule reads (SGD's final train accuracy, both
+    best validation accuracies, the gain) and the seeds finished, the fewer of the two optimizers'."""
     table = {}
     for name in CANDIDATES:
-        cells = {v: [r for s in SEEDS if (r := read_final(RESULTS / "select" / name / f"{v}-s{s}"))]
+        cells = {v: [r for s in SEEDS if (r := read_final((results or RESULTS) / "select" / name / f"{v}-s{s}"))]
                  for v in ("sgd", "sam")}
-        if all(cells.values()):   # seeds that finished (a call that hit its deadline may leave fewer than 3)
+        if all(cells.values()):
             mean = lambda xs: sum(xs) / len(xs)
             table[name] = dict(sgd_train_acc=mean([t for _, t in cells["sgd"]]),
                                sgd_val_acc=mean([v for v, _ in cells["sgd"]]), sam_val_acc=mean([v for v, _ in cells["sam"]]),
                                seeds=min(len(c) for c in cells.values()))
             table[name]["gain"] = table[name]["sam_val_acc"] - table[name]["sgd_val_acc"]
-    if not table:
-        sys.exit("reproduce.py: no candidate has finished SGD and SAM runs yet; run `reproduce.py select`")
-    best_fit = max(t["sgd_train_acc"] for t in table.values())
-    eligible = [n for n, t in table.items() if t["sgd_train_acc"] >= best_fit - FIT_MARGIN]
-    chosen = max(eligible, key=lambda n: table[n]["gain"])
+    return table
+
+
+def rule_choice(table):
+    """The candidate RULE picks among those with every seed finished (a partial one, a call cut by its deadline or
+    a pilot, would otherwise switch the setting, and make every claim stale, on fewer seeds); None if there is none."""
+    complete = {n: t for n, t in table.items() if t["seeds"] == len(SEEDS)}
+    if not complete:
+        return None
+    best_fit = max(t["sgd_train_acc"] for t in complete.values())
+    eligible = [n for n, t in complete.items() if t["sgd_train_acc"] >= best_fit - FIT_MARGIN]
+    return max(eligible, key=lambda n: complete[n]["gain"])
+
+
+def choose():
+    """Write results/setting.json from the finished selection runs by RULE; returns it."""
+    table = candidate_table()
+    chosen = rule_choice(table)
+    if chosen is None:
+        sys.exit(f"reproduce.py: no candidate has all {len(SEEDS)} seeds of SGD and SAM finished yet; "
+                 "run `reproduce.py select`")
     setting = dict(name=chosen, args=CANDIDATES[chosen], rule=RULE, candidates=table)
     previous = RESULTS / "setting.json"
     previous = json.loads(previous.read_text())["name"] if previous.exists() else chosen
@@ -418,8 +435,9 @@ def choose():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "setting.json").write_text(json.dumps(setting, indent=1) + "\n")
     for name, t in table.items():
+        partial = "" if t["seeds"] == len(SEEDS) else f" (of {len(SEEDS)}: not yet eligible)"
         print(f"{name}: SGD train {t['sgd_train_acc']:.2f}%, val SGD {t['sgd_val_acc']:.2f}% SAM {t['sam_val_acc']:.2f}% "
-              f"(gain {t['gain']:+.2f}, {t['seeds']} seeds){'  <- chosen' if name == chosen else ''}")
+              f"(gain {t['gain']:+.2f}, {t['seeds']} seeds{partial}){'  <- chosen' if name == chosen else ''}")
     return setting
 
 

@@ -1660,6 +1660,50 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
 
 
+def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pick(tmp_path, monkeypatch):
+    """results.md's candidate table is read from results/select (a pilot shows before it is complete) with
+    mean ± std per column, and says when the rule, counting complete candidates only, now picks another one."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("fits", "best", "unrun")})
+    # candidate -> per seed (SGD final train acc, SGD best val, SAM best val); SAM-s2 of "best" is still running
+    made = {"fits": [(80.0, 60.0, 61.0), (81.0, 62.0, 62.5), (80.5, 61.0, 63.0)],
+            "best": [(99.0, 50.0, 55.0), (99.5, 52.0, 58.0), (99.2, 51.0, None)]}
+    for name, seeds in made.items():
+        for seed, (train_acc, sgd_val, sam_val) in enumerate(seeds):
+            for variant, val in (("sgd", sgd_val), ("sam", sam_val)):
+                root = tmp_path / "select" / name
+                root.mkdir(parents=True, exist_ok=True)
+                make_run(root, f"{variant}-s{seed}", variant, seed, final=val is not None)
+                update_json(root / f"{variant}-s{seed}" / "config.json", subset=name, device="cpu")
+                if val is not None:
+                    update_json(root / f"{variant}-s{seed}" / "final.json", best_val_acc=val)
+                    epochs = (root / f"{variant}-s{seed}" / "epochs.csv").read_text().splitlines()
+                    last = epochs[-1].split(",")
+                    last[EPOCH_COLS.index("train_acc")] = str(train_acc)
+                    (root / f"{variant}-s{seed}" / "epochs.csv").write_text("\n".join(epochs[:-1] + [",".join(last)]) + "\n")
+
+    def table():
+        runs, _ = plots.load_runs(str(tmp_path))
+        text = plots.selection_md(str(tmp_path), {os.path.relpath(r["folder"], tmp_path): r for r in runs}, "fits")
+        return text, {line.split(" | ")[0].strip("| *").removesuffix("** (chosen)"): line for line in text.splitlines()}
+
+    def expected(xs):
+        return f"{np.mean(xs):.4g} ± {np.std(xs, ddof=1):.2g}"
+    text, rows = table()
+    sgd_val, sam_val = [60.0, 62.0, 61.0], [61.0, 62.5, 63.0]
+    gain = f"{np.mean(sam_val) - np.mean(sgd_val):+.3g} ± {math.hypot(np.std(sgd_val, ddof=1), np.std(sam_val, ddof=1)):.2g}"
+    assert rows["fits"] == (f"| **fits** (chosen) | 3 / 3 | cpu | {expected([80.0, 81.0, 80.5])} | {expected(sgd_val)} | "
+                            f"{expected(sam_val)} | {gain} | {expected([70.0, 71.0, 72.0])} | {expected([71.0, 72.0, 73.0])} |")
+    assert rows["best"].startswith("| best | 3 / 2 | cpu | ") and rows["unrun"] == "| unrun | 0 / 0 | not run | | | | | | |"
+    assert "now point to" not in text   # "best" fits better and gains more, but SAM has 2 of its 3 seeds
+    update_json(tmp_path / "select" / "best" / "sam-s2" / "config.json", device="cpu")
+    (tmp_path / "select" / "best" / "sam-s2" / "final.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "select" / "best" / "sam-s1" / "final.json").read_text()), "best_val_acc": 56.0}))
+    text, rows = table()
+    assert rows["best"].startswith("| best | 3 / 3 | cpu | ")
+    assert "The finished selection runs now point to **best** by the rule; the claims below ran in fits." in text
+
+
 def test_plots_results_md_judges_a_row_against_the_device_control_on_its_own_device(tmp_path):
     """A peer that ran on the CPU, whose reference ran on a GPU: judged against the device control (the reference
     row rerun on the CPU) when that has run, with the GPU row still named; the control itself against the GPU row."""
@@ -1894,13 +1938,16 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jo
 
 
 def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys):
-    """Among the candidates whose SGD train accuracy is within 2 points of the best, the largest SAM - SGD
-    validation gain (means over the finished seeds); a changed choice says the old claims folders are stale."""
+    """Among the candidates with all 3 seeds finished whose SGD train accuracy is within 2 points of the best, the
+    largest SAM - SGD validation gain (seed means); a candidate with fewer seeds is listed, not chosen; a changed
+    choice says the old claims folders are stale."""
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
-    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("a", "b", "c", "unrun")})
+    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("a", "b", "c", "partial", "unrun")})
     # candidate: (SGD final train acc, SGD best val acc, SAM best val acc) per seed
-    made = {"a": [(90, 70, 75)] * 3, "b": [(97, 60, 62), (98, 61, 61)], "c": [(99, 70, 69), (99, 72, 70)]}
+    made = {"a": [(90, 70, 75)] * 3, "b": [(97, 60, 62), (98, 61, 61), (97.5, 62, 63)],
+            "c": [(99, 70, 69), (99, 72, 70), (99, 71, 71)],
+            "partial": [(100, 50, 60), (100, 52, 61)]}   # fits best and gains most, but 2 of 3 seeds
     for name, seeds in made.items():
         for seed, (train_acc, sgd_val, sam_val) in enumerate(seeds):
             for variant, val in (("sgd", sgd_val), ("sam", sam_val)):
@@ -1912,9 +1959,16 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
     setting = reproduce.choose()
     # a has the largest gain (+5) but SGD fits only 90% there; b (+1, train 97.5) beats c (-1, train 99)
     assert setting["name"] == "b" and setting["args"] == ["--subset", "b"] and set(setting["candidates"]) == set(made)
-    assert setting["candidates"]["b"]["gain"] == pytest.approx(1.0) and setting["candidates"]["b"]["seeds"] == 2
+    assert setting["candidates"]["b"]["gain"] == pytest.approx(1.0) and setting["candidates"]["b"]["seeds"] == 3
+    assert setting["candidates"]["partial"]["gain"] == pytest.approx(9.5) and setting["candidates"]["partial"]["seeds"] == 2
     assert json.loads((tmp_path / "setting.json").read_text())["name"] == "b"
-    assert "the setting changes from c to b" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the setting changes from c to b" in out and "2 seeds (of 3: not yet eligible)" in out
+    for name in ("a", "b", "c"):   # with no candidate complete, nothing is chosen and setting.json stays
+        shutil.rmtree(tmp_path / "select" / name / "sam-s2")
+    with pytest.raises(SystemExit, match="no candidate has all 3 seeds"):
+        reproduce.choose()
+    assert json.loads((tmp_path / "setting.json").read_text())["name"] == "b"
 
 
 def test_reproduce_leaves_a_folder_made_with_other_settings_alone(tmp_path, monkeypatch, capsys):
