@@ -349,6 +349,9 @@ METRICS = {   # name -> (what it is, value of one finished run)
     "tail_acc": ("tail classes' test acc (%)", lambda r: _class_mean(r["final"], tail=True)),
     "lambda_max": ("lambda_max", lambda r: (r["final"].get("sharpness") or {}).get("lambda_max", math.nan)),
     "top5_pos_mean": ("top-5 eigenvalue mean", lambda r: (r["final"].get("sharpness") or {}).get("top5_pos_mean", math.nan)),
+    "trace": ("Hessian trace (Hutchinson; ± std over seeds, one seed ± its SE)",
+              lambda r: (r["final"].get("sharpness") or {}).get("trace", math.nan)),
+    "trace_se": ("standard error of the Hutchinson trace", lambda r: (r["final"].get("sharpness") or {}).get("trace_se", math.nan)),
     "ckpt1_min": ("B1 lowest share after the first tenth (%)",
                   lambda r: float(np.nanmin(r["steps"]["ckpt1"][len(r["steps"]["ckpt1"]) // 10:]))),
     **{f"ckpt{k}_{when}": (f"B{k} share, {when} tenth (%)", lambda r, k=k, when=when: _late(r["steps"], f"ckpt{k}", when == "early"))
@@ -389,6 +392,13 @@ def verdict(ours, op, reference):
         return "holds" if abs(diff) <= max(spread, tolerance) else "does not hold"
     sign = 1 if op == ">" else -1
     return "holds" if sign * diff > spread else "does not hold" if sign * diff < -spread else "can't tell"
+
+
+def cell(runs, metric):
+    """A table cell: mean ± std over the seeds; a single run's trace ± the standard error of its Hutchinson probes."""
+    if metric == "trace" and len(values(runs, "trace")) == 1 and values(runs, "trace_se"):
+        return f"{values(runs, 'trace')[0]:.4g} ± {values(runs, 'trace_se')[0]:.2g} (SE)"
+    return mean_std(values(runs, metric))
 
 
 def at_chance(runs):
@@ -453,6 +463,8 @@ def results_md(root, runs):
         metrics = list(dict.fromkeys(m for row in group.rows for m, *_ in row.expect)) or ["test_acc"]
         if "test_acc" not in metrics:
             metrics.insert(0, "test_acc")
+        if set(metrics) & set(SHARPNESS):   # the trace is measured with them, and carries its own uncertainty
+            metrics.append("trace")
         lines = [f"## {group.claim}", "", "| row | n | " + " | ".join(METRICS[m][0] for m in metrics)
                  + " | ran on | command |", "|---|---|" + "---|" * (len(metrics) + 2)]
         checks = ["", "| row | measure | ours | reference | the notes | verdict |", "|---|---|---|---|---|---|"]
@@ -462,7 +474,7 @@ def results_md(root, runs):
             diverged = sum(1 for r in mine if r["diverged"])
             n = f"{finished}" + (f" (+{diverged} diverged)" if diverged else "")
             command = row_command(mine) if mine else planned_command(group, row, setting_args)
-            lines.append(f"| {row.label} | {n} | " + " | ".join(mean_std(values(mine, m)) for m in metrics)
+            lines.append(f"| {row.label} | {n} | " + " | ".join(cell(mine, m) for m in metrics)
                          + f" | {devices(mine)} | `{command}` |")
             for metric, op, reference, words in row.expect:
                 ref_values = reference if isinstance(reference, (int, float)) else values(rows[reference], metric)

@@ -1704,6 +1704,26 @@ def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pi
     assert "The finished selection runs now point to **best** by the rule; the claims below ran in fits." in text
 
 
+def test_plots_results_md_gives_the_trace_with_its_uncertainty(tmp_path):
+    """Where a group measures sharpness, results.md adds the Hutchinson trace: mean ± std over seeds, and for a row
+    of one seed that run's trace ± the standard error of its probes (final.json's trace_se)."""
+    traces = {"sgd": [(100.0, 4.0), (110.0, 5.0), (120.0, 6.0)], "sam": [(150.0, 7.5)]}
+    (tmp_path / "core").mkdir()
+    for variant, runs in traces.items():
+        for seed, (trace, se) in enumerate(runs):
+            make_run(tmp_path / "core", f"{variant}-s{seed}", variant, seed)
+            final = tmp_path / "core" / f"{variant}-s{seed}" / "final.json"
+            update_json(final, sharpness={**json.loads(final.read_text())["sharpness"], "trace": trace, "trace_se": se})
+    runs, _ = plots.load_runs(str(tmp_path))
+    lines = plots.results_md(str(tmp_path), runs).splitlines()
+    header = next(line for line in lines if line.startswith("| row | n | final train acc"))
+    column = header.split(" | ").index("Hessian trace (Hutchinson; ± std over seeds, one seed ± its SE)")
+    sgd = next(line for line in lines if line.startswith("| sgd | 3 |")).split(" | ")
+    sam = next(line for line in lines if line.startswith("| sam | 1 |")).split(" | ")
+    assert sgd[column] == f"{np.mean([100, 110, 120]):.4g} ± {np.std([100, 110, 120], ddof=1):.2g}" == "110 ± 10"
+    assert sam[column] == "150 ± 7.5 (SE)"
+
+
 def test_plots_results_md_judges_a_row_against_the_device_control_on_its_own_device(tmp_path):
     """A peer that ran on the CPU, whose reference ran on a GPU: judged against the device control (the reference
     row rerun on the CPU) when that has run, with the GPU row still named; the control itself against the GPU row."""
