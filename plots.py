@@ -379,6 +379,12 @@ def values(runs, metric):
     return out
 
 
+def difference(ours, reference):
+    """mean(ours) - mean(reference) and the combined sample std sqrt(s_a^2 + s_b^2) (NaN with fewer than 2 of either)."""
+    spread = math.hypot(np.std(ours, ddof=1), np.std(reference, ddof=1)) if min(len(ours), len(reference)) > 1 else math.nan
+    return np.mean(ours) - np.mean(reference), spread
+
+
 def verdict(ours, op, reference):
     """holds / does not hold / can't tell for 'ours op reference' (reference: a number or a list of values)."""
     if len(ours) < 2 or (not isinstance(reference, (int, float)) and len(reference) < 2):
@@ -387,7 +393,7 @@ def verdict(ours, op, reference):
     if isinstance(reference, (int, float)):
         diff, spread, tolerance = mean - reference, std, 0.25 * abs(reference)
     else:
-        diff, spread, tolerance = mean - np.mean(reference), math.hypot(std, np.std(reference, ddof=1)), 0.0
+        (diff, spread), tolerance = difference(ours, reference), 0.0
     if op == "~":
         return "holds" if abs(diff) <= max(spread, tolerance) else "does not hold"
     sign = 1 if op == ">" else -1
@@ -508,12 +514,12 @@ def selection_md(root, by_path, chosen):
     for name in reproduce.CANDIDATES:
         sgd, sam = ([by_path[p] for s in reproduce.SEEDS if (p := f"select/{name}/{v}-s{s}") in by_path]
                     for v in ("sgd", "sam"))
-        if not values(sgd + sam, "val_acc"):   # a run still going counts once it ends (as in a clean clone)
+        sgd_val, sam_val = values(sgd, "val_acc"), values(sam, "val_acc")
+        if not sgd_val + sam_val:   # a run still going counts once it ends (as in a clean clone)
             lines.append(f"| {name} | 0 / 0 | not run | | | | | | |")
             continue
-        sgd_val, sam_val = values(sgd, "val_acc"), values(sam, "val_acc")
-        gain = "–" if not (sgd_val and sam_val) else f"{np.mean(sam_val) - np.mean(sgd_val):+.3g}" + (
-            f" ± {math.hypot(np.std(sgd_val, ddof=1), np.std(sam_val, ddof=1)):.2g}" if min(map(len, (sgd_val, sam_val))) > 1 else "")
+        gain, spread = difference(sam_val, sgd_val) if sgd_val and sam_val else (math.nan, math.nan)
+        gain = "–" if math.isnan(gain) else f"{gain:+.3g}" + ("" if math.isnan(spread) else f" ± {spread:.2g}")
         lines.append(f"| {'**' + name + '** (chosen)' if name == chosen else name} | {len(sgd_val)} / {len(sam_val)} | "
                      f"{devices(sgd + sam)} | {mean_std(values(sgd, 'train_acc'))} | {mean_std(sgd_val)} | "
                      f"{mean_std(sam_val)} | {gain} | {mean_std(values(sgd, 'test_acc'))} | {mean_std(values(sam, 'test_acc'))} |")
