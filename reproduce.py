@@ -197,12 +197,15 @@ def claims(setting):
                 (acc, "<", "device/sam-rho0.1-cpu", "below SAM (both on the CPU)"),
                 (acc, "<", "device/sammagnitude-cpu", "below sammagnitude (both on the CPU)"),
                 ("top5_pos_mean", ">", "device/sam-rho0.1-sharp-cpu", "far sharper: top-5 mean 259 vs SAM's 71 (CPU)"))),
-            # claim 5's main row with seeds on one device, against SAM's sharp rerun there
+            # claim 5's main rows with seeds on one device, against SAM's sharp rerun there
             Row("samme1-c2-cpu", "samme1", rho + ["--condition", "2"] + SHARP + cpu, expect=(
                 (acc, "~", "same/samme1-c2", same_result),
                 ("lambda_max", "<", "device/sam-rho0.1-sharp-cpu", "flatter than SAM (both on the CPU)"),
-                ("train_acc", ">", "device/sam-rho0.1-sharp-cpu", "higher late train acc (both on the CPU)"),
-                (acc, ">", "device/sam-rho0.1-sharp-cpu", "higher late val acc (both on the CPU)"))),
+                ("train_acc", ">", "device/sam-rho0.1-cpu", "higher late train acc (both on the CPU)"),
+                (acc, ">", "device/sam-rho0.1-cpu", "higher late val acc (both on the CPU)"))),
+            Row("customsame-cpu", "customsame", rho + SHARP + cpu, expect=(
+                (acc, "~", "same/customsame", same_result),
+                (acc, ">", "device/sam-rho0.1-cpu", "built to beat SAM (both on the CPU)"))),
             # the reference of the sgdhess rows, which ran on the CPU
             Row("sgd-cpu", "sgd", SHARP + cpu, expect=(
                 (acc, "~", "core/sgd", same_result),
