@@ -1869,7 +1869,7 @@ def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
 
 def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     """The control rows pin --device cpu: launched with --device cuda they still train on the CPU, with the variant and
-    radius of the GPU row they are compared with; every other row takes the runner's device."""
+    radius (and c) of the GPU row they are compared with; every other row takes the runner's device."""
     import reproduce
     import train
     setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
@@ -1880,14 +1880,14 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     control = {name for name in device if name.startswith("device/")}
     assert control == {"device/sam-rho0.01-cpu", "device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu",
                        "device/linf-norm-rho0.05-cpu", "device/sam-rho0.1-sharp-cpu", "device/sammagnitude-cpu",
-                       "device/samdirection-cpu", "device/sgd-cpu"}
+                       "device/samdirection-cpu", "device/samme1-c2-cpu", "device/customsame-cpu", "device/sgd-cpu"}
     assert all(device[name] == "cpu" for name in control)
     assert {d for name, d in device.items() if name not in control} == {"cuda"}
     for name in control:
         reference = rows[rows[name].expect[0][2]]
         assert reference.variant == rows[name].variant
-        assert reproduce.value(reference.flags, "--rho", sam.FLAGS["rho"]) == \
-            reproduce.value(rows[name].flags, "--rho", sam.FLAGS["rho"])
+        for flag, default in (("--rho", sam.FLAGS["rho"]), ("--condition", sam.FLAGS["condition"])):
+            assert reproduce.value(reference.flags, flag, default) == reproduce.value(rows[name].flags, flag, default)
 
 
 def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
