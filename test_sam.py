@@ -1869,7 +1869,8 @@ def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
 
 def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     """The control rows pin --device cpu: launched with --device cuda they still train on the CPU, with the variant and
-    radius (and c) of the GPU row they are compared with; every other row takes the runner's device."""
+    radius (and c) of the GPU row they are compared with (but claim 5's step-length control, compared with CPU rows
+    only); every other row takes the runner's device."""
     import reproduce
     import train
     setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
@@ -1880,10 +1881,13 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
     control = {name for name in device if name.startswith("device/")}
     assert control == {"device/sam-rho0.01-cpu", "device/sam-rho0.05-cpu", "device/sam-rho0.1-cpu", "device/sam-rho0.5-cpu",
                        "device/linf-norm-rho0.05-cpu", "device/sam-rho0.1-sharp-cpu", "device/sammagnitude-cpu",
-                       "device/samdirection-cpu", "device/samme1-c2-cpu", "device/customsame-cpu", "device/sgd-cpu"}
+                       "device/samdirection-cpu", "device/samme1-c2-cpu", "device/customsame-cpu", "device/sgd-cpu",
+                       "device/sam-step1.8-cpu"}
     assert all(device[name] == "cpu" for name in control)
     assert {d for name, d in device.items() if name not in control} == {"cuda"}
-    for name in control:
+    of_a_gpu_row = {name for name in control if not rows[name].expect[0][2].startswith("device/")}
+    assert control - of_a_gpu_row == {"device/sam-step1.8-cpu"}   # claim 5's step-length control: CPU rows only
+    for name in of_a_gpu_row:
         reference = rows[rows[name].expect[0][2]]
         assert reference.variant == rows[name].variant
         for flag, default in (("--rho", sam.FLAGS["rho"]), ("--condition", sam.FLAGS["condition"])):
