@@ -206,7 +206,7 @@ def claims(setting):
             Row("customsame-cpu", "customsame", rho + SHARP + cpu, expect=(
                 (acc, "~", "same/customsame", same_result),
                 (acc, ">", "device/sam-rho0.1-cpu", "built to beat SAM (both on the CPU)"))),
-            # not in the notes: samme1 (c 2) makes d 1.70x g' long at initialisation and 1.88x at the end, so SAM with
+            # not in the notes: samme1 (c 2) makes d 1.70x g' long at initialisation, 1.88x at the best checkpoint; SAM with
             # d = 1.8 g' everywhere asks whether its flatness comes from picking B1 or from the longer step
             Row("sam-step1.8-cpu", "sam", rho + ["--bin-scale", *"ccccc", "--condition", "1.8"] + SHARP + cpu, expect=(
                 ("lambda_max", "~", "device/samme1-c2-cpu", "control: the longer step alone is as flat as samme1"),
