@@ -2417,6 +2417,17 @@ def test_train_resume_cuts_partial_rows_and_nul_bytes(tmp_path, finished_and_sto
     _same_logs(finished_and_stopped / "done", run)
 
 
+def test_train_resume_with_other_columns_is_refused_and_keeps_every_row(tmp_path, finished_and_stopped):
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    steps = tmp_path / "run" / "steps.csv"
+    rows = [line.split(",") for line in steps.read_text().splitlines()]
+    gone = rows[0].index("mag_up")
+    older = "".join(",".join(row[:gone] + row[gone + 1:]) + "\n" for row in rows)
+    steps.write_text(older)   # the columns an older train.py wrote: one statistic fewer
+    _fails(argv + ["--resume"], "has another train.py's columns")
+    assert steps.read_text() == older
+
+
 def test_train_max_steps_below_the_current_step_is_refused(tmp_path, finished_and_stopped):
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     for steps in ("2", "4"):

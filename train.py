@@ -931,6 +931,12 @@ class RunFolder:
                  "train.py. Restore it from a copy, or start again with --overwrite")
         if args.max_steps is not None and args.max_steps <= step:
             fail(f"--max-steps {args.max_steps}: the run is already at step {step}; give a larger one or drop it")
+        for name, columns in (("steps.csv", STEP_COLUMNS), ("epochs.csv", EPOCH_COLUMNS),
+                              ("sharpness.csv", SHARPNESS_COLUMNS)):   # else CsvLog would drop every row as not whole
+            header = (self.path / name).open().readline().rstrip("\n") if (self.path / name).exists() else ""
+            if header and header.split(",") != columns:
+                fail(f"--resume: {self.path / name} has another train.py's columns; resume it with the code it ran "
+                     f"with, the copy in its folder: python {self.path / 'train.py'} ... --resume")
         return {**checkpoint, "data_fingerprint": saved.get("data_fingerprint")}
 
     def create(self, config):
