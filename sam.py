@@ -36,8 +36,8 @@ fishersam        rho (g/f)/sqrt(g.(g/f)), rho 0.1    g'                         
 gsam             as SAM                              g' - 0.4 (g - (<g,g'>/||g'||^2) g') Zhuang et al. 2022
 looksam          as SAM every 10 steps, rho 0.1      between: g + 0.7 ||g||/||g_v|| g_v  Liu et al. 2022
 Weight decay is the base optimizer's, never scaled by c. The FLAGS combine (`variant="samme1", adaptive=True`).
-Statistics (opt.stats: checkpoint shares, finer r > 1 bins, norms, cos(g, g'), mag_up, persistence of the
-B1 set) are off unless stats_every > 0; they stay on the device until read.
+Statistics (opt.stats: checkpoint shares, finer r > 1 bins, norms of g, g', d and w, cos(g, g'), mag_up, persistence
+of the B1 set) are off unless stats_every > 0; they stay on the device until read.
 """
 import functools
 import inspect
@@ -119,7 +119,7 @@ FINE_EDGES = (1.2, 1.5, 2.0, 4.0, 8.0, 16.0)
 FINE_NAMES = ("r1_1.2", "r1.2_1.5", "r1.5_2", "r2_4", "r4_8", "r8_16", "r16_inf")
 CHECKPOINT_OF_BUCKET = (3, 0, 4, 0, 2, 0, 1, 1, 1, 1, 1, 1, 1)
 STAT_KEYS = (("step",) + tuple(f"ckpt{k}" for k in range(5)) + FINE_NAMES +
-             ("grad_norm", "perturbed_grad_norm", "weight_norm", "cos", "mag_up", "skipped",
+             ("grad_norm", "perturbed_grad_norm", "direction_norm", "weight_norm", "cos", "mag_up", "skipped",
               "persist_t0", "persist_overlap", "persist_running"))
 
 
@@ -320,8 +320,9 @@ class SAM(torch.optim.Optimizer):
     def _descend(self, parts, d, gp=None, dots=None):
         """Hand d to the base optimizer at w, or skip the step exactly when g or d is not finite."""
         self.last_step_skipped = False
+        d_sq = [_sq_norm(x) for x in d] if parts and (self.flags["skip_nonfinite"] or self._stats_step()) else None
         if self.flags["skip_nonfinite"] and parts:   # the one host read of the step (as torch.amp.GradScaler)
-            squares = [_sq_norm(x) + (part.g_sq if part.g_sq is not None else 0) for part, x in zip(parts, d)]
+            squares = [x + (part.g_sq if part.g_sq is not None else 0) for part, x in zip(parts, d_sq)]
             self.last_step_skipped = not self._all_finite(torch.isfinite(sum(s.to(parts[0].device) for s in squares)))
         tracks = gp is not None and self._tracks_persistence()
         if tracks or self._stats_step():      # the ratio instrument, at this step's w before the base step
@@ -329,7 +330,8 @@ class SAM(torch.optim.Optimizer):
             if tracks:
                 self.ratio_stats.track_persistence(buckets)
             if self._stats_step():
-                self.ratio_stats.measure(self._step, buckets, dots or _dots(parts, None), [x.params for x in parts])
+                weights = [x.params for x in parts]
+                self.ratio_stats.measure(self._step, buckets, dots or _dots(parts, None), weights, d_sq)
         if self.last_step_skipped:
             self._skipped += 1
             self._warn_once("skip", f"SAM skipped step {self._step}: a non-finite gradient; the weights and the "
@@ -574,10 +576,11 @@ class RatioStats:
     def __init__(self):
         self.state = {"latest": None, "persist": None}
 
-    def measure(self, step, buckets, dots, weights):
+    def measure(self, step, buckets, dots, weights, d_sq):
         device = dots["g_g"].device
         nan = torch.full((), math.nan, dtype=torch.float64, device=device)
         w_norm = _global_norm(weights, 2).double().to(device)
+        d_norm = sum(x.to(device, torch.float64) for x in d_sq).sqrt()   # ||d||, the step's length before the base step
         g_norm, gp_norm = dots["g_g"].sqrt(), dots["gp_gp"].sqrt()
         if buckets is None:   # a one-pass step: no g', only the norms are defined
             shares, fine, cos, mag_up = nan.expand(5), nan.expand(len(FINE_NAMES)), nan, nan
@@ -590,7 +593,7 @@ class RatioStats:
             mag_up = shares[1] + shares[3]
         persist = self.state["persist"]["counts"] if self.state["persist"] is not None else nan.expand(3)
         self.state["latest"] = torch.cat([torch.full((1,), float(step), dtype=torch.float64, device=device),
-                                          shares, fine, torch.stack([g_norm, gp_norm, w_norm, cos, mag_up, nan]),
+                                          shares, fine, torch.stack([g_norm, gp_norm, d_norm, w_norm, cos, mag_up, nan]),
                                           persist])
 
     def track_persistence(self, buckets):

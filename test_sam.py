@@ -759,7 +759,7 @@ def test_stats_keys_are_all_present_as_floats_before_any_step():
     opt = SAM(make_params(), torch.optim.SGD, lr=LR)
     s = opt.stats
     keys = ["step", "ckpt0", "ckpt1", "ckpt2", "ckpt3", "ckpt4", *sam.FINE_NAMES, "grad_norm",
-            "perturbed_grad_norm", "weight_norm", "cos", "mag_up", "skipped", "persist_t0", "persist_overlap",
+            "perturbed_grad_norm", "direction_norm", "weight_norm", "cos", "mag_up", "skipped", "persist_t0", "persist_overlap",
             "persist_running"]
     assert set(keys) <= set(s)
     assert all(isinstance(v, float) for v in s.values())
@@ -787,6 +787,8 @@ def test_ratio_statistics_match_a_reference_count(name, eps):
     for t in range(2):
         w, g, gp, s = synthetic_step(opt, params, t)
         ref, _ = reference_stats(w, g, gp, eps)
+        direction = DIRECTIONS.get(name, lambda x, y, b, c: y)   # d = g' but for the bin rules
+        ref["direction_norm"] = float(norm([direction(x, y, checkpoints(x, y, eps), 2.0) for x, y in zip(g, gp)]))
         assert s["step"] == t
         for key, value in ref.items():
             rel = 1e-6 if key == "weight_norm" else 1e-9
@@ -1506,7 +1508,7 @@ def test_toy_checkpoints_writes_figure_and_csv(tmp_path):
 
 # ----------------------------------------------------------------------------- plots.py
 STEP_COLS = ("step epoch lr rho loss acc ckpt0 ckpt1 ckpt2 ckpt3 ckpt4 r1_1.2 r1.2_1.5 r1.5_2 r2_4 r4_8 r8_16 "
-             "r16_inf grad_norm perturbed_grad_norm weight_norm cos mag_up skipped persist_t0 persist_overlap "
+             "r16_inf grad_norm perturbed_grad_norm direction_norm weight_norm cos mag_up skipped persist_t0 persist_overlap "
              "persist_running").split()
 EPOCH_COLS = ("epoch train_loss train_acc val_loss val_acc test_loss test_acc clean_train_acc noisy_train_acc "
               "seconds images_per_sec").split()
@@ -1519,7 +1521,7 @@ def make_run(root, name, variant, seed, final=True, cut=False):
     config = dict(dataset="cifar10", model="resnet18", variant=variant, rho=0.1, condition=2.0, seed=seed, epochs=3)
     (folder / "config.json").write_text(json.dumps(config))
     steps = [[s, s // 10, 0.1, 0.1, 2 - s / 30, 50 + s, 5, 60, 25, 6, 4] + list(rng.uniform(1, 10, 7))
-             + [1, 1.1, 30, 0.9, 55, 0, 1000, 800 - s, 1000 // (s + 1)] for s in range(0, 30, 5)]
+             + [1, 1.1, 1.5, 30, 0.9, 55, 0, 1000, 800 - s, 1000 // (s + 1)] for s in range(0, 30, 5)]
     with open(folder / "steps.csv", "w") as f:
         f.write(",".join(STEP_COLS) + "\n" + "\n".join(",".join(map(str, r)) for r in steps) + "\n")
         if cut:
