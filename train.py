@@ -794,6 +794,7 @@ STEP_COLUMNS = ["step", "epoch", "lr", "rho", "loss", "acc"] + [k for k in sam.S
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                  "clean_train_acc", "noisy_train_acc", "seconds", "images_per_sec"]
 SHARPNESS_COLUMNS = ["epoch", "lambda_max", "trace", "top5_pos_mean", "trace_se"]
+LOGS = {"steps": (STEP_COLUMNS, "step"), "epochs": (EPOCH_COLUMNS, "epoch"), "sharpness": (SHARPNESS_COLUMNS, "epoch")}
 # Every file a run writes; --overwrite deletes these (and their temporary files) and nothing else.
 RUN_FILES = ("config.json", "steps.csv", "epochs.csv", "sharpness.csv", "final.json", "last.pt", "best.pt",
              "train.py", "sam.py")
@@ -840,6 +841,15 @@ class CsvLog:
         self.file.write(",".join(format_value(row.get(c)) for c in self.columns) + "\n")
         self.file.flush()
 
+    @staticmethod
+    def header(path):
+        """The columns a log was written with ([] for none): another train.py's would make every row look cut."""
+        if not path.exists():
+            return []
+        with open(path) as f:
+            line = f.readline().rstrip("\n")
+        return line.split(",") if line else []
+
 
 def is_number(text):
     try:
@@ -861,7 +871,7 @@ class RunFolder:
     def __init__(self, path, writer):
         self.path, self.writer = Path(path), writer
         self.last, self.best = self.path / "last.pt", self.path / "best.pt"
-        self.made, self.lock = [], None
+        self.made, self.lock, self.logs = [], None, {}
 
     def claim(self):
         """Rank 0 takes the folder (made if missing) by an exclusive lock: a second run on it is refused."""
@@ -883,7 +893,9 @@ class RunFolder:
             self.made.insert(0, self.path / LOCK)
 
     def release(self, unmake):
-        """Let go of the lock; with unmake (the run failed before config.json), remove what claim made."""
+        """Close the logs, let go of the lock; with unmake (the run failed before config.json), remove what claim made."""
+        for log in self.logs.values():
+            log.file.close()
         if self.lock is not None:
             self.lock.close()
             self.lock = None
@@ -931,11 +943,9 @@ class RunFolder:
                  "train.py. Restore it from a copy, or start again with --overwrite")
         if args.max_steps is not None and args.max_steps <= step:
             fail(f"--max-steps {args.max_steps}: the run is already at step {step}; give a larger one or drop it")
-        for name, columns in (("steps.csv", STEP_COLUMNS), ("epochs.csv", EPOCH_COLUMNS),
-                              ("sharpness.csv", SHARPNESS_COLUMNS)):   # else CsvLog would drop every row as not whole
-            header = (self.path / name).open().readline().rstrip("\n") if (self.path / name).exists() else ""
-            if header and header.split(",") != columns:
-                fail(f"--resume: {self.path / name} has another train.py's columns; resume it with the code it ran "
+        for name, (columns, _) in LOGS.items():
+            if CsvLog.header(self.path / f"{name}.csv") not in ([], columns):
+                fail(f"--resume: {self.path / name}.csv has another train.py's columns; resume it with the code it ran "
                      f"with, the copy in its folder: python {self.path / 'train.py'} ... --resume")
         return {**checkpoint, "data_fingerprint": saved.get("data_fingerprint")}
 
@@ -956,13 +966,12 @@ class RunFolder:
     def open_logs(self, step=None, epoch=None):
         """Open the CSVs, cut back to the checkpoint's step and epoch on resume."""
         if self.writer:
-            self.steps = CsvLog(self.path / "steps.csv", STEP_COLUMNS, "step", step)
-            self.epochs = CsvLog(self.path / "epochs.csv", EPOCH_COLUMNS, "epoch", epoch)
-            self.sharpness = CsvLog(self.path / "sharpness.csv", SHARPNESS_COLUMNS, "epoch", epoch)
+            self.logs = {name: CsvLog(self.path / f"{name}.csv", columns, key, step if key == "step" else epoch)
+                         for name, (columns, key) in LOGS.items()}
 
     def log(self, log, row):
         if self.writer:
-            getattr(self, log).write(row)
+            self.logs[log].write(row)
 
     def save(self, path, obj):
         if self.writer:
