@@ -42,6 +42,8 @@ SHAPES = [(3, 4), (6,), (2, 2, 2, 2)]        # 34 coordinates, a conv-shaped ker
 N_COORD = 34
 LR, MOM, WD, RHO = 0.1, 0.9, 0.01, 0.1
 RATIO_EPS, NORM_EPS = 1e-8, 1e-12
+# where sam.py runs in the tests marked so; the references always run on the CPU (SAM_TEST_DEVICE=cuda on a GPU)
+DEVICE = torch.device(os.environ.get("SAM_TEST_DEVICE", "cpu"))
 # SGDHESS's documented protocol is backward(create_graph=True); torch warns about the grad cycle
 pytestmark = pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True:UserWarning")
 # g' = q g: each q lands in one checkpoint (B1 through every fine r > 1 bin, B2, B3, B4; q = 0 is B0)
@@ -247,12 +249,16 @@ def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, look
 
 # ------------------------------------------------------------------ driving sam.py with given gradients
 def snap(params):
-    return [p.detach().clone() for p in params]
+    return [p.detach().to("cpu", copy=True) for p in params]
 
 
 def set_grads(params, grads):
     for p, x in zip(params, grads):
-        p.grad = None if x is None else x.detach().clone()
+        p.grad = None if x is None else x.detach().to(p.device, copy=True)
+
+
+def on_device(params):
+    return [p.detach().to(DEVICE).requires_grad_() for p in params]
 
 
 def drive(opt, params, grad_fn, steps, before_first=None):
@@ -306,7 +312,7 @@ def test_every_preset_has_a_reference():
 
 @pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"sgdhess", "sgdhess-exact"}))
 def test_preset_steps_match_formula(name):
-    params = make_params()
+    params = on_device(make_params())
     opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
     masks = None
     if name == "ssamf":   # Fisher diagonal from two "samples", then the top (1 - sparsity) N scores
@@ -319,7 +325,7 @@ def test_preset_steps_match_formula(name):
         masks = top_k_mask([a ** 2 + b ** 2 for a, b in zip(*srcs)], N_COORD // 2)
     got_points, got = drive(opt, params, synthetic, 3)
     if name == "ssamd":   # random mask: exactly (1 - sparsity) N live entries, bool
-        masks = [opt.state[p]["mask"] for p in params]
+        masks = [opt.state[p]["mask"].cpu() for p in params]
         assert all(mk.dtype == torch.bool for mk in masks)
         assert sum(int(mk.sum()) for mk in masks) == N_COORD // 2
     points, weights = reference_run(name, make_params(), synthetic, 3, masks=masks)
@@ -780,8 +786,8 @@ def synthetic_step(opt, params, t):
 @pytest.mark.parametrize("name,eps", [("sam", RATIO_EPS), ("samme1", RATIO_EPS), ("samckpt2", RATIO_EPS),
                                       ("usam", RATIO_EPS), ("sam", 1e-12)])
 def test_ratio_statistics_match_a_reference_count(name, eps):
-    params = make_params()
-    frozen = torch.ones(7, dtype=DT, requires_grad=True)   # no gradient: not counted
+    params = on_device(make_params())
+    frozen = torch.ones(7, dtype=DT, device=DEVICE, requires_grad=True)   # no gradient: not counted
     opt = SAM([{"params": params[:2]}, {"params": [frozen] + params[2:]}], torch.optim.SGD, variant=name,
               rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, ratio_eps=eps, stats_every=1)
     for t in range(2):
