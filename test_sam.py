@@ -42,7 +42,7 @@ SHAPES = [(3, 4), (6,), (2, 2, 2, 2)]        # 34 coordinates, a conv-shaped ker
 N_COORD = 34
 LR, MOM, WD, RHO = 0.1, 0.9, 0.01, 0.1
 RATIO_EPS, NORM_EPS = 1e-8, 1e-12
-# where sam.py runs in the tests marked so; the references always run on the CPU (SAM_TEST_DEVICE=cuda on a GPU)
+# where sam.py runs in the preset and statistics tests; their references stay on the CPU (SAM_TEST_DEVICE=cuda)
 DEVICE = torch.device(os.environ.get("SAM_TEST_DEVICE", "cpu"))
 # SGDHESS's documented protocol is backward(create_graph=True); torch warns about the grad cycle
 pytestmark = pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True:UserWarning")
