@@ -512,7 +512,7 @@ def selection_md(root, by_path, chosen):
     lines = ["| candidate | n (SGD / SAM) | ran on | SGD final train acc | SGD val acc | SAM val acc | SAM - SGD val "
              "| SGD test acc | SAM test acc |", "|---|---|---|---|---|---|---|---|---|"]
     for name in reproduce.CANDIDATES:
-        sgd, sam = ([by_path[p] for s in reproduce.SEEDS if (p := f"select/{name}/{v}-s{s}") in by_path]
+        sgd, sam = ([by_path[p] for s in reproduce.select_seeds(name) if (p := f"select/{name}/{v}-s{s}") in by_path]
                     for v in ("sgd", "sam"))
         sgd_val, sam_val = values(sgd, "val_acc"), values(sam, "val_acc")
         if not sgd_val + sam_val:   # a run still going counts once it ends (as in a clean clone)

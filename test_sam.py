@@ -1710,6 +1710,19 @@ def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pi
     text, rows = table()
     assert rows["best"].startswith("| best | 3 / 3 | cpu | ")
     assert "The finished selection runs now point to **best** by the rule; the claims below ran in fits." in text
+    # a candidate given more seeds (reproduce.SELECT_SEEDS) shows and is judged on every seed it has finished,
+    # and one whose extra seeds have not run stays eligible on its first three
+    monkeypatch.setattr(reproduce, "SELECT_SEEDS", {"fits": (0, 1, 2, 3), "best": (0, 1, 2, 3)})
+    for variant, val in (("sgd", 59.0), ("sam", 65.0)):
+        make_run(tmp_path / "select" / "fits", f"{variant}-s3", variant, 3)
+        update_json(tmp_path / "select" / "fits" / f"{variant}-s3" / "config.json", subset="fits", device="cpu")
+        update_json(tmp_path / "select" / "fits" / f"{variant}-s3" / "final.json", best_val_acc=val)
+    text, rows = table()
+    sgd_val, sam_val = [60.0, 62.0, 61.0, 59.0], [61.0, 62.5, 63.0, 65.0]
+    assert rows["fits"].startswith(f"| **fits** (chosen) | 4 / 4 | cpu | {expected([80.0, 81.0, 80.5, 62.0])} | "
+                                   f"{expected(sgd_val)} | {expected(sam_val)} | ")
+    assert reproduce.candidate_table(tmp_path)["fits"]["gain"] == pytest.approx(np.mean(sam_val) - np.mean(sgd_val))
+    assert rows["best"].startswith("| best | 3 / 3 | cpu | ") and "now point to **best**" in text
 
 
 def test_plots_results_md_gives_the_trace_with_its_uncertainty(tmp_path):
