@@ -39,6 +39,7 @@ DPI = 80
 # every figure, its size in inches (tests check the PNG's pixels against size * DPI)
 FIGURES = {"ckpt_shares": (16, 4), "ckpt1_bins": (15, 4.5), "persistence": (12, 4),
            "curves": (13, 8), "mag_up": (8, 4.5)}
+SHARES_BY_SETTING = (20, 4)   # results/ only: the selection's SAM runs, one line per candidate
 
 
 class Skip(Exception):
@@ -258,6 +259,25 @@ def plot_mag_up(groups, out):
     return _save(fig, out, "mag_up")
 
 
+def plot_shares_by_setting(settings, out):
+    """Claims 1 and 3 in every candidate setting of the selection: checkpoint shares and mag_up under SAM against the
+    share of training done, so settings of different lengths line up (seed mean; bands left out, 6 lines a panel)."""
+    fig, axes = plt.subplots(1, 5, figsize=SHARES_BY_SETTING, sharex=True)
+    for i, (name, runs) in enumerate(settings.items()):
+        for run in runs:
+            cols = run["steps"]
+            cols["training_pct"] = np.round(100 * cols["step"] / max(cols["step"][-1], 1), 1)
+        for ax, col in zip(axes, CKPTS + ("mag_up",)):
+            _band(ax, runs, "steps", "training_pct", col, band=False, color=f"C{i % 10}", label=name)
+    for ax, col in zip(axes, CKPTS + ("mag_up",)):
+        ax.set(xlabel="training done (%)", title=f"checkpoint {col[-1]}" if col != "mag_up" else "mag_up: |g'| > |g|")
+    axes[0].set_ylabel("share of coordinates (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SAM (rho 0.1) in each candidate setting of the selection: checkpoint shares and mag_up (mean over seeds)")
+    fig.tight_layout()
+    return _save(fig, out, "shares_by_setting")
+
+
 # ----------------------------------------------------------------------------- tables
 def results_table(groups):
     """Markdown: final test accuracy, loss and sharpness per group, mean ± std over finished seeds."""
@@ -463,6 +483,10 @@ def results_md(root, runs):
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
                      f"{setting['rule']}.\n\n" + selection_md(root, by_path, setting["name"]))
+        settings = selection_sam_runs(root, runs)
+        geometry = next((row for g in groups if g.name == "geometry" for row in g.rows), None)
+        if settings and geometry:
+            parts.append(selection_statistics_md(settings, geometry))
     parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{gate}**"
                  + ("" if gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"") + ".")
     for group in groups:
@@ -531,6 +555,21 @@ def selection_md(root, by_path, chosen):
     return "\n".join(lines)
 
 
+def selection_statistics_md(settings, row):
+    """Claims 1 and 3 in every candidate setting: the checks of the geometry row that the selection's SAM runs
+    answer (statistics every 25 steps; persistence needs --persist-from), mean ± std over seeds and the verdict."""
+    checks = [(m, op, ref) for m, op, ref, _ in row.expect if any(values(runs, m) for runs in settings.values())]
+    mark = {"holds": "✓", "does not hold": "✗"}
+    lines = ["| candidate | n | SAM final train acc (%) | " + " | ".join(f"{METRICS[m][0]} {op} {ref:g}" for m, op, ref in checks)
+             + " |", "|---|---|---|" + "---|" * len(checks)]
+    for name, runs in settings.items():
+        cells = [f"{mean_std(values(runs, m))} {mark.get(verdict(values(runs, m), op, ref), '?')}" for m, op, ref in checks]
+        lines.append(f"| {name} | {len(runs)} | {mean_std(values(runs, 'train_acc'))} | " + " | ".join(cells) + " |")
+    return ("Claims 1 and 3 in each candidate setting (the selection's SAM runs, ρ 0.1, statistics every 25 steps; the "
+            "geometry group below logs every step): ✓ holds, ✗ does not hold, ? can't tell, by the rule below.\n\n"
+            + "\n".join(lines))
+
+
 def device_controls(groups, rows):
     """(reference row, device) -> the rows that pin --device (the device control, as reproduce.runs_of reads it) and
     rerun that reference there. A row that ran on that device is judged against the first of them that measured
@@ -547,11 +586,21 @@ def device_controls(groups, rows):
 def results_figures(root, runs, out):
     """Claims 1-3 from the geometry group: checkpoint shares, fine bins, persistence, mag_up (band: seeds' std)."""
     mine = [r for r in runs if os.path.relpath(r["folder"], root).startswith("geometry" + os.sep)]
-    if not mine:
+    settings = selection_sam_runs(root, runs)
+    if not mine and not settings:
         return []
     os.makedirs(out, exist_ok=True)
     groups = group_runs(mine)
-    return [plot(groups, out) for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_mag_up)]
+    return [plot(groups, out) for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_mag_up)
+            if mine] + ([plot_shares_by_setting(settings, out)] if settings else [])
+
+
+def selection_sam_runs(root, runs):
+    """{candidate: its finished SAM runs} from results/select, in reproduce.CANDIDATES order, candidates with none left out."""
+    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+    settings = {name: [run for s in reproduce.select_seeds(name) if (run := by_path.get(f"select/{name}/sam-s{s}"))
+                       and run["final"]] for name in reproduce.CANDIDATES}
+    return {name: found for name, found in settings.items() if found}
 
 
 # ----------------------------------------------------------------------------- main

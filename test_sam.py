@@ -1725,6 +1725,52 @@ def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pi
     assert rows["best"].startswith("| best | 3 / 3 | cpu | ") and "now point to **best**" in text
 
 
+def test_plots_claims_1_and_3_in_every_candidate_setting(tmp_path, monkeypatch):
+    """The selection's SAM runs answer claims 1 and 3 per candidate: results.md tabulates the geometry row's checks
+    (mean ± std over seeds, ✓/✗/? by the verdict rule) and figures/results/ gets the shares against training done."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n, "--epochs", "3"] for n in ("short", "long", "unrun")})
+    (tmp_path / "setting.json").write_text(json.dumps(dict(name="short", args=reproduce.CANDIDATES["short"], rule="r")))
+    mag_up = {"short": [[55, 56, 57, 58, 59, 90], [52, 56, 57, 58, 59, 80]],   # per seed, one value per logged step
+              "long": [[40, 56, 57, 58, 59, 60], [45, 56, 57, 58, 59, 61], [44, 1, 2, 3, 4, 62]]}
+    for name, seeds in mag_up.items():
+        for seed, column in enumerate(seeds):
+            root = tmp_path / "select" / name
+            root.mkdir(parents=True, exist_ok=True)
+            make_run(root, f"sam-s{seed}", "sam", seed)
+            update_json(root / f"sam-s{seed}" / "config.json", subset=name)
+            lines = (root / f"sam-s{seed}" / "steps.csv").read_text().splitlines()
+            at = STEP_COLS.index("mag_up")
+            rows = [line.split(",") for line in lines[1:]]
+            for row, v in zip(rows, column):
+                row[at] = str(v)
+            (root / f"sam-s{seed}" / "steps.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+    (tmp_path / "core").mkdir()   # results.md is written once a claims row has run
+    make_run(tmp_path / "core", "sgd-s0", "sgd", 0)
+    runs, _ = plots.load_runs(str(tmp_path))
+    text = plots.results_md(str(tmp_path), runs)
+    table = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith(("| short", "| long"))}
+    header = next(line for line in text.splitlines() if line.startswith("| candidate | n | SAM final train acc"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    early, late = columns.index("mag_up, first tenth (%) > 50"), columns.index("mag_up, last tenth (%) ~ 85")
+    for name, seeds in mag_up.items():   # 6 logged steps: the first and last tenth are one step each
+        cells = [c.strip() for c in table[name].strip("|").split("|")]
+        assert cells[1] == str(len(seeds))
+        firsts, lasts = [s[0] for s in seeds], [s[-1] for s in seeds]
+        assert cells[early].startswith(f"{np.mean(firsts):.4g} ± {np.std(firsts, ddof=1):.2g} ")
+        assert cells[late].startswith(f"{np.mean(lasts):.4g} ± {np.std(lasts, ddof=1):.2g} ")
+    # short: 53.5 ± 2.1 above 50 beyond its std (holds), 85 ± 7.1 about 85; long: 43 ± 2.6 below 50 (does not
+    # hold), 61 ± 1 is 24 from 85, beyond both its std and 25% of 85 (does not hold)
+    for name, marks in (("short", ["✓", "✓"]), ("long", ["✗", "✗"])):
+        cells = [c.strip() for c in table[name].strip("|").split("|")]
+        assert [cells[early][-1], cells[late][-1]] == marks
+    section = text.split(header)[1].split("\n\n")[0]
+    assert "| unrun |" not in section
+    paths = plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
+    assert [os.path.basename(p) for p in paths] == ["shares_by_setting.png"]
+    assert png_size(paths[0]) == tuple(round(x * plots.DPI) for x in plots.SHARES_BY_SETTING)
+
+
 def test_plots_results_md_gives_the_trace_with_its_uncertainty(tmp_path):
     """Where a group measures sharpness, results.md adds the Hutchinson trace: mean ± std over seeds, and for a row
     of one seed that run's trace ± the standard error of its probes (final.json's trace_se)."""
