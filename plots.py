@@ -483,10 +483,7 @@ def results_md(root, runs):
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
                      f"{setting['rule']}.\n\n" + selection_md(root, by_path, setting["name"]))
-        settings = selection_sam_runs(root, runs)
-        geometry = next((row for g in groups if g.name == "geometry" for row in g.rows), None)
-        if settings and geometry:
-            parts.append(selection_statistics_md(settings, geometry))
+        parts += selection_statistics_md(selection_sam_runs(root, runs), groups)
     parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{gate}**"
                  + ("" if gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"") + ".")
     for group in groups:
@@ -555,9 +552,13 @@ def selection_md(root, by_path, chosen):
     return "\n".join(lines)
 
 
-def selection_statistics_md(settings, row):
+def selection_statistics_md(settings, groups):
     """Claims 1 and 3 in every candidate setting: the checks of the geometry row that the selection's SAM runs
-    answer (statistics every 25 steps; persistence needs --persist-from), mean ± std over seeds and the verdict."""
+    answer (statistics every 25 steps; persistence needs --persist-from), mean ± std over seeds and the verdict.
+    A list of one markdown part, empty without selection runs or a geometry group."""
+    row = next((row for g in groups if g.name == "geometry" for row in g.rows), None)
+    if not settings or row is None:
+        return []
     checks = [(m, op, ref) for m, op, ref, _ in row.expect if any(values(runs, m) for runs in settings.values())]
     mark = {"holds": "✓", "does not hold": "✗"}
     lines = ["| candidate | n | SAM final train acc (%) | " + " | ".join(f"{METRICS[m][0]} {op} {ref:g}" for m, op, ref in checks)
@@ -565,9 +566,9 @@ def selection_statistics_md(settings, row):
     for name, runs in settings.items():
         cells = [f"{mean_std(values(runs, m))} {mark.get(verdict(values(runs, m), op, ref), '?')}" for m, op, ref in checks]
         lines.append(f"| {name} | {len(runs)} | {mean_std(values(runs, 'train_acc'))} | " + " | ".join(cells) + " |")
-    return ("Claims 1 and 3 in each candidate setting (the selection's SAM runs, ρ 0.1, statistics every 25 steps; the "
-            "geometry group below logs every step): ✓ holds, ✗ does not hold, ? can't tell, by the rule below.\n\n"
-            + "\n".join(lines))
+    return ["Claims 1 and 3 in each candidate setting (the selection's SAM runs, ρ 0.1, statistics every 25 steps, so "
+            "the first tenth holds step 0; the geometry group below logs every step): ✓ holds, ✗ does not hold, ? can't "
+            "tell, by the rule below.\n\n" + "\n".join(lines)]
 
 
 def device_controls(groups, rows):

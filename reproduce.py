@@ -48,7 +48,7 @@ CANDIDATES = {   # model, subset, epochs: 0.2-0.3 M training images per pass eac
 # candidate once its SEEDS are finished, then every seed it has
 SELECT_SEEDS = {"resnet18-w0.25-n2500-e100": SEEDS + (3, 4)}
 RULE = ("among candidates whose SGD final train accuracy is within 2 points of the best candidate's, the one with "
-        "the largest mean SAM - SGD validation accuracy (best epoch, 3 seeds)")
+        "the largest mean SAM - SGD validation accuracy (best epoch, over every finished seed, 3 at least)")
 FIT_MARGIN = 2.0
 SHARP = ["--sharpness", "--sharpness-batches", "4", "--sharpness-iters", "20"]   # cheap: only for sharpness claims
 # the cost of one training image relative to SGD's (for the estimate the dry run prints)
