@@ -585,7 +585,8 @@ def device_controls(groups, rows):
 
 
 def results_figures(root, runs, out):
-    """Claims 1-3 from the geometry group: checkpoint shares, fine bins, persistence, mag_up (band: seeds' std)."""
+    """Claims 1-3 from the geometry group: checkpoint shares, fine bins, persistence, mag_up (band: seeds' std);
+    claims 1 and 3 in every candidate setting from the selection's SAM runs."""
     mine = [r for r in runs if os.path.relpath(r["folder"], root).startswith("geometry" + os.sep)]
     settings = selection_sam_runs(root, runs)
     if not mine and not settings:

@@ -427,7 +427,7 @@ def candidate_table(results=None):
 
 
 def rule_choice(table):
-    """The candidate RULE picks among those with every seed finished (a partial one, a call cut by its deadline or
+    """The candidate RULE picks among those with SEEDS finished (a partial one, a call cut by its deadline or
     a pilot, would otherwise switch the setting, and make every claim stale, on fewer seeds); None if there is none."""
     complete = {n: t for n, t in table.items() if t["seeds"] >= len(SEEDS)}
     if not complete:
