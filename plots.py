@@ -533,8 +533,7 @@ def selection_md(root, by_path, chosen):
     lines = ["| candidate | n (SGD / SAM) | ran on | SGD final train acc | SGD val acc | SAM val acc | SAM - SGD val "
              "| SGD test acc | SAM test acc |", "|---|---|---|---|---|---|---|---|---|"]
     for name in reproduce.CANDIDATES:
-        sgd, sam = ([by_path[p] for s in reproduce.select_seeds(name) if (p := f"select/{name}/{v}-s{s}") in by_path]
-                    for v in ("sgd", "sam"))
+        sgd, sam = (candidate_runs(by_path, name, v) for v in ("sgd", "sam"))
         sgd_val, sam_val = values(sgd, "val_acc"), values(sam, "val_acc")
         if not sgd_val + sam_val:   # a run still going counts once it ends (as in a clean clone)
             lines.append(f"| {name} | 0 / 0 | not run | | | | | | |")
@@ -597,11 +596,15 @@ def results_figures(root, runs, out):
             if mine] + ([plot_shares_by_setting(settings, out)] if settings else [])
 
 
+def candidate_runs(by_path, name, variant):
+    """A selection candidate's runs of one optimizer, finished or not, over the seeds reproduce.py gives it."""
+    return [by_path[p] for s in reproduce.select_seeds(name) if (p := f"select/{name}/{variant}-s{s}") in by_path]
+
+
 def selection_sam_runs(root, runs):
     """{candidate: its finished SAM runs} from results/select, in reproduce.CANDIDATES order, candidates with none left out."""
     by_path = {os.path.relpath(run["folder"], root): run for run in runs}
-    settings = {name: [run for s in reproduce.select_seeds(name) if (run := by_path.get(f"select/{name}/sam-s{s}"))
-                       and run["final"]] for name in reproduce.CANDIDATES}
+    settings = {name: [run for run in candidate_runs(by_path, name, "sam") if run["final"]] for name in reproduce.CANDIDATES}
     return {name: found for name, found in settings.items() if found}
 
 
