@@ -4,7 +4,8 @@
     python bench.py --only optimizer data  # a selection
 
 optimizer  sam.SAM first_step()+second_step() against the same algorithm written as davda54/sam's
-           per-tensor loop, SGD base, on PyramidNet-110 (439 tensors), ResNet-18 and WRN-16-8; SAM's buffers
+           per-tensor loop, SGD base, on PyramidNet-110 (439 tensors), ResNet-18 and WRN-16-8; with statistics
+           every step, and samme1 (a bin rule: r bucketed every step); SAM's buffers
 data       train.py's device-resident loader against a torchvision DataLoader with PIL transforms and
            2 workers (davda54/sam's example), images per second on CIFAR-shaped uint8 data
 step       ResNet-18: a SAM step over an SGD step, and statistics on over off (train.train_step)
@@ -127,7 +128,9 @@ def bench_optimizer_on(model_name, args, device, measure):
     base = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)   # training (g' = g would put every r in one bucket)
     optimizers = {"davda54 loop": LoopSAM(params, torch.optim.SGD, rho=0.05, **base),
                   "sam.SAM": sam.SAM(params, torch.optim.SGD, rho=0.05, **base),
-                  "sam.SAM, stats every step": sam.SAM(params, torch.optim.SGD, rho=0.05, stats_every=1, **base)}
+                  "sam.SAM, stats every step": sam.SAM(params, torch.optim.SGD, rho=0.05, stats_every=1, **base),
+                  "sam.SAM samme1 (buckets r every step)": sam.SAM(params, torch.optim.SGD, 0.05, variant="samme1",
+                                                                   **base)}
 
     def step(opt):   # fresh copies of the stored g and g' as a training loop has them; only the
         def run():   # optimizer's first_step(zero_grad=True) + second_step() is timed
@@ -154,6 +157,7 @@ def bench_optimizer_on(model_name, args, device, measure):
     rows.append(("SAM / loop", f"{seconds['sam.SAM'] / loop:.2f}", f"<= {OPTIMIZER_TARGETS.get(model_name, '')}"))
     rows.append(("SAM stats every step / loop", f"{seconds['sam.SAM, stats every step'] / loop:.2f}",
                  "<= 1.0" if model_name == "pyramidnet110" else ""))
+    rows.append(("samme1 / loop", f"{seconds['sam.SAM samme1 (buckets r every step)'] / loop:.2f}", ""))
     numel = sum(p.numel() for p in params)
     for name in ("sam.SAM", "sam.SAM, stats every step"):
         held = held_bytes(optimizers[name], exclude=params + grads)

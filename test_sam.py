@@ -450,6 +450,19 @@ def test_checkpoint_edges_follow_the_strict_inequalities():
     assert one_step_direction("samme3", g, gp) == pytest.approx([a, -a, 0.0, 0.5, -1.0, 0.0, 3.0], rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_buckets_equal_torch_bucketize_at_and_beside_every_edge(dtype):
+    # sam._bucketize counts edges <= r on the CPU instead of searching: the plain form is torch.bucketize
+    edges = sam._edges(dtype, torch.device("cpu"))
+    up, down = (torch.nextafter(edges, torch.full_like(edges, x)) for x in (math.inf, -math.inf))
+    r = torch.cat([edges, up, down, torch.tensor([math.inf, -math.inf, 0.0, -0.0, 1e30, -1e30], dtype=dtype),
+                   torch.randn(1000, dtype=dtype) * 5, torch.rand(1000, dtype=dtype) * 20 - 2])
+    expected = torch.bucketize(r, edges, right=True, out_int32=True)
+    got = sam._bucketize(r, edges)
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
+    assert set(got.tolist()) == set(range(13))
+
+
 # ------------------------------------------------------------------ ascent geometries
 @pytest.mark.parametrize("flags,kind,kw", [
     (dict(), "sam", {}),
