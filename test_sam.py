@@ -1175,7 +1175,7 @@ def test_a_skipped_step_leaves_the_base_optimizer_untouched_and_no_flag_means_da
 
 
 # ------------------------------------------------------------------ a contributor's rule, the audit's fixes, davda54 users
-@pytest.mark.parametrize("name", ["sam", "usam", "ssamd"])
+@pytest.mark.parametrize("name", ["sam", "usam", "ssamd", "samme1", "gsam"])   # the last two keep a copy of g
 def test_scaling_the_grads_in_place_equals_the_out_of_place_ascent(name):
     # first_step(zero_grad=True) builds e in the gradients it is about to drop (no allocation); without
     # zero_grad it must leave the caller's gradients alone, and both must climb to the same point bit for bit
