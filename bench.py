@@ -5,7 +5,8 @@
 
 optimizer  sam.SAM first_step()+second_step() against the same algorithm written as davda54/sam's
            per-tensor loop, SGD base, on PyramidNet-110 (439 tensors), ResNet-18 and WRN-16-8; with statistics
-           every step, and samme1 (a bin rule: r bucketed every step); SAM's buffers
+           every step (and with torch.bucketize, the plain form of its CPU bucketing), and samme1 (a bin rule:
+           r bucketed every step); SAM's buffers
 data       train.py's device-resident loader against a torchvision DataLoader with PIL transforms and
            2 workers (davda54/sam's example), images per second on CIFAR-shaped uint8 data
 step       ResNet-18: a SAM step over an SGD step, and statistics on over off (train.train_step)
@@ -94,6 +95,18 @@ class LoopSAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
 
+class BucketizeSAM(sam.SAM):
+    """sam.SAM with torch.bucketize on the CPU too: the plain form that sam._bucketize's comparisons replace."""
+
+    def _buckets(self, part, gp):
+        branch_free, sam._bucketize = sam._bucketize, lambda r, edges: torch.bucketize(r, edges, right=True,
+                                                                                        out_int32=True)
+        try:
+            return super()._buckets(part, gp)
+        finally:
+            sam._bucketize = branch_free
+
+
 def held_bytes(opt, exclude):
     """Bytes of the tensor storages the optimizer object keeps (its state and private buffers), with the
     base optimizer, the parameters and the gradients left out; views of one buffer count once."""
@@ -130,7 +143,9 @@ def bench_optimizer_on(model_name, args, device, measure):
                   "sam.SAM": sam.SAM(params, torch.optim.SGD, rho=0.05, **base),
                   "sam.SAM, stats every step": sam.SAM(params, torch.optim.SGD, rho=0.05, stats_every=1, **base),
                   "sam.SAM samme1 (buckets r every step)": sam.SAM(params, torch.optim.SGD, 0.05, variant="samme1",
-                                                                   **base)}
+                                                                   **base),
+                  "sam.SAM, stats every step, torch.bucketize": BucketizeSAM(params, torch.optim.SGD, 0.05,
+                                                                             stats_every=1, **base)}
 
     def step(opt):   # fresh copies of the stored g and g' as a training loop has them; only the
         def run():   # optimizer's first_step(zero_grad=True) + second_step() is timed
@@ -158,6 +173,8 @@ def bench_optimizer_on(model_name, args, device, measure):
     rows.append(("SAM stats every step / loop", f"{seconds['sam.SAM, stats every step'] / loop:.2f}",
                  "<= 1.0" if model_name == "pyramidnet110" else ""))
     rows.append(("samme1 / loop", f"{seconds['sam.SAM samme1 (buckets r every step)'] / loop:.2f}", ""))
+    rows.append(("stats every step: branch-free buckets / torch.bucketize",
+                 f"{seconds['sam.SAM, stats every step'] / seconds['sam.SAM, stats every step, torch.bucketize']:.2f}", ""))
     numel = sum(p.numel() for p in params)
     for name in ("sam.SAM", "sam.SAM, stats every step"):
         held = held_bytes(optimizers[name], exclude=params + grads)

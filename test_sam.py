@@ -463,6 +463,20 @@ def test_cpu_buckets_equal_torch_bucketize_at_and_beside_every_edge(dtype):
     assert set(got.tolist()) == set(range(13))
 
 
+def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets():
+    # bench.py times sam.SAM against BucketizeSAM (torch.bucketize on the CPU too): both must take the same steps
+    import bench
+    runs = []
+    for cls in (SAM, bench.BucketizeSAM):
+        params = make_params()
+        opt = cls(params, torch.optim.SGD, variant="samme1", rho=RHO, lr=LR, momentum=MOM, stats_every=1)
+        stats = [synthetic_step(opt, params, t)[3] for t in range(3)]
+        runs.append((snap(params), [{k: None if math.isnan(v) else v for k, v in x.items()} for x in stats]))
+    assert_same(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and runs[0][1][-1]["ckpt1"] > 0
+    assert sam._bucketize is not None and sam._bucketize.__name__ == "_bucketize"   # the swap was undone
+
+
 # ------------------------------------------------------------------ ascent geometries
 @pytest.mark.parametrize("flags,kind,kw", [
     (dict(), "sam", {}),
