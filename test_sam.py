@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -2243,6 +2244,18 @@ def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatc
         [{k: v for k, v in r.items() if k not in timing} for r in _rows(b / "epochs.csv")]
     assert _rows(a / "epochs.csv")[0]["noisy_train_acc"] != ""
     assert (a / "final.json").read_text() == (b / "final.json").read_text()
+
+
+def test_train_keeping_freed_memory_changes_no_number(tmp_path):
+    # mallopt is process-wide and cannot be undone, so the run without it is a fresh process
+    settings = _tiny_run(tmp_path, "--variant", "samme1")
+    train.main(settings + ["--out", str(tmp_path / "kept")])
+    subprocess.run([sys.executable, "train.py", *settings, "--out", str(tmp_path / "plain"), "--no-keep-freed-memory"],
+                   cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS":
+                                                                    str(torch.get_num_threads())})
+    assert (tmp_path / "kept" / "steps.csv").read_bytes() == (tmp_path / "plain" / "steps.csv").read_bytes()
+    if platform.libc_ver()[0] == "glibc":   # glibc takes both settings
+        assert train.keep_freed_memory()
 
 
 def test_train_bn_running_stats_come_from_the_first_pass_only():
