@@ -660,7 +660,7 @@ def uses_cuda(args):
 def keep_freed_memory():
     """glibc hands freed buffers above a dynamic threshold back to the kernel, so the next step's tensors of the
     same size page-fault afresh; fixing the mmap threshold at its ceiling and never trimming keeps them (a 3-epoch
-    CPU run: 42-43 s against 47-55 s, the same numbers; README, Benchmarks). Both or neither: setting either turns
+    CPU run: 40-42 s against 48-59 s, the same numbers; README, Benchmarks). Both or neither: setting either turns
     glibc's dynamic thresholds off and leaves the other at 128 KiB (the trim alone: 98 s). False without glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
