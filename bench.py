@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -99,12 +100,10 @@ class BucketizeSAM(sam.SAM):
     """sam.SAM with torch.bucketize on the CPU too: the plain form that sam._bucketize's comparisons replace."""
 
     def _buckets(self, part, gp):
-        branch_free, sam._bucketize = sam._bucketize, lambda r, edges: torch.bucketize(r, edges, right=True,
-                                                                                        out_int32=True)
-        try:
+        def plain(r, edges):
+            return torch.bucketize(r, edges, right=True, out_int32=True)
+        with unittest.mock.patch.object(sam, "_bucketize", plain):
             return super()._buckets(part, gp)
-        finally:
-            sam._bucketize = branch_free
 
 
 def held_bytes(opt, exclude):

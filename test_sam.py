@@ -464,18 +464,22 @@ def test_cpu_buckets_equal_torch_bucketize_at_and_beside_every_edge(dtype):
     assert set(got.tolist()) == set(range(13))
 
 
-def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets():
+def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets(monkeypatch):
     # bench.py times sam.SAM against BucketizeSAM (torch.bucketize on the CPU too): both must take the same steps
     import bench
+    searches = []
+    bucketize = torch.bucketize
+    monkeypatch.setattr(torch, "bucketize", lambda *a, **k: searches.append(1) or bucketize(*a, **k))
     runs = []
     for cls in (SAM, bench.BucketizeSAM):
         params = make_params()
         opt = cls(params, torch.optim.SGD, variant="samme1", rho=RHO, lr=LR, momentum=MOM, stats_every=1)
         stats = [synthetic_step(opt, params, t)[3] for t in range(3)]
-        runs.append((snap(params), [{k: None if math.isnan(v) else v for k, v in x.items()} for x in stats]))
+        runs.append((snap(params), [{k: None if math.isnan(v) else v for k, v in x.items()} for x in stats], len(searches)))
+    assert (runs[0][2], runs[1][2] > 0) == (0, True)   # sam.SAM never searches on the CPU, the plain form does
     assert_same(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[0][1][-1]["ckpt1"] > 0
-    assert sam._bucketize is not None and sam._bucketize.__name__ == "_bucketize"   # the swap was undone
+    assert sam._bucketize.__name__ == "_bucketize"   # the plain form was swapped in for its own steps only
 
 
 # ------------------------------------------------------------------ ascent geometries
