@@ -133,7 +133,9 @@ def group_runs(runs):
 
 
 def label(key, keys):
-    """Only the settings that differ between groups, so legends stay short."""
+    """Only the settings that differ between groups, so legends stay short (a key that is a name: the name)."""
+    if isinstance(key, str):
+        return key
     varying = [i for i, k in enumerate(GROUP_KEYS) if len({kk[i] for kk in keys}) > 1] or [2]
     return " ".join(f"{GROUP_KEYS[i]}={key[i]}" if GROUP_KEYS[i] != "variant" else str(key[i]) for i in varying)
 
@@ -463,18 +465,26 @@ def seed_as_variable(command, seed):
     return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
 
 
-def results_md(root, runs):
-    """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
-    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+def claim_rows(root, runs):
+    """The setting in force (results/setting.json, None without one), reproduce.py's claim groups for it and
+    {'group/label': the runs of that row's seeds found under root}."""
     setting_path = os.path.join(root, "setting.json")
     setting = None
     if os.path.exists(setting_path):
         with open(setting_path) as f:
             setting = json.load(f)
-    setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
-    groups = reproduce.claims(setting_args)
+    groups = reproduce.claims(setting["args"] if setting else next(iter(reproduce.CANDIDATES.values())))
+    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
+    return setting, groups, rows
+
+
+def results_md(root, runs):
+    """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
+    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+    setting, groups, rows = claim_rows(root, runs)
+    setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
     if not any(rows.values()):
         return None
     gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
@@ -586,14 +596,25 @@ def device_controls(groups, rows):
 def results_figures(root, runs, out):
     """Claims 1-3 from the geometry group: checkpoint shares, fine bins, persistence, mag_up (band: seeds' std);
     claims 1 and 3 in every candidate setting from the selection's SAM runs."""
-    mine = [r for r in runs if os.path.relpath(r["folder"], root).startswith("geometry" + os.sep)]
+    groups = geometry_rows(root, runs)
     settings = selection_sam_runs(root, runs)
-    if not mine and not settings:
+    if not groups and not settings:
         return []
     os.makedirs(out, exist_ok=True)
-    groups = group_runs(mine)
     return [plot(groups, out) for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_mag_up)
-            if mine] + ([plot_shares_by_setting(settings, out)] if settings else [])
+            if groups] + ([plot_shares_by_setting(settings, out)] if settings else [])
+
+
+def geometry_rows(root, runs):
+    """{'N images, E epochs': runs} for each row of the geometry group that has run, in reproduce.py's order: one
+    line per row in the claim 1-3 figures (the setting, and where SGD fits its training set)."""
+    _, groups, rows = claim_rows(root, runs)
+    found = {}
+    for row in next((g.rows for g in groups if g.name == "geometry"), ()):
+        for run in rows[f"geometry/{row.label}"]:
+            config = run["config"]
+            found.setdefault(f"{config['subset']:,} images, {config['epochs']} epochs", []).append(run)
+    return found
 
 
 def candidate_runs(by_path, name, variant):

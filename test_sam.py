@@ -1803,6 +1803,27 @@ def test_plots_claims_1_and_3_in_every_candidate_setting(tmp_path, monkeypatch):
     assert png_size(paths[0]) == tuple(round(x * plots.DPI) for x in plots.SHARES_BY_SETTING)
 
 
+def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_path):
+    """Claims 1-3's figures draw each geometry row (the setting, and where SGD fits) as its own line, named by its
+    images and epochs, in reproduce.py's row order; a folder that is no row's seed is left out."""
+    import reproduce
+    setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
+    (tmp_path / "setting.json").write_text(json.dumps(dict(name="resnet18-w0.25-n10k-e30", args=setting, rule="r")))
+    (tmp_path / "geometry").mkdir()
+    made = {"sam-n2500-s1": 2500, "sam-s0": 10000, "sam-s1": 10000, "sam-n2500-s0": 2500, "sam-s7": 10000}
+    for name, subset in made.items():
+        make_run(tmp_path / "geometry", name, "sam", int(name[-1]))
+        update_json(tmp_path / "geometry" / name / "config.json", subset=subset, epochs=30 if subset == 10000 else 100)
+    runs, _ = plots.load_runs(str(tmp_path))
+    rows = plots.geometry_rows(str(tmp_path), runs)
+    assert list(rows) == ["10,000 images, 30 epochs", "2,500 images, 100 epochs"]   # the setting's row first
+    assert [os.path.basename(r["folder"]) for r in rows["10,000 images, 30 epochs"]] == ["sam-s0", "sam-s1"]
+    assert [os.path.basename(r["folder"]) for r in rows["2,500 images, 100 epochs"]] == ["sam-n2500-s0", "sam-n2500-s1"]
+    assert plots.label("2,500 images, 100 epochs", rows) == "2,500 images, 100 epochs"
+    paths = plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
+    assert [os.path.basename(p) for p in paths] == ["ckpt_shares.png", "ckpt1_bins.png", "persistence.png", "mag_up.png"]
+
+
 def test_plots_results_md_gives_the_trace_with_its_uncertainty(tmp_path):
     """Where a group measures sharpness, results.md adds the Hutchinson trace: mean ± std over seeds, and for a row
     of one seed that run's trace ± the standard error of its probes (final.json's trace_se)."""
