@@ -1,6 +1,6 @@
 """Re-run every row of the README's Results (issue 9): choose the setting, then test each claim of the notes.
 
-    python reproduce.py select --jobs 12 --device cuda --data-dir PATH   # candidates x {sgd, sam} x 3 seeds, then choose
+    python reproduce.py select --jobs 12 --device cuda --data-dir PATH   # candidates x {sgd, sam} x 3 seeds, then choose (once)
     python reproduce.py claims --jobs 12 --device cuda --data-dir PATH --deadline 500
     python reproduce.py claims --dry-run                                   # every command, nothing run
     python reproduce.py pack results.tar.gz                                # the small files of results/, to commit
@@ -444,25 +444,31 @@ def rule_choice(table):
     return max(eligible, key=lambda n: complete[n]["gain"])
 
 
-def choose():
-    """Write results/setting.json from the finished selection runs by RULE; returns it."""
+def choose(switch=True):
+    """Write results/setting.json from the finished selection runs by RULE; returns the setting in force.
+    switch=False (the end of `select`) keeps a setting already chosen when the rule now picks another one:
+    switching makes every claims folder stale, so it takes `reproduce.py choose`."""
     table = candidate_table()
     chosen = rule_choice(table)
     if chosen is None:
         sys.exit(f"reproduce.py: no candidate has all {len(SEEDS)} seeds of SGD and SAM finished yet; "
                  "run `reproduce.py select`")
+    for name, t in table.items():
+        partial = "" if t["seeds"] >= len(SEEDS) else f" (of {len(SEEDS)}: not yet eligible)"
+        print(f"{name}: SGD train {t['sgd_train_acc']:.2f}%, val SGD {t['sgd_val_acc']:.2f}% SAM {t['sam_val_acc']:.2f}% "
+              f"(gain {t['gain']:+.2f}, {t['seeds']} seeds{partial}){'  <- the rule picks this' if name == chosen else ''}")
     setting = dict(name=chosen, args=CANDIDATES[chosen], rule=RULE, candidates=table)
-    previous = RESULTS / "setting.json"
-    previous = json.loads(previous.read_text())["name"] if previous.exists() else chosen
+    path = RESULTS / "setting.json"
+    previous = json.loads(path.read_text())["name"] if path.exists() else chosen
+    if previous != chosen and not switch:
+        print(f"note: the rule now picks {chosen}; the setting stays {previous}, the one the claims folders in "
+              "results/ ran in. `reproduce.py choose` switches it (and makes those folders stale)")
+        return json.loads(path.read_text())
     if previous != chosen:
         print(f"note: the setting changes from {previous} to {chosen}: the claims "
               "folders already in results/ belong to the old one (`claims` reports them as stale); move them away")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "setting.json").write_text(json.dumps(setting, indent=1) + "\n")
-    for name, t in table.items():
-        partial = "" if t["seeds"] >= len(SEEDS) else f" (of {len(SEEDS)}: not yet eligible)"
-        print(f"{name}: SGD train {t['sgd_train_acc']:.2f}%, val SGD {t['sgd_val_acc']:.2f}% SAM {t['sam_val_acc']:.2f}% "
-              f"(gain {t['gain']:+.2f}, {t['seeds']} seeds{partial}){'  <- chosen' if name == chosen else ''}")
+    path.write_text(json.dumps(setting, indent=1) + "\n")
     return setting
 
 
@@ -563,7 +569,7 @@ def main(argv=None):
         return 130
     print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     if args.stage == "select" and not args.dry_run:
-        choose()
+        choose(switch=False)
     return 1 if counts["failed"] or counts["stale"] else 0
 
 

@@ -2084,7 +2084,7 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jo
 def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys):
     """Among the candidates with all 3 seeds finished whose SGD train accuracy is within 2 points of the best, the
     largest SAM - SGD validation gain (seed means); a candidate with fewer seeds is listed, not chosen; a changed
-    choice says the old claims folders are stale."""
+    choice says the old claims folders are stale, and at the end of `select` (switch=False) leaves the setting as it is."""
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
     monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("a", "b", "c", "partial", "unrun")})
@@ -2100,6 +2100,10 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
                 (out / "final.json").write_text(json.dumps({"best_val_acc": val}))
                 (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{train_acc}\n")
     (tmp_path / "setting.json").write_text(json.dumps({"name": "c"}))
+    # the end of `select` keeps the setting the claims ran in and says what the rule picks now
+    assert reproduce.choose(switch=False) == {"name": "c"}
+    assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c"}
+    assert "the rule now picks b; the setting stays c" in capsys.readouterr().out
     setting = reproduce.choose()
     # a has the largest gain (+5) but SGD fits only 90% there; b (+1, train 97.5) beats c (-1, train 99)
     assert setting["name"] == "b" and setting["args"] == ["--subset", "b"] and set(setting["candidates"]) == set(made)
