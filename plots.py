@@ -466,25 +466,25 @@ def seed_as_variable(command, seed):
 
 
 def claim_rows(root, runs):
-    """The setting in force (results/setting.json, None without one), reproduce.py's claim groups for it and
-    {'group/label': the runs of that row's seeds found under root}."""
+    """The setting in force (results/setting.json, None without one), its train.py arguments (the first candidate's
+    without one), reproduce.py's claim groups for it and {'group/label': the runs of that row's seeds under root}."""
     setting_path = os.path.join(root, "setting.json")
     setting = None
     if os.path.exists(setting_path):
         with open(setting_path) as f:
             setting = json.load(f)
-    groups = reproduce.claims(setting["args"] if setting else next(iter(reproduce.CANDIDATES.values())))
+    setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
+    groups = reproduce.claims(setting_args)
     by_path = {os.path.relpath(run["folder"], root): run for run in runs}
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
-    return setting, groups, rows
+    return setting, setting_args, groups, rows
 
 
 def results_md(root, runs):
     """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
     by_path = {os.path.relpath(run["folder"], root): run for run in runs}
-    setting, groups, rows = claim_rows(root, runs)
-    setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
+    setting, setting_args, groups, rows = claim_rows(root, runs)
     if not any(rows.values()):
         return None
     gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
@@ -608,7 +608,7 @@ def results_figures(root, runs, out):
 def geometry_rows(root, runs):
     """{'N images, E epochs': runs} for each row of the geometry group that has run, in reproduce.py's order: one
     line per row in the claim 1-3 figures (the setting, and where SGD fits its training set)."""
-    _, groups, rows = claim_rows(root, runs)
+    *_, groups, rows = claim_rows(root, runs)
     found = {}
     for row in next((g.rows for g in groups if g.name == "geometry"), ()):
         for run in rows[f"geometry/{row.label}"]:
