@@ -217,8 +217,9 @@ def plot_ckpt1_bins(groups, out):
 
 def plot_persistence(groups, out):
     """Seed 000, Exp. 2-3: the checkpoint-1 set at step t0, its overlap with each later step's set, and
-    the running intersection, both as a percentage of the t0 set."""
-    fig, axes = plt.subplots(1, 2, figsize=FIGURES["persistence"], sharey=True)
+    the running intersection (its first 60 steps), both as a percentage of the t0 set, each beside its chance level."""
+    fig, axes = plt.subplots(1, 2, figsize=FIGURES["persistence"])
+    starts = []
     for i, (key, runs) in enumerate(groups.items()):
         for run in runs:   # per-run ratios first: t0 set sizes differ between seeds
             cols = run["steps"]
@@ -226,10 +227,21 @@ def plot_persistence(groups, out):
                 t0 = np.where(cols["persist_t0"] > 0, cols["persist_t0"], np.nan)
                 cols["overlap_pct"] = 100 * cols["persist_overlap"] / t0
                 cols["running_pct"] = 100 * cols["persist_running"] / t0
+                # chance, B1 drawn afresh each step with its share (_over_chance): the share, and its product since t0
+                after = np.where(np.isfinite(t0))[0]
+                starts += [cols["step"][after[0]]] if len(after) else []
+                cols["overlap_chance"], cols["running_chance"] = np.full(len(t0), np.nan), np.full(len(t0), np.nan)
+                cols["overlap_chance"][after] = cols["ckpt1"][after]
+                cols["running_chance"][after] = 100 * np.cumprod(np.r_[1.0, cols["ckpt1"][after[1:]] / 100])
         for ax, col in zip(axes, ("overlap_pct", "running_pct")):
             _band(ax, runs, "steps", "step", col, color=f"C{i % 10}", label=label(key, groups))
-    axes[0].set(xlabel="step", ylabel="% of the checkpoint-1 set at t0", title="overlap with the set at t0 (Exp. 2)")
-    axes[1].set(xlabel="step", title="running intersection since t0 (Exp. 3)", yscale="symlog")
+            _band(ax, runs, "steps", "step", col.replace("pct", "chance"), band=False, color=f"C{i % 10}", ls=":",
+                  label="chance: B1 drawn afresh each step" if i == len(groups) - 1 else None)
+    axes[0].set(xlabel="step", ylabel="% of the checkpoint-1 set at t0", title="overlap with the set at t0 (Exp. 2)",
+                ylim=(0, 100))
+    axes[1].set(xlabel="step", title="running intersection since t0 (Exp. 3)", yscale="symlog", ylim=(0, 100),
+                **({"xlim": (min(starts) - 2, min(starts) + 60)} if starts else {}))
+    axes[1].set_yscale("symlog", linthresh=0.01)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out, "persistence")
@@ -349,6 +361,22 @@ def _persist(cols, col, after):
     return float(100 * cols[col][i] / cols["persist_t0"][i])
 
 
+def _over_chance(cols, col, after=None):
+    """How far the persistence counts lie above chance, in points of the t0 set: if B1 were drawn afresh each step
+    with the share it has, the t0 set's overlap with step t's B1 would be that share, and the running intersection
+    k steps on the product of the k shares since t0. Mean over the steps after t0 (after: at that step only).
+    Needs every step logged (NaN otherwise)."""
+    if "persist_t0" not in cols:
+        return math.nan
+    rows = np.where(cols["persist_t0"] > 0)[0]
+    if len(rows) < 2 or np.any(np.diff(cols["step"][rows]) != 1):
+        return math.nan
+    rows, share = rows[1:], cols["ckpt1"][rows[1:]] / 100
+    chance = share if col == "persist_overlap" else np.cumprod(share)
+    excess = 100 * (cols[col][rows] / cols["persist_t0"][rows] - chance)
+    return float(np.mean(excess) if after is None else excess[min(after, len(excess)) - 1])
+
+
 def _class_mean(final, tail):
     """Mean test accuracy at best val over the tail classes (train.py's --tail-threshold) or over the others."""
     per_class, tail_classes = final["test_acc_per_class_best"], set(final["tail_classes"])
@@ -382,6 +410,10 @@ METRICS = {   # name -> (what it is, value of one finished run)
         _late(r["steps"], b, False) - _late(r["steps"], b, True) for b in FINE[3:])),
     "overlap_late": ("overlap with the t0 set at the end (% of t0)", lambda r: _persist(r["steps"], "persist_overlap", -1)),
     "running_5": ("running intersection 5 steps after t0 (% of t0)", lambda r: _persist(r["steps"], "persist_running", 5)),
+    "overlap_over_chance": ("overlap above chance, the B1 share (points, mean after t0)",
+                            lambda r: _over_chance(r["steps"], "persist_overlap")),
+    "running_5_over_chance": ("running intersection above chance, the product of B1 shares, 5 steps after t0 (points)",
+                              lambda r: _over_chance(r["steps"], "persist_running", 5)),
     "mag_up_early": ("mag_up, first tenth (%)", lambda r: _late(r["steps"], "mag_up", True)),
     "mag_up_late": ("mag_up, last tenth (%)", lambda r: _late(r["steps"], "mag_up", False)),
 }

@@ -65,6 +65,9 @@ GEOMETRY_CHECKS = (   # claims 1-3 against the notes' numbers (seeds 000, 002)
     ("fine_up", ">", 0.0, "fine r > 2 bins move up late"),
     ("overlap_late", "~", 67.0, "overlap stays near 4e6 of 6e6 (~67%)"),
     ("running_5", "<", 2.0, "running intersection 1e5 of 6e6 (<2%) after 5 steps"),
+    # not in the notes: what persistence means needs its chance level, B1 drawn afresh each step with its share
+    ("overlap_over_chance", ">", 0.0, "(implied) the t0 set persists beyond chance"),
+    ("running_5_over_chance", ">", 0.0, "(implied) the running intersection outlasts chance"),
     ("mag_up_early", ">", 50.0, "mag_up above 50% early"), ("mag_up_late", "~", 85.0, "rising to about 85%"))
 
 Row = namedtuple("Row", "label variant flags seeds expect", defaults=((), SEEDS, ()))

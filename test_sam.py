@@ -1803,6 +1803,38 @@ def test_plots_claims_1_and_3_in_every_candidate_setting(tmp_path, monkeypatch):
     assert png_size(paths[0]) == tuple(round(x * plots.DPI) for x in plots.SHARES_BY_SETTING)
 
 
+def test_plots_persistence_above_chance_matches_the_definition(tmp_path):
+    """If B1 were drawn afresh each step with its share, the t0 set's overlap with step t's B1 would be that share and
+    the running intersection k steps on the product of the k shares since t0: results.md's two "above chance"
+    measures, in points of the t0 set, checked against a loop over a hand-made steps.csv (t0 = step 3)."""
+    make_run(tmp_path, "run", "sam", 0)
+    share = [55.0, 60.0, 58.0, 62.0, 50.0, 64.0, 61.0, 59.0, 63.0, 57.0]   # B1 share (%) at steps 0..9
+    t0_size, overlap, running = 1000, [None, None, None, 1000, 540, 650, 600, 610, 640, 580], \
+        [None, None, None, 1000, 540, 300, 200, 130, 90, 60]
+    lines = (tmp_path / "run" / "steps.csv").read_text().splitlines()
+    rows = []
+    for step in range(10):
+        row = lines[1].split(",")
+        values = dict(step=step, ckpt1=share[step], persist_t0=t0_size if overlap[step] else "nan",
+                      persist_overlap=overlap[step] or "nan", persist_running=running[step] or "nan")
+        for name, value in values.items():
+            row[STEP_COLS.index(name)] = str(value)
+        rows.append(",".join(row))
+    (tmp_path / "run" / "steps.csv").write_text("\n".join([lines[0]] + rows) + "\n")
+    run = plots.load_run(str(tmp_path / "run"))
+    excess, product = [], 1.0
+    for step in range(4, 10):
+        excess.append(100 * overlap[step] / t0_size - share[step])
+    for step in range(4, 9):   # 5 steps after t0
+        product *= share[step] / 100
+    assert plots.METRICS["overlap_over_chance"][1](run) == pytest.approx(sum(excess) / len(excess))
+    assert plots.METRICS["running_5_over_chance"][1](run) == pytest.approx(100 * running[8] / t0_size - 100 * product)
+    cols = run["steps"]   # statistics every other step: no chance level from consecutive steps
+    for name in cols:
+        cols[name] = cols[name][::2]
+    assert math.isnan(plots.METRICS["overlap_over_chance"][1](run))
+
+
 def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_path):
     """Claims 1-3's figures draw each geometry row (the setting, and where SGD fits) as its own line, named by its
     images and epochs, in reproduce.py's row order; a folder that is no row's seed is left out."""
