@@ -223,25 +223,20 @@ def plot_persistence(groups, out):
     for i, (key, runs) in enumerate(groups.items()):
         for run in runs:   # per-run ratios first: t0 set sizes differ between seeds
             cols = run["steps"]
-            if "persist_t0" in cols:
-                t0 = np.where(cols["persist_t0"] > 0, cols["persist_t0"], np.nan)
-                cols["overlap_pct"] = 100 * cols["persist_overlap"] / t0
-                cols["running_pct"] = 100 * cols["persist_running"] / t0
-                # chance, B1 drawn afresh each step with its share (_over_chance): the share, and its product since t0
-                after = np.where(np.isfinite(t0))[0]
-                starts += [cols["step"][after[0]]] if len(after) else []
-                cols["overlap_chance"], cols["running_chance"] = np.full(len(t0), np.nan), np.full(len(t0), np.nan)
-                cols["overlap_chance"][after] = cols["ckpt1"][after]
-                cols["running_chance"][after] = 100 * np.cumprod(np.r_[1.0, cols["ckpt1"][after[1:]] / 100])
-        for ax, col in zip(axes, ("overlap_pct", "running_pct")):
-            _band(ax, runs, "steps", "step", col, color=f"C{i % 10}", label=label(key, groups))
-            _band(ax, runs, "steps", "step", col.replace("pct", "chance"), band=False, color=f"C{i % 10}", ls=":",
+            rows, pct = _persistence(cols)
+            starts += [cols["step"][rows[0]]] if len(rows) else []
+            for name, values in pct.items():
+                cols[name] = np.full(len(cols["step"]), np.nan)
+                cols[name][rows] = values
+        for ax, name in zip(axes, ("overlap", "running")):
+            _band(ax, runs, "steps", "step", f"{name}_pct", color=f"C{i % 10}", label=label(key, groups))
+            _band(ax, runs, "steps", "step", f"{name}_chance", band=False, color=f"C{i % 10}", ls=":",
                   label="chance: B1 drawn afresh each step" if i == len(groups) - 1 else None)
     axes[0].set(xlabel="step", ylabel="% of the checkpoint-1 set at t0", title="overlap with the set at t0 (Exp. 2)",
                 ylim=(0, 100))
-    axes[1].set(xlabel="step", title="running intersection since t0 (Exp. 3)", yscale="symlog", ylim=(0, 100),
-                **({"xlim": (min(starts) - 2, min(starts) + 60)} if starts else {}))
     axes[1].set_yscale("symlog", linthresh=0.01)
+    axes[1].set(xlabel="step", title="running intersection since t0 (Exp. 3)", ylim=(0, 100),
+                **({"xlim": (min(starts) - 2, min(starts) + 60)} if starts else {}))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out, "persistence")
@@ -361,19 +356,26 @@ def _persist(cols, col, after):
     return float(100 * cols[col][i] / cols["persist_t0"][i])
 
 
-def _over_chance(cols, col, after=None):
-    """How far the persistence counts lie above chance, in points of the t0 set: if B1 were drawn afresh each step
-    with the share it has, the t0 set's overlap with step t's B1 would be that share, and the running intersection
-    k steps on the product of the k shares since t0. Mean over the steps after t0 (after: at that step only).
-    Needs every step logged (NaN otherwise)."""
+def _persistence(cols):
+    """The steps.csv rows from t0 on, and at each: the overlap with the t0 set and the running intersection in % of
+    the t0 set, and their chance levels if B1 were drawn afresh each step with the share it has: the share, and
+    the product of the shares since t0 (which needs every step logged)."""
     if "persist_t0" not in cols:
-        return math.nan
+        return np.array([], dtype=int), {}
     rows = np.where(cols["persist_t0"] > 0)[0]
+    t0, share = cols["persist_t0"][rows], cols["ckpt1"][rows] / 100
+    return rows, dict(overlap_pct=100 * cols["persist_overlap"][rows] / t0,
+                      running_pct=100 * cols["persist_running"][rows] / t0,
+                      overlap_chance=100 * share, running_chance=100 * np.cumprod(np.r_[1.0, share[1:]])[:len(rows)])
+
+
+def _over_chance(cols, name, after=None):
+    """How far the overlap or the running intersection (name) lies above its chance level (_persistence), in points
+    of the t0 set: the mean over the steps after t0, or at `after` steps past t0. NaN unless every step is logged."""
+    rows, pct = _persistence(cols)
     if len(rows) < 2 or np.any(np.diff(cols["step"][rows]) != 1):
         return math.nan
-    rows, share = rows[1:], cols["ckpt1"][rows[1:]] / 100
-    chance = share if col == "persist_overlap" else np.cumprod(share)
-    excess = 100 * (cols[col][rows] / cols["persist_t0"][rows] - chance)
+    excess = (pct[f"{name}_pct"] - pct[f"{name}_chance"])[1:]
     return float(np.mean(excess) if after is None else excess[min(after, len(excess)) - 1])
 
 
@@ -411,9 +413,9 @@ METRICS = {   # name -> (what it is, value of one finished run)
     "overlap_late": ("overlap with the t0 set at the end (% of t0)", lambda r: _persist(r["steps"], "persist_overlap", -1)),
     "running_5": ("running intersection 5 steps after t0 (% of t0)", lambda r: _persist(r["steps"], "persist_running", 5)),
     "overlap_over_chance": ("overlap above chance, the B1 share (points, mean after t0)",
-                            lambda r: _over_chance(r["steps"], "persist_overlap")),
+                            lambda r: _over_chance(r["steps"], "overlap")),
     "running_5_over_chance": ("running intersection above chance, the product of B1 shares, 5 steps after t0 (points)",
-                              lambda r: _over_chance(r["steps"], "persist_running", 5)),
+                              lambda r: _over_chance(r["steps"], "running", 5)),
     "mag_up_early": ("mag_up, first tenth (%)", lambda r: _late(r["steps"], "mag_up", True)),
     "mag_up_late": ("mag_up, last tenth (%)", lambda r: _late(r["steps"], "mag_up", False)),
 }
@@ -497,6 +499,11 @@ def seed_as_variable(command, seed):
     return re.sub(rf"(--seed {seed}\b|-s{seed}\b)", lambda m: m.group(0)[:-len(seed)] + "$SEED", command)
 
 
+def by_folder(root, runs):
+    """{folder relative to root: run}, how reproduce.py names a row's seeds (group/label-sSEED)."""
+    return {os.path.relpath(run["folder"], root): run for run in runs}
+
+
 def claim_rows(root, runs):
     """The setting in force (results/setting.json, None without one), its train.py arguments (the first candidate's
     without one), reproduce.py's claim groups for it and {'group/label': the runs of that row's seeds under root}."""
@@ -507,7 +514,7 @@ def claim_rows(root, runs):
             setting = json.load(f)
     setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
     groups = reproduce.claims(setting_args)
-    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+    by_path = by_folder(root, runs)
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
     return setting, setting_args, groups, rows
@@ -515,7 +522,7 @@ def claim_rows(root, runs):
 
 def results_md(root, runs):
     """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
-    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+    by_path = by_folder(root, runs)
     setting, setting_args, groups, rows = claim_rows(root, runs)
     if not any(rows.values()):
         return None
@@ -656,7 +663,7 @@ def candidate_runs(by_path, name, variant):
 
 def selection_sam_runs(root, runs):
     """{candidate: its finished SAM runs} from results/select, in reproduce.CANDIDATES order, candidates with none left out."""
-    by_path = {os.path.relpath(run["folder"], root): run for run in runs}
+    by_path = by_folder(root, runs)
     settings = {name: [run for run in candidate_runs(by_path, name, "sam") if run["final"]] for name in reproduce.CANDIDATES}
     return {name: found for name, found in settings.items() if found}
 

@@ -94,6 +94,7 @@ def claims(setting):
         return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
     acc = "test_acc"
     cpu, same_result = ["--device", "cpu"], "the device does not change the result"
+    every_step = rho + ["--persist-from", str(PERSIST_FROM), "--log-every", "1"]   # claims 1-3: statistics every step
     resnet18 = ["--model", "resnet18", "--width", "1", "--subset", "100000", "--epochs", str(RESNET18_EPOCHS)] + SHARP
     # imbalance 10 on the whole training set (~18k images, 4500 down to 450 per class); classes 5-9 are tail
     long_tailed = ["--imbalance", "10", "--subset", "100000", "--tail-threshold", "1500"]
@@ -106,11 +107,10 @@ def claims(setting):
                                                    ("lambda_max", "<", "core/sgd", "flatter than SGD"))),
         ]),
         Group("geometry", "1-3. Checkpoint shares, persistence and mag_up under SAM (seeds 000, 002)", [
-            Row("sam", "sam", rho + ["--persist-from", str(PERSIST_FROM), "--log-every", "1"], expect=GEOMETRY_CHECKS),
+            Row("sam", "sam", every_step, expect=GEOMETRY_CHECKS),
             # the same checks where SGD fits its training set (the selection's candidate with 99.7% SGD train accuracy),
             # run after the claims; the same command as the row above when that candidate is the setting
-            Row("sam-n2500", "sam", rho + ["--persist-from", str(PERSIST_FROM), "--log-every", "1"]
-                + FITS, expect=GEOMETRY_CHECKS),
+            Row("sam-n2500", "sam", every_step + FITS, expect=GEOMETRY_CHECKS),
         ]),
         Group("samckpt", "4. SAMCKPT: SAM's gradient on some checkpoints only (seed 000, Exp. 1)", [
             *[Row(v, v, rho + SHARP, expect=((acc, op, sam_ref, words), ("lambda_max", op2, sam_ref, words2)))
