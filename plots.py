@@ -506,7 +506,8 @@ def by_folder(root, runs):
 
 def claim_rows(root, runs):
     """The setting in force (results/setting.json, None without one), its train.py arguments (the first candidate's
-    without one), reproduce.py's claim groups for it and {'group/label': the runs of that row's seeds under root}."""
+    without one), reproduce.py's claim groups for it and {'group/label': the runs of that row's seeds under root},
+    with the selection candidates that rows are judged against as rows too ('select/<candidate>/sam' and '/sgd')."""
     setting_path = os.path.join(root, "setting.json")
     setting = None
     if os.path.exists(setting_path):
@@ -517,24 +518,35 @@ def claim_rows(root, runs):
     by_path = by_folder(root, runs)
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
+    for name in {ref.split("/")[1] for g in groups for row in g.rows for _, _, ref, _ in row.expect
+                 if str(ref).startswith("select/")}:   # the candidates that rows are judged against, with their gate
+        rows.update({f"select/{name}/{variant}": candidate_runs(by_path, name, variant) for variant in ("sgd", "sam")})
     return setting, setting_args, groups, rows
+
+
+def gate(rows, reference):
+    """SAM above SGD (test accuracy) where a reference ran: a selection candidate's setting, else the claims'."""
+    where = reference.rsplit("/", 1)[0] if isinstance(reference, str) and reference.startswith("select/") else "core"
+    return verdict(values(rows[f"{where}/sam"], "test_acc"), ">", values(rows[f"{where}/sgd"], "test_acc"))
 
 
 def results_md(root, runs):
     """Markdown of every claim group of reproduce.py found under root, or None when there is none."""
     by_path = by_folder(root, runs)
     setting, setting_args, groups, rows = claim_rows(root, runs)
-    if not any(rows.values()):
+    if not any(rows[f"{g.name}/{row.label}"] for g in groups for row in g.rows):
         return None
-    gate = verdict(values(rows["core/sam"], "test_acc"), ">", values(rows["core/sgd"], "test_acc"))
     stand_in = device_controls(groups, rows)
     parts = ["# Results (made by `python plots.py results/`)"]
     if setting:
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
                      f"{setting['rule']}.\n\n" + selection_md(root, by_path, setting["name"]))
         parts += selection_statistics_md(selection_sam_runs(root, runs), groups)
-    parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{gate}**"
-                 + ("" if gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"") + ".")
+    claims_gate = gate(rows, "core/sam")
+    parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{claims_gate}**"
+                 + ("" if claims_gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"")
+                 + ". A row judged against a selection candidate's runs (`select/...`) takes that candidate's SAM "
+                 "against SGD instead.")
     for group in groups:
         metrics = list(dict.fromkeys(m for row in group.rows for m, *_ in row.expect)) or ["test_acc"]
         if "test_acc" not in metrics:
@@ -565,7 +577,7 @@ def results_md(root, runs):
                     else:
                         shown += f" (on {ref_on}; this row on {ours_on})"
                 result = verdict(values(mine, metric), op, ref_values)
-                if metric in ACCURACY and gate != "holds" and result != "can't tell (n < 2)":
+                if metric in ACCURACY and gate(rows, reference) != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
                 if metric in SHARPNESS and result != "can't tell (n < 2)" and (
                         at_chance(mine) or isinstance(reference, str) and at_chance(rows[reference])):

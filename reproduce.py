@@ -44,7 +44,8 @@ CANDIDATES = {   # model, subset, epochs: 0.2-0.3 M training images per pass eac
     "resnet18-w0.25-n2500-e100": ["--model", "resnet18", "--width", "0.25", "--subset", "2500", "--epochs", "100"],
     "resnet18-w0.5-n5k-e50": ["--model", "resnet18", "--width", "0.5", "--subset", "5000", "--epochs", "50"],
 }
-FITS = CANDIDATES["resnet18-w0.25-n2500-e100"]   # the candidate where SGD fits its training set (99.7%)
+FITS_NAME = "resnet18-w0.25-n2500-e100"   # the candidate where SGD fits its training set (99.7%)
+FITS = CANDIDATES[FITS_NAME]
 # more seeds where the rule's choice left SAM's lead over SGD within the spread of three; the rule reads a
 # candidate once its SEEDS are finished, then every seed it has
 SELECT_SEEDS = {"resnet18-w0.25-n2500-e100": SEEDS + (3, 4)}
@@ -87,6 +88,7 @@ def claims(setting):
     epochs = int(value(setting, "--epochs"))
     rho = ["--rho", RHO]
     sam_ref = "core/sam"
+    fits_sam = f"select/{FITS_NAME}/sam"   # the selection's SAM runs where SGD fits (plots.py reads them as a row)
     sam_at = {"0.01": "seed004/sam-rho0.01", "0.05": "seed004/sam-rho0.05", RHO: sam_ref,   # SAM's rows, by radius
               "0.5": "seed004/sam-rho0.5"}
 
@@ -122,6 +124,9 @@ def claims(setting):
                   ("samckpt12", ">", "at or above SAM", "~", "as flat as SAM"),
                   ("samckpt13", ">", "at or above SAM", "~", "as flat as SAM"),
                   ("samckpt123", ">", "at or above SAM", "~", "as flat as SAM")]],
+            # where SGD fits its training set (run on the CPU after the claims, accuracy only): against the selection's
+            # SAM runs there (5 seeds, no sharpness), which plots.py reads as the row select/<candidate>/sam
+            Row("samckpt1-n2500", "samckpt1", rho + FITS, expect=((acc, "~", fits_sam, "keeps SAM's accuracy"),)),
             Row("sam-rho1", "sam", ["--rho", "1.0"] + SHARP, expect=((acc, "<", sam_ref, "SAM collapses at a large rho"),)),
             *[Row(f"{v}-rho1", v, ["--rho", "1.0"] + SHARP, expect=((acc, ">", "samckpt/sam-rho1", "beats SAM at rho 1"),))
               for v in ("samckpt1", "samckpt12", "samckpt123")],
@@ -138,6 +143,8 @@ def claims(setting):
             Row("samme3-c0.1-rho0.2", "samme3", ["--rho", "0.2", "--condition", "0.1"] + SHARP, seeds=SEEDS + (3,),
                 expect=((acc, ">", "same/sam-rho0.2", "a best row (c 0.1 at a larger rho)"),)),
             Row("customsame", "customsame", rho + SHARP, expect=((acc, ">", sam_ref, "built to beat SAM"),)),
+            Row("samme1-c2-n2500", "samme1", rho + ["--condition", "2"] + FITS, expect=(   # see samckpt1-n2500
+                ("train_acc", ">", fits_sam, "higher late train acc"), (acc, ">", fits_sam, "higher late val acc"))),
         ]),
         Group("direction", "6. Magnitude vs direction, SGDHESS (seed 002)", [
             Row("sammagnitude", "sammagnitude", rho + SHARP, expect=((acc, "~", sam_ref, "about equal to SAM"),)),

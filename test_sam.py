@@ -1700,6 +1700,38 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
 
 
+def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
+    """An accuracy check against a selection candidate's SAM is gated by that candidate's SAM against SGD, not the
+    claims setting's: where SAM beats SGD the verdict stands, where it does not it reads "can't tell here"."""
+    import reproduce
+    cand = reproduce.FITS_NAME
+    test_acc = {"core/sgd": [75.0, 76.0, 75.5], "core/sam": [70.0, 70.5, 71.0],   # the claims setting: SAM below SGD
+                f"select/{cand}/sgd": [50.0, 51.0, 50.5], f"select/{cand}/sam": [60.0, 60.5, 61.0],
+                "same/samme1-c2-n2500": [65.0, 65.5, 66.0], "same/customsame": [72.0, 72.5, 73.0]}
+    for row, accs in test_acc.items():
+        folder = tmp_path / row.rsplit("/", 1)[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed, acc in enumerate(accs):
+            run = folder / f"{row.rsplit('/', 1)[1]}-s{seed}"
+            make_run(folder, run.name, "sam", seed)
+            update_json(run / "config.json", subset=row)   # rows apart (load_runs counts a duplicate run once)
+            update_json(run / "final.json", test_acc_best=acc)
+    runs, _ = plots.load_runs(str(tmp_path))
+    lines = plots.results_md(str(tmp_path), runs).splitlines()
+
+    def check(label):
+        return next(line for line in lines if line.startswith(f"| {label} | test acc at best val (%) >"))
+    assert plots.verdict(test_acc[f"select/{cand}/sam"], ">", test_acc[f"select/{cand}/sgd"]) == "holds"
+    assert plots.verdict(test_acc["same/samme1-c2-n2500"], ">", test_acc[f"select/{cand}/sam"]) == "holds"
+    assert check("samme1-c2-n2500").endswith(f"| select/{cand}/sam: 60.5 ± 0.5 | higher late val acc | holds |")
+    assert check("customsame").endswith("| can't tell here (holds) |")   # against core/sam, gated by core
+    for seed in range(3):   # the candidate's SAM no longer beats its SGD: the row's verdict is gated too
+        update_json(tmp_path / "select" / cand / f"sam-s{seed}" / "final.json", test_acc_best=50.0 + seed / 2)
+    runs, _ = plots.load_runs(str(tmp_path))
+    lines = plots.results_md(str(tmp_path), runs).splitlines()
+    assert check("samme1-c2-n2500").endswith("| can't tell here (holds) |")
+
+
 def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pick(tmp_path, monkeypatch):
     """results.md's candidate table is read from results/select (a pilot shows before it is complete) with
     mean ± std per column, and says when the rule, counting complete candidates only, now picks another one."""
@@ -2009,9 +2041,14 @@ def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
     setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
     rows = {f"{group.name}/{row.label}": row for group in reproduce.claims(setting) for row in group.rows}
     peers = 0
+    selection = {f"select/{g.name.split('/')[1]}/{r.label}": r for g in reproduce.select_groups() for r in g.rows}
     for name, row in rows.items():
         for metric, op, reference, words in row.expect:
-            if isinstance(reference, str):
+            if str(reference).startswith("select/"):   # a selection candidate's runs: in its setting, at its radius
+                candidate = reference.split("/")[1]
+                assert reference in selection and radius(row) == radius(selection[reference]), name
+                assert row.flags[-len(reproduce.CANDIDATES[candidate]):] == reproduce.CANDIDATES[candidate], name
+            elif isinstance(reference, str):
                 assert reference in rows, f"{name}: no row {reference}"
                 if name.startswith("peers/") and not name.startswith("peers/lt-") and metric == "test_acc":
                     assert rows[reference].variant == "sam" and radius(rows[reference]) == radius(row), name
