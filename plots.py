@@ -242,19 +242,20 @@ def plot_persistence(groups, out):
     return _save(fig, out, "persistence")
 
 
-def plot_curves(groups, out):
-    """Accuracy and loss per epoch for each group, train and test."""
+def plot_curves(groups, out, name="curves", title="Accuracy and loss per epoch", loss_scale="linear"):
+    """Accuracy and loss per epoch for each group, train and test (loss_scale "log": an early spike leaves the rest
+    readable)."""
     fig, axes = plt.subplots(2, 2, figsize=FIGURES["curves"], sharex=True)
     panels = (("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)"),
               ("train_loss", "train loss"), ("test_loss", "test loss"))
-    for ax, (col, name) in zip(axes.flat, panels):
+    for ax, (col, ylabel) in zip(axes.flat, panels):
         for i, (key, runs) in enumerate(groups.items()):
             _band(ax, runs, "epochs", "epoch", col, color=f"C{i % 10}", label=label(key, groups))
-        ax.set(xlabel="epoch", ylabel=name)
+        ax.set(xlabel="epoch", ylabel=ylabel, yscale=loss_scale if "loss" in col else "linear")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Accuracy and loss per epoch (mean over seeds, band: ±1 std)")
+    fig.suptitle(f"{title} (mean over seeds, band: ±1 std)")
     fig.tight_layout()
-    return _save(fig, out, "curves")
+    return _save(fig, out, name)
 
 
 def plot_mag_up(groups, out):
@@ -646,14 +647,33 @@ def device_controls(groups, rows):
 
 def results_figures(root, runs, out):
     """Claims 1-3 from the geometry group: checkpoint shares, fine bins, persistence, mag_up (band: seeds' std);
-    claims 1 and 3 in every candidate setting from the selection's SAM runs."""
+    claims 1 and 3 in every candidate setting from the selection's SAM runs; the curves of the rows run in a
+    candidate's setting beside its SGD and SAM."""
     groups = geometry_rows(root, runs)
     settings = selection_sam_runs(root, runs)
-    if not groups and not settings:
+    fitting = fitting_rows(root, runs)
+    if not groups and not settings and not fitting:
         return []
     os.makedirs(out, exist_ok=True)
     return [plot(groups, out) for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_mag_up)
-            if groups] + ([plot_shares_by_setting(settings, out)] if settings else [])
+            if groups] + ([plot_shares_by_setting(settings, out)] if settings else []) + [
+        plot_curves(lines, out, f"fits-{name}", f"Claims rows in the setting of selection candidate {name}", "log")
+        for name, lines in fitting.items()]
+
+
+def fitting_rows(root, runs):
+    """{candidate: {label: runs}} for the claims rows judged against a selection candidate's runs (where SGD fits
+    its training set) that have run, after that candidate's SGD and SAM: one figure of curves per candidate."""
+    *_, groups, rows = claim_rows(root, runs)
+    found = {}
+    for group in groups:
+        for row in group.rows:
+            judged_by = [ref.split("/")[1] for *_, ref, _ in row.expect if str(ref).startswith("select/")]
+            if judged_by and rows[f"{group.name}/{row.label}"]:
+                lines = found.setdefault(judged_by[0], {f"{v} (selection)": rows[f"select/{judged_by[0]}/{v}"]
+                                                        for v in ("sgd", "sam")})
+                lines[row.label] = rows[f"{group.name}/{row.label}"]
+    return found
 
 
 def geometry_rows(root, runs):

@@ -1888,6 +1888,29 @@ def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_pat
     assert [os.path.basename(p) for p in paths] == ["ckpt_shares.png", "ckpt1_bins.png", "persistence.png", "mag_up.png"]
 
 
+def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its_sgd_and_sam(tmp_path):
+    """The rows judged against a selection candidate's runs get one figure of curves per epoch in that candidate's
+    setting, after the candidate's SGD and SAM (the references); rows judged otherwise, and rows not run, are left out."""
+    import reproduce
+    cand = reproduce.FITS_NAME
+    made = {f"select/{cand}/sgd": 2, f"select/{cand}/sam": 3, "same/samme1-c2-n2500": 2, "same/samme1-c2": 2}
+    for row, seeds in made.items():
+        folder = tmp_path / row.rsplit("/", 1)[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed in range(seeds):
+            make_run(folder, f"{row.rsplit('/', 1)[1]}-s{seed}", "sam", seed)
+            update_json(folder / f"{row.rsplit('/', 1)[1]}-s{seed}" / "config.json", subset=row)
+    runs, _ = plots.load_runs(str(tmp_path))
+    fitting = plots.fitting_rows(str(tmp_path), runs)
+    assert list(fitting) == [cand]
+    assert {k: len(v) for k, v in fitting[cand].items()} == {"sgd (selection)": 2, "sam (selection)": 3,
+                                                             "samme1-c2-n2500": 2}   # samckpt1-n2500 has not run
+    assert all(r["config"]["subset"] == f"same/{label}" for label in ["samme1-c2-n2500"] for r in fitting[cand][label])
+    paths = plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
+    assert [os.path.basename(p) for p in paths] == ["shares_by_setting.png", f"fits-{cand}.png"]
+    assert png_size(paths[1]) == tuple(round(x * plots.DPI) for x in plots.FIGURES["curves"])
+
+
 def test_plots_results_md_gives_the_trace_with_its_uncertainty(tmp_path):
     """Where a group measures sharpness, results.md adds the Hutchinson trace: mean ± std over seeds, and for a row
     of one seed that run's trace ± the standard error of its probes (final.json's trace_se)."""
