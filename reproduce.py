@@ -48,7 +48,7 @@ FITS_NAME = "resnet18-w0.25-n2500-e100"   # the candidate where SGD fits its tra
 FITS = CANDIDATES[FITS_NAME]
 # more seeds where the rule's choice left SAM's lead over SGD within the spread of three; the rule reads a
 # candidate once its SEEDS are finished, then every seed it has
-SELECT_SEEDS = {"resnet18-w0.25-n2500-e100": SEEDS + (3, 4)}
+SELECT_SEEDS = {FITS_NAME: SEEDS + (3, 4)}
 RULE = ("among candidates whose SGD final train accuracy is within 2 points of the best candidate's, the one with "
         "the largest mean SAM - SGD validation accuracy (best epoch, over every finished seed, 3 at least)")
 FIT_MARGIN = 2.0
