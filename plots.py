@@ -519,15 +519,24 @@ def claim_rows(root, runs):
     by_path = by_folder(root, runs)
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
-    for name in {ref.split("/")[1] for g in groups for row in g.rows for _, _, ref, _ in row.expect
-                 if str(ref).startswith("select/")}:   # the candidates that rows are judged against, with their gate
+    for name in {judged_by(row) for g in groups for row in g.rows} - {None}:   # with their SGD, for the gate
         rows.update({f"select/{name}/{variant}": candidate_runs(by_path, name, variant) for variant in ("sgd", "sam")})
     return setting, setting_args, groups, rows
 
 
+def candidate(reference):
+    """The selection candidate a reference 'select/<candidate>/<optimizer>' names, else None."""
+    return reference.split("/")[1] if str(reference).startswith("select/") else None
+
+
+def judged_by(row):
+    """The selection candidate whose runs a row's checks are judged against, else None."""
+    return next((name for *_, reference, _ in row.expect if (name := candidate(reference))), None)
+
+
 def gate(rows, reference):
     """SAM above SGD (test accuracy) where a reference ran: a selection candidate's setting, else the claims'."""
-    where = reference.rsplit("/", 1)[0] if isinstance(reference, str) and reference.startswith("select/") else "core"
+    where = f"select/{candidate(reference)}" if candidate(reference) else "core"
     return verdict(values(rows[f"{where}/sam"], "test_acc"), ">", values(rows[f"{where}/sgd"], "test_acc"))
 
 
@@ -668,10 +677,9 @@ def fitting_rows(root, runs):
     found = {}
     for group in groups:
         for row in group.rows:
-            judged_by = [ref.split("/")[1] for *_, ref, _ in row.expect if str(ref).startswith("select/")]
-            if judged_by and rows[f"{group.name}/{row.label}"]:
-                lines = found.setdefault(judged_by[0], {f"{v} (selection)": rows[f"select/{judged_by[0]}/{v}"]
-                                                        for v in ("sgd", "sam")})
+            name = judged_by(row)
+            if name and rows[f"{group.name}/{row.label}"]:
+                lines = found.setdefault(name, {f"{v} (selection)": rows[f"select/{name}/{v}"] for v in ("sgd", "sam")})
                 lines[row.label] = rows[f"{group.name}/{row.label}"]
     return found
 

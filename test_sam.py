@@ -1580,6 +1580,17 @@ def update_json(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+def make_row(root, row, finals):
+    """A claims row 'group/label' as reproduce.py lays it out (root/group/label-sSEED), one run per entry of finals
+    (final.json's fields to change); subset names the row, so that load_runs counts each row's runs apart."""
+    group, label = row.rsplit("/", 1)
+    (root / group).mkdir(parents=True, exist_ok=True)
+    for seed, changes in enumerate(finals):
+        make_run(root / group, f"{label}-s{seed}", "sam", seed)
+        update_json(root / group / f"{label}-s{seed}" / "config.json", subset=row)
+        update_json(root / group / f"{label}-s{seed}" / "final.json", **changes)
+
+
 def png_size(path):
     with open(path, "rb") as f:
         head = f.read(24)
@@ -1709,13 +1720,7 @@ def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
                 f"select/{cand}/sgd": [50.0, 51.0, 50.5], f"select/{cand}/sam": [60.0, 60.5, 61.0],
                 "same/samme1-c2-n2500": [65.0, 65.5, 66.0], "same/customsame": [72.0, 72.5, 73.0]}
     for row, accs in test_acc.items():
-        folder = tmp_path / row.rsplit("/", 1)[0]
-        folder.mkdir(parents=True, exist_ok=True)
-        for seed, acc in enumerate(accs):
-            run = folder / f"{row.rsplit('/', 1)[1]}-s{seed}"
-            make_run(folder, run.name, "sam", seed)
-            update_json(run / "config.json", subset=row)   # rows apart (load_runs counts a duplicate run once)
-            update_json(run / "final.json", test_acc_best=acc)
+        make_row(tmp_path, row, [dict(test_acc_best=acc) for acc in accs])
     runs, _ = plots.load_runs(str(tmp_path))
     lines = plots.results_md(str(tmp_path), runs).splitlines()
 
@@ -1895,11 +1900,7 @@ def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its
     cand = reproduce.FITS_NAME
     made = {f"select/{cand}/sgd": 2, f"select/{cand}/sam": 3, "same/samme1-c2-n2500": 2, "same/samme1-c2": 2}
     for row, seeds in made.items():
-        folder = tmp_path / row.rsplit("/", 1)[0]
-        folder.mkdir(parents=True, exist_ok=True)
-        for seed in range(seeds):
-            make_run(folder, f"{row.rsplit('/', 1)[1]}-s{seed}", "sam", seed)
-            update_json(folder / f"{row.rsplit('/', 1)[1]}-s{seed}" / "config.json", subset=row)
+        make_row(tmp_path, row, [{}] * seeds)
     runs, _ = plots.load_runs(str(tmp_path))
     fitting = plots.fitting_rows(str(tmp_path), runs)
     assert list(fitting) == [cand]
