@@ -534,9 +534,9 @@ def judged_by(row):
     return next((name for *_, reference, _ in row.expect if (name := candidate(reference))), None)
 
 
-def gate(rows, reference):
-    """SAM above SGD (test accuracy) where a reference ran: a selection candidate's setting, else the claims'."""
-    where = f"select/{candidate(reference)}" if candidate(reference) else "core"
+def gate(rows, name=None):
+    """SAM above SGD (test accuracy) in the setting a row ran in: selection candidate name's, else the claims'."""
+    where = f"select/{name}" if name else "core"
     return verdict(values(rows[f"{where}/sam"], "test_acc"), ">", values(rows[f"{where}/sgd"], "test_acc"))
 
 
@@ -552,11 +552,11 @@ def results_md(root, runs):
         parts.append(f"Setting: `{' '.join(reproduce.COMMON + setting['args'])}` ({setting['name']}), chosen by the rule: "
                      f"{setting['rule']}.\n\n" + selection_md(root, by_path, setting["name"]))
         parts += selection_statistics_md(selection_sam_runs(root, runs), groups)
-    claims_gate = gate(rows, "core/sam")
+    claims_gate = gate(rows)
     parts.append(f"Verdicts: {RULE}. SAM above SGD in this setting (test accuracy): **{claims_gate}**"
                  + ("" if claims_gate == "holds" else "; so every accuracy verdict below reads \"can't tell here\"")
-                 + ". A row judged against a selection candidate's runs (`select/...`) takes that candidate's SAM "
-                 "against SGD instead.")
+                 + ". A row that ran in a selection candidate's setting (its checks name `select/...`) takes that "
+                 "candidate's SAM against SGD instead, in each of its accuracy checks.")
     for group in groups:
         metrics = list(dict.fromkeys(m for row in group.rows for m, *_ in row.expect)) or ["test_acc"]
         if "test_acc" not in metrics:
@@ -587,7 +587,7 @@ def results_md(root, runs):
                     else:
                         shown += f" (on {ref_on}; this row on {ours_on})"
                 result = verdict(values(mine, metric), op, ref_values)
-                if metric in ACCURACY and gate(rows, reference) != "holds" and result != "can't tell (n < 2)":
+                if metric in ACCURACY and gate(rows, judged_by(row)) != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
                 if metric in SHARPNESS and result != "can't tell (n < 2)" and (
                         at_chance(mine) or isinstance(reference, str) and at_chance(rows[reference])):

@@ -151,6 +151,10 @@ def claims(setting):
             Row("samdirection", "samdirection", rho + SHARP, expect=(
                 (acc, "<", sam_ref, "below SAM and sammagnitude"),
                 ("top5_pos_mean", ">", sam_ref, "far sharper: top-5 mean 259 vs SAM's 71"))),
+            # where SGD fits its training set, accuracy only (see samckpt1-n2500)
+            Row("sammagnitude-n2500", "sammagnitude", rho + FITS, expect=((acc, "~", fits_sam, "about equal to SAM"),)),
+            Row("samdirection-n2500", "samdirection", rho + FITS, expect=(
+                (acc, "<", fits_sam, "below SAM"), (acc, "<", "direction/sammagnitude-n2500", "below sammagnitude"))),
             *[Row(f"{v}-rhoH{r}", v, ["--rho", r] + SHARP, expect=(
                 (acc, "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "less accurate as rho_H grows"),
                 ("lambda_max", "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "flatter as rho_H grows")))
@@ -163,6 +167,8 @@ def claims(setting):
             *[Row(f"{v}-rho0.05", v, ["--rho", "0.05"], expect=((acc, "<", "seed004/sam-rho0.05", "L-inf worse than L2"),))
               for v in ("linf-norm", "linf-sign")],
             Row("asam", "asam", ["--rho", "2.0"], expect=((acc, ">", "seed004/sam-rho0.05", "ASAM above SAM (ResNet, WRN)"),)),
+            # where SGD fits its training set (see samckpt1-n2500), against SAM at the setting's rho 0.1 there
+            Row("asam-n2500", "asam", ["--rho", "2.0"] + FITS, expect=((acc, ">", fits_sam, "ASAM above SAM"),)),
             Row("cnn-sgd", "sgd", ["--model", "cnn", "--width", "4"]),
             Row("cnn-sam-rho0.05", "sam", ["--model", "cnn", "--width", "4", "--rho", "0.05"],
                 expect=((acc, ">", "seed004/cnn-sgd", "SAM above SGD"),)),
