@@ -479,13 +479,14 @@ def devices(runs):
 
 
 def row_command(runs):
-    """The train.py command of a row with its seed as $SEED (from config.json: what really ran), without the
-    --overwrite or --resume that reproduce.py adds to relaunch a folder (how it was started, not the setting)."""
+    """The train.py command of a row with its seed as $SEED (from config.json: what really ran), each option once
+    (reproduce.last_wins), without the --overwrite or --resume that reproduce.py adds to relaunch a folder (how it
+    was started, not the setting)."""
     command = next((r["config"].get("command") for r in runs if r["config"].get("command")), None)
     if not command:
         return "–"
     command = re.sub(r" --(overwrite|resume)\b", "", command)
-    return seed_as_variable(command, runs[0]["config"]["seed"])
+    return seed_as_variable(shlex.join(reproduce.last_wins(shlex.split(command))), runs[0]["config"]["seed"])
 
 
 def planned_command(group, row, setting):

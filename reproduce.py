@@ -82,6 +82,21 @@ def value(args, flag, default=None):
     return args[where[-1] + 1] if where else default
 
 
+def last_wins(args):
+    """args with each option once, at its first place, holding its last value, as train.py's argparse reads them:
+    the setting's --subset 10000 and a row's --subset 2500 read --subset 2500; --cutout and --no-cutout are one option."""
+    options, current = {}, None   # option name (no dashes, no "no-") or a leading word's position -> its tokens
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            current = arg[2:].removeprefix("no-")
+            options[current] = [arg]   # a repeat keeps the first place and takes the new value
+        elif current is None:
+            options[i] = [arg]         # "python train.py"
+        else:
+            options[current].append(arg)
+    return [token for tokens in options.values() for token in tokens]
+
+
 def claims(setting):
     """The groups of issue 9, in priority order, for the chosen setting (a list of train.py arguments)."""
     import sam   # the peers' preset radii
@@ -259,8 +274,8 @@ def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
             for seed in row.seeds if seeds is None else [s for s in row.seeds if s in seeds]:
                 out = RESULTS / group.name / f"{row.label}-s{seed}"
                 device_args = [] if "--device" in row.flags else ["--device", device]
-                args = [*COMMON, *setting, "--variant", row.variant, *row.flags, "--seed", str(seed),
-                        "--data-dir", data_dir, *device_args, "--out", str(out.relative_to(ROOT)), *override]
+                args = last_wins([*COMMON, *setting, "--variant", row.variant, *row.flags, "--seed", str(seed),
+                                  "--data-dir", data_dir, *device_args, "--out", str(out.relative_to(ROOT)), *override])
                 runs.append(Run(group.name, row.label, seed, row.variant, args, out))
     return runs
 

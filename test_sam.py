@@ -2117,6 +2117,30 @@ def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
             assert reproduce.value(reference.flags, flag, default) == reproduce.value(rows[name].flags, flag, default)
 
 
+def test_reproduce_runs_name_each_option_once_with_the_value_train_py_reads():
+    """A row's flags after the setting's (a subset, a model, a log interval) reach train.py once, at the value
+    argparse gives the repeated command: every run of the claims parses as its unreduced command does."""
+    import reproduce
+    import train
+    setting = reproduce.CANDIDATES["resnet18-w0.25-n10k-e30"]
+    groups = reproduce.claims(setting)
+    runs = {f"{run.group}/{run.label}": run for run in reproduce.runs_of(groups, setting, "data", "cpu", seeds=[0])}
+    repeated = 0
+    for group in groups:
+        for row in group.rows:
+            run = runs[f"{group.name}/{row.label}"]
+            options = [a[2:].removeprefix("no-") for a in run.args if a.startswith("--")]
+            assert len(options) == len(set(options)), run.label
+            unreduced = [*reproduce.COMMON, *setting, "--variant", row.variant, *row.flags, "--seed", "0",
+                         "--data-dir", "data", "--device", "cpu", "--out", str(run.out.relative_to(reproduce.ROOT))]
+            assert vars(train.parse_settings(run.args)) == vars(train.parse_settings(unreduced)), run.label
+            repeated += len(unreduced) - len(run.args) > 0
+    assert repeated >= 10   # the n2500 rows, the ResNet-18 and CNN rows, the long-tailed rows, claims 1-3
+    assert reproduce.last_wins(["python", "train.py", "--no-cutout", "--bin-scale", *"ccccc", "--subset", "9",
+                                "--cutout", "--bin-scale", "1", "1", "c", "1", "1", "--rho", "-1"]) == \
+        ["python", "train.py", "--cutout", "--bin-scale", "1", "1", "c", "1", "1", "--subset", "9", "--rho", "-1"]
+
+
 def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(tmp_path, monkeypatch, capsys):
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")   # every run is to start, whatever results/ holds
