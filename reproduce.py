@@ -7,10 +7,10 @@
     python plots.py results/ --out figures/                                # the tables and figures
 
 Each run is results/<group>/<label>-s<seed>/, a train.py run folder. Runs whose final.json exists are
-skipped, runs with a last.pt are resumed, runs with a config.json but no last.pt are started again, so
-the same command continues where a stopped call left off. A finished or cut folder made with other settings
-than its row's command (a new setting, an edited row) is reported as stale and left alone. Groups run in
-priority order.
+skipped (or resumed to measure the sharpness their row now asks for, on their best-val checkpoint), runs
+with a last.pt are resumed, runs with a config.json but no last.pt are started again, so the same command
+continues where a stopped call left off. A finished or cut folder made with other settings than its row's
+command (a new setting, an edited row) is reported as stale and left alone. Groups run in priority order.
 """
 import argparse
 import json
@@ -104,6 +104,7 @@ def claims(setting):
     rho = ["--rho", RHO]
     sam_ref = "core/sam"
     fits_sam = f"select/{FITS_NAME}/sam"   # the selection's SAM runs where SGD fits (plots.py reads them as a row)
+    fits_sharp = "geometry/sam-n2500"   # seeds 0-2 of those, trained again to the same weights, with their sharpness
     sam_at = {"0.01": "seed004/sam-rho0.01", "0.05": "seed004/sam-rho0.05", RHO: sam_ref,   # SAM's rows, by radius
               "0.5": "seed004/sam-rho0.5"}
 
@@ -123,13 +124,14 @@ def claims(setting):
             Row("sam", "sam", rho + SHARP, expect=((acc, ">", "core/sgd", "SAM above SGD by 1-2 points"),
                                                    ("lambda_max", "<", "core/sgd", "flatter than SGD"))),
             # SGD's sharpness where it fits its training set (the selection's SGD runs measured none), run after the claims
-            Row("sgd-n2500", "sgd", FITS + SHARP, expect=(("train_acc", ">", 99.0, "fits its training set"),)),
+            Row("sgd-n2500", "sgd", SHARP + FITS, expect=(("train_acc", ">", 99.0, "fits its training set"),
+                                                          ("lambda_max", ">", fits_sharp, "sharper than SAM"))),
         ]),
         Group("geometry", "1-3. Checkpoint shares, persistence and mag_up under SAM (seeds 000, 002)", [
             Row("sam", "sam", every_step, expect=GEOMETRY_CHECKS),
             # the same checks where SGD fits its training set (the selection's candidate with 99.7% SGD train accuracy),
             # run after the claims; the same command as the row above when that candidate is the setting
-            Row("sam-n2500", "sam", every_step + FITS, expect=GEOMETRY_CHECKS),
+            Row("sam-n2500", "sam", every_step + SHARP + FITS, expect=GEOMETRY_CHECKS),
         ]),
         Group("samckpt", "4. SAMCKPT: SAM's gradient on some checkpoints only (seed 000, Exp. 1)", [
             *[Row(v, v, rho + SHARP, expect=((acc, op, sam_ref, words), ("lambda_max", op2, sam_ref, words2)))
@@ -141,9 +143,11 @@ def claims(setting):
                   ("samckpt12", ">", "at or above SAM", "~", "as flat as SAM"),
                   ("samckpt13", ">", "at or above SAM", "~", "as flat as SAM"),
                   ("samckpt123", ">", "at or above SAM", "~", "as flat as SAM")]],
-            # where SGD fits its training set (run on the CPU after the claims, accuracy only): against the selection's
-            # SAM runs there (5 seeds, no sharpness), which plots.py reads as the row select/<candidate>/sam
-            Row("samckpt1-n2500", "samckpt1", rho + FITS, expect=((acc, "~", fits_sam, "keeps SAM's accuracy"),)),
+            # where SGD fits its training set (run on the CPU after the claims, their sharpness measured later from
+            # best.pt): accuracy against the selection's SAM runs there (5 seeds, no sharpness), which plots.py reads
+            # as the row select/<candidate>/sam; sharpness against geometry/sam-n2500
+            Row("samckpt1-n2500", "samckpt1", rho + SHARP + FITS, expect=((acc, "~", fits_sam, "keeps SAM's accuracy"),
+                                                                          ("lambda_max", "~", fits_sharp, "keeps SAM's flatness"))),
             Row("sam-rho1", "sam", ["--rho", "1.0"] + SHARP, expect=((acc, "<", sam_ref, "SAM collapses at a large rho"),)),
             *[Row(f"{v}-rho1", v, ["--rho", "1.0"] + SHARP, expect=((acc, ">", "samckpt/sam-rho1", "beats SAM at rho 1"),))
               for v in ("samckpt1", "samckpt12", "samckpt123")],
@@ -160,18 +164,20 @@ def claims(setting):
             Row("samme3-c0.1-rho0.2", "samme3", ["--rho", "0.2", "--condition", "0.1"] + SHARP, seeds=SEEDS + (3,),
                 expect=((acc, ">", "same/sam-rho0.2", "a best row (c 0.1 at a larger rho)"),)),
             Row("customsame", "customsame", rho + SHARP, expect=((acc, ">", sam_ref, "built to beat SAM"),)),
-            Row("samme1-c2-n2500", "samme1", rho + ["--condition", "2"] + FITS, expect=(   # see samckpt1-n2500
-                ("train_acc", ">", fits_sam, "higher late train acc"), (acc, ">", fits_sam, "higher late val acc"))),
+            Row("samme1-c2-n2500", "samme1", rho + ["--condition", "2"] + SHARP + FITS, expect=(   # see samckpt1-n2500
+                ("lambda_max", "<", fits_sharp, "flatter than SAM"), ("train_acc", ">", fits_sam, "higher late train acc"),
+                (acc, ">", fits_sam, "higher late val acc"))),
         ]),
         Group("direction", "6. Magnitude vs direction, SGDHESS (seed 002)", [
             Row("sammagnitude", "sammagnitude", rho + SHARP, expect=((acc, "~", sam_ref, "about equal to SAM"),)),
             Row("samdirection", "samdirection", rho + SHARP, expect=(
                 (acc, "<", sam_ref, "below SAM and sammagnitude"),
                 ("top5_pos_mean", ">", sam_ref, "far sharper: top-5 mean 259 vs SAM's 71"))),
-            # where SGD fits its training set, accuracy only (see samckpt1-n2500)
-            Row("sammagnitude-n2500", "sammagnitude", rho + FITS, expect=((acc, "~", fits_sam, "about equal to SAM"),)),
-            Row("samdirection-n2500", "samdirection", rho + FITS, expect=(
-                (acc, "<", fits_sam, "below SAM"), (acc, "<", "direction/sammagnitude-n2500", "below sammagnitude"))),
+            # where SGD fits its training set (see samckpt1-n2500)
+            Row("sammagnitude-n2500", "sammagnitude", rho + SHARP + FITS, expect=((acc, "~", fits_sam, "about equal to SAM"),)),
+            Row("samdirection-n2500", "samdirection", rho + SHARP + FITS, expect=(
+                (acc, "<", fits_sam, "below SAM"), (acc, "<", "direction/sammagnitude-n2500", "below sammagnitude"),
+                ("top5_pos_mean", ">", fits_sharp, "far sharper: top-5 mean 259 vs SAM's 71"))),
             *[Row(f"{v}-rhoH{r}", v, ["--rho", r] + SHARP, expect=(
                 (acc, "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "less accurate as rho_H grows"),
                 ("lambda_max", "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "flatter as rho_H grows")))
@@ -280,10 +286,15 @@ def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
     return runs
 
 
-def decision(out):
-    """What the runner does with a run folder: skip, resume, overwrite (a start that left no checkpoint) or start."""
-    if (out / "final.json").exists() or (out / "diverged.txt").exists():
+def decision(out, sharpness_wanted=False):
+    """What the runner does with a run folder: skip, measure (a finished run without the sharpness its row asks
+    for: train.py --resume measures its best-val checkpoint), resume, overwrite (a start that left no
+    checkpoint) or start."""
+    if (out / "diverged.txt").exists():
         return "skip"
+    if (out / "final.json").exists():
+        unmeasured = json.loads((out / "final.json").read_text()).get("sharpness") is None
+        return "measure" if sharpness_wanted and unmeasured else "skip"
     if (out / "last.pt").exists():
         return "resume"
     if (out / "config.json").exists():
@@ -291,10 +302,11 @@ def decision(out):
     return "start"
 
 
-def stale(run):
+def stale(run, end_open=False):
     """What a run folder was made with that its row's command no longer gives (a new setting, an edited row, a
     changed preset), as 'setting folder -> command' strings; empty when they agree. Such a folder is not this
-    row's result, so the runner neither skips nor resumes it."""
+    row's result, so the runner neither skips nor resumes it. While the run's end is open (it trains, or it
+    finished without sharpness) the sharpness settings may differ: train.py takes them on --resume."""
     import torch
     import train
     try:
@@ -303,8 +315,13 @@ def stale(run):
         return [f"config.json unreadable ({type(err).__name__})"]
     args = train.parse_settings(run.args)
     wanted = json.loads(json.dumps(train.run_config(args, run.args, torch.device("cpu"), 1, None)))
-    return [f"{k} {saved[k]!r} -> {wanted[k]!r}"
-            for k in train.changed_settings(saved, wanted, train.SESSION_SETTINGS | MACHINE_SETTINGS)]
+    ignore = train.SESSION_SETTINGS | MACHINE_SETTINGS | (train.END_SETTINGS if end_open else set())
+    return [f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in train.changed_settings(saved, wanted, ignore)]
+
+
+def wants_sharpness(run):
+    import train
+    return train.parse_settings(run.args).sharpness
 
 
 def cost(run):
@@ -326,7 +343,7 @@ def launch(run, action, threads):
     log_path = run.out.parent / f"{run.out.name}.log"   # beside the folder: train.py recreates the folder on a start
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")
-    extra = {"resume": ["--resume"], "overwrite": ["--overwrite"], "start": []}[action]
+    extra = {"resume": ["--resume"], "measure": ["--resume"], "overwrite": ["--overwrite"], "start": []}[action]
     command = [sys.executable, "train.py", *run.args, *extra]
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
@@ -344,7 +361,7 @@ def finish(run, proc, log):
         with open(run.out / "train.log", "a") as f:
             f.write(text)
         log_path.unlink()
-    if (run.out / "final.json").exists():
+    if (run.out / "final.json").exists() and decision(run.out, wants_sharpness(run)) == "skip":
         return "done"
     if proc.returncode != 0 and "train.py: the training loss is" in text:   # a divergence is a result, not a failure
         (run.out / "diverged.txt").write_text(text.strip().splitlines()[-1] + "\n")
@@ -390,8 +407,8 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None):
         if run.variant not in sam.VARIANTS:   # a preset of a newer sam.py
             missing.setdefault(run.variant, []).append(f"{run.group}/{run.out.name}")
             continue
-        action = decision(run.out)
-        changed = stale(run) if action in ("skip", "resume") else []
+        action = decision(run.out, wants_sharpness(run))
+        changed = [] if action in ("overwrite", "start") else stale(run, end_open=action != "skip")
         if changed:   # left as it is: it holds another experiment's results, which nothing here may delete
             counts["stale"] += 1
             print(f"stale: {run.group}/{run.out.name} was run with other settings ({'; '.join(changed)}); "

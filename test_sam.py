@@ -2186,6 +2186,29 @@ def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
     assert reproduce.decision(out) == "resume" and "stopped at step" in (out / "train.log").read_text()
 
 
+def test_reproduce_measures_the_sharpness_a_row_adds_to_its_finished_runs(tmp_path, monkeypatch):
+    """A row that now asks for sharpness: its finished runs without it are resumed to measure it (not stale,
+    not re-trained); a run measured with other sharpness settings is stale."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", REPO)
+    out = tmp_path / "results" / "g" / "sgd-s0"
+    plain = _tiny_run(tmp_path, "--variant", "sgd", "--out", str(out))
+    sharp = ["--sharpness", "--sharpness-batches", "2", "--sharpness-batch-size", "6", "--sharpness-iters", "5"]
+    train.main(plain)
+    epochs = (out / "epochs.csv").read_bytes()
+    run = reproduce.Run("g", "sgd", 0, "sgd", plain + sharp, out)
+    assert reproduce.decision(out) == "skip" and reproduce.decision(out, sharpness_wanted=True) == "measure"
+    assert reproduce.stale(run) and not reproduce.stale(run, end_open=True)
+    counts = reproduce.execute([run], jobs=1, deadline=None, grace=8)
+    assert counts["done"] == 1 and counts["stale"] == 0
+    final = json.loads((out / "final.json").read_text())
+    assert final["sharpness"]["lambda_max"] > 0 and (out / "epochs.csv").read_bytes() == epochs
+    assert reproduce.decision(out, sharpness_wanted=True) == "skip" and not reproduce.stale(run)
+    other = reproduce.Run("g", "sgd", 0, "sgd", plain + sharp[:-1] + ["9"], out)
+    assert reproduce.execute([other], jobs=1, deadline=None, grace=8)["stale"] == 1
+    assert json.loads((out / "final.json").read_text()) == final
+
+
 @pytest.mark.parametrize("jobs,threads", [(1, 16), (4, 4), (5, 3), (32, 1)])
 def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jobs, threads):
     """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); many jobs share them."""
@@ -2359,6 +2382,33 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert {"dataset", "model", "variant", "rho", "condition", "seed", "epochs", "command", "torch", "device",
             "git_commit"} <= set(config)
+
+
+def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(tmp_path, capsys):
+    """A finished run without sharpness, resumed with --sharpness: its best-val checkpoint is measured and
+    final.json is what the same run with --sharpness from the start wrote; its training logs are untouched."""
+    sharp = ["--sharpness", "--sharpness-batches", "2", "--sharpness-batch-size", "6", "--sharpness-iters", "10"]
+    measured = train.main(_tiny_run(tmp_path, "--variant", "sam", "--out", str(tmp_path / "measured"), *sharp))
+    out = tmp_path / "later"
+    plain = _tiny_run(tmp_path, "--variant", "sam", "--out", str(out))
+    unmeasured = train.main(plain)
+    assert unmeasured["sharpness"] is None and measured["sharpness"]["lambda_max"] > 0
+    logs = {name: (out / name).read_bytes() for name in ("steps.csv", "epochs.csv", "best.pt", "last.pt")}
+    assert train.main(plain + sharp + ["--resume"]) == measured == json.loads((out / "final.json").read_text())
+    assert logs == {name: (out / name).read_bytes() for name in logs}
+    config, first = (json.loads((folder / "config.json").read_text()) for folder in (out, tmp_path / "measured"))
+    assert {k: config[k] for k in train.END_SETTINGS} == {k: first[k] for k in train.END_SETTINGS}
+    assert config["command"].endswith(str(out)) and config["end_settings_command"].endswith("--resume")
+    # measured now: the same command finds nothing to do; other sharpness settings are another run's
+    assert train.main(plain + sharp + ["--resume"]) == measured
+    with pytest.raises(SystemExit) as stop:
+        train.main(plain + sharp + ["--sharpness-iters", "20", "--resume"])
+    assert "--sharpness-iters 20 (run: 10)" in str(stop.value)
+    assert json.loads((out / "final.json").read_text()) == measured
+    # while a run trains its sharpness settings may change too: the end measures with the last ones
+    cut = tmp_path / "cut"
+    train.main(_tiny_run(tmp_path, "--variant", "sam", "--out", str(cut), "--max-steps", "3"))
+    assert train.main(_tiny_run(tmp_path, "--variant", "sam", "--out", str(cut), "--resume", *sharp)) == measured
 
 
 def test_train_real_cifar10_learns(tmp_path):

@@ -65,6 +65,9 @@ SAM_CLI_FLAGS = [name for name in sam.FLAGS if name != "condition_warmup"]
 # Settings that may change when a run is resumed: where things are, and how this session stops.
 SESSION_SETTINGS = {"resume", "overwrite", "max_steps", "data_dir", "cache_dir", "out", "device", "compile",
                     "keep_freed_memory"}
+# What the end measures of the best-val checkpoint, apart from training: these may change until a run has measured
+# its sharpness, so a finished run that measured none gets it with --resume --sharpness (config.json says so).
+END_SETTINGS = {"sharpness", "sharpness_batches", "sharpness_batch_size", "sharpness_iters"}
 
 
 def checked(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
@@ -949,7 +952,7 @@ class RunFolder:
     def checkpoint(self, args):
         saved = json.loads((self.path / "config.json").read_text())
         config = vars(args)
-        changed = changed_settings(saved, config)
+        changed = changed_settings(saved, config, SESSION_SETTINGS | (END_SETTINGS if self.end_open() else set()))
         if changed:
             fail("--resume with different settings: " + ", ".join(
                 f"--{k.replace('_', '-')} {config[k]!r} (run: {saved[k]!r})" for k in changed))
@@ -999,6 +1002,26 @@ class RunFolder:
         if self.writer:
             (self.path / "final.json").write_text(json.dumps(final, indent=1) + "\n")
 
+    def final(self):
+        """final.json, or None while the run trains."""
+        path = self.path / "final.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def end_open(self):
+        """True while the end's sharpness may still be measured: the run trains, or finished without it."""
+        final = self.final()
+        return final is None or final.get("sharpness") is None
+
+    def record_end_settings(self, args, argv, world):
+        """A resume that changes END_SETTINGS writes them into config.json (whole, by rename), with its command."""
+        saved = json.loads((self.path / "config.json").read_text())
+        new = {k: getattr(args, k) for k in sorted(END_SETTINGS) if saved.get(k) != getattr(args, k)}
+        if new and self.writer:
+            saved = {**saved, **new, "end_settings_command": command_line(argv, world)}
+            tmp = self.path / "config.json.tmp"
+            tmp.write_text(json.dumps(saved, indent=1) + "\n")
+            os.replace(tmp, self.path / "config.json")
+
 
 def barrier():
     if dist.is_initialized():
@@ -1010,15 +1033,18 @@ def changed_settings(saved, config, ignore=SESSION_SETTINGS):
     return [k for k in config if k not in ignore and k in saved and saved[k] != config[k]]
 
 
+def command_line(argv, world):
+    return (f"torchrun --nproc_per_node {world} " if world > 1 else "python ") + shlex.join(["train.py", *argv])
+
+
 def run_config(args, argv, device, world, fingerprint):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True).stdout.strip() or None
     except OSError:
         commit = None
-    launcher = f"torchrun --nproc_per_node {world} " if world > 1 else "python "
     effective = {**sam.FLAGS, **sam.VARIANTS[args.variant], **sam_flags(args)}   # what the optimizer runs with
-    return {**vars(args), "sam_flags": effective, "command": launcher + shlex.join(["train.py", *argv]),
+    return {**vars(args), "sam_flags": effective, "command": command_line(argv, world),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "world_size": world, "git_commit": commit, "data_fingerprint": fingerprint}
@@ -1179,8 +1205,8 @@ def set_up(args, argv, folder, rank, world, device):
         folder.claim()
     barrier()   # rank 0 holds the folder before any rank reads it
     checkpoint = folder.check(args)
-    if checkpoint is not None and (folder.path / "final.json").exists():
-        return None
+    if checkpoint is not None and folder.final() is not None and not (args.sharpness and folder.end_open()):
+        return None   # finished, and nothing left to measure (a finished run without sharpness resumes to its end)
     data = load_images(args)
     splits = make_splits(args, data)
     loaders = [DeviceLoader(*split, args.dataset, device, args.channels_last) for split in splits]
@@ -1193,6 +1219,8 @@ def set_up(args, argv, folder, rank, world, device):
     elif checkpoint["data_fingerprint"] not in (None, data["fingerprint"]):
         fail(f"--resume: --data-dir {args.data_dir} holds other data than this run trained on (fingerprint "
              f"{data['fingerprint']}, run: {checkpoint['data_fingerprint']}); point --data-dir at the run's data")
+    else:
+        folder.record_end_settings(args, argv, world)
     model, net, opt = build_model(args, len(data["classes"]), steps_per_epoch, world, device)
     cuda = device.type == "cuda"
     tail = tail_mask(loaders[0].labels, args.tail_threshold, len(data["classes"]))
@@ -1394,6 +1422,8 @@ def finish(r):
     result = None
     if r.args.sharpness:
         barrier()   # rank 0 has written best.pt
+        r.say(f"sharpness of {r.folder.best} ({r.args.sharpness_batches} batches of {r.args.sharpness_batch_size})",
+              flush=True)
         r.model.load_state_dict(torch.load(r.folder.best, map_location=r.device)["model"])
         result = sharpness(r.model, r.train_set, r.args)
     state = r.state
