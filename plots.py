@@ -481,12 +481,15 @@ def devices(runs):
 def row_command(runs):
     """The train.py command of a row with its seed as $SEED (from config.json: what really ran), each option once
     (reproduce.last_wins), without the --overwrite or --resume that reproduce.py adds to relaunch a folder (how it
-    was started, not the setting)."""
-    command = next((r["config"].get("command") for r in runs if r["config"].get("command")), None)
-    if not command:
+    was started, not the setting). A run whose sharpness was measured after it finished (end_settings_command)
+    shows the one command that gives both, as train.py writes the same final.json either way."""
+    config = next((r["config"] for r in runs if r["config"].get("command")), None)
+    if config is None:
         return "–"
-    command = re.sub(r" --(overwrite|resume)\b", "", command)
-    return seed_as_variable(shlex.join(reproduce.last_wins(shlex.split(command))), runs[0]["config"]["seed"])
+    later = shlex.split(config.get("end_settings_command", ""))
+    tokens = shlex.split(config["command"]) + (later[later.index("train.py") + 1:] if later else [])
+    command = re.sub(r" --(overwrite|resume)\b", "", shlex.join(reproduce.last_wins(tokens)))
+    return seed_as_variable(command, runs[0]["config"]["seed"])
 
 
 def planned_command(group, row, setting):

@@ -1689,6 +1689,14 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| sam | 3 |"))
     assert f"| {np.mean(sam_acc):.4g} ± {np.std(sam_acc, ddof=1):.2g} |" in row
     assert "| cpu | `python train.py --variant sam --seed $SEED --out results/core/sam-s$SEED`" in row
+    # sharpness measured after training (train.py --resume --sharpness): the one command that gives both
+    for seed in (0, 1, 2):
+        update_json(tmp_path / "core" / f"sgd-s{seed}" / "config.json", end_settings_command="python train.py "
+                    f"--variant sgd --seed {seed} --out results/core/sgd-s{seed} --sharpness --sharpness-iters 20 --resume")
+    text = plots.results_md(str(tmp_path), plots.load_runs(str(tmp_path))[0])
+    row = next(line for line in text.splitlines() if line.startswith("| sgd | 3 |"))
+    assert row.endswith("| `python train.py --variant sgd --seed $SEED --out results/core/sgd-s$SEED --sharpness "
+                        "--sharpness-iters 20` |")
     # a row with no folder yet shows the command reproduce.py would run, from its own row definition
     planned = next(line for line in text.splitlines() if line.startswith("| sam-rho0.05-cpu | 0 |"))
     assert planned.endswith(" --variant sam --rho 0.05 --device cpu --seed $SEED --data-dir "
