@@ -2392,7 +2392,7 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
             "git_commit"} <= set(config)
 
 
-def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(tmp_path, capsys):
+def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(tmp_path, capsys, monkeypatch):
     """A finished run without sharpness, resumed with --sharpness: its best-val checkpoint is measured and
     final.json is what the same run with --sharpness from the start wrote; its training logs are untouched."""
     sharp = ["--sharpness", "--sharpness-batches", "2", "--sharpness-batch-size", "6", "--sharpness-iters", "10"]
@@ -2402,6 +2402,14 @@ def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(t
     unmeasured = train.main(plain)
     assert unmeasured["sharpness"] is None and measured["sharpness"]["lambda_max"] > 0
     logs = {name: (out / name).read_bytes() for name in ("steps.csv", "epochs.csv", "best.pt", "last.pt")}
+    # a crash while the measured final.json replaces the finished run's leaves the old one whole
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full"))
+                        if str(dst).endswith("final.json") else replace(src, dst))
+    with pytest.raises(OSError, match="disk full"):
+        train.main(plain + sharp + ["--resume"])
+    monkeypatch.undo()
+    assert json.loads((out / "final.json").read_text()) == unmeasured
     assert train.main(plain + sharp + ["--resume"]) == measured == json.loads((out / "final.json").read_text())
     assert logs == {name: (out / name).read_bytes() for name in logs}
     config, first = (json.loads((folder / "config.json").read_text()) for folder in (out, tmp_path / "measured"))

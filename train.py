@@ -829,6 +829,14 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_json_atomic(obj, path):
+    """JSON to a temporary file, then rename: a crash leaves the old file or the new one (a measured final.json
+    replaces one that holds a finished run's results)."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def default_run_name(args):
     given = {k: v for k, v in sam_flags(args).items() if getattr(args, k) is not None}
     parts = [args.dataset, args.model, args.variant] + [f"{k.replace('_', '-')}{v}" for k, v in given.items()]
@@ -1000,7 +1008,7 @@ class RunFolder:
 
     def finish(self, final):
         if self.writer:
-            (self.path / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+            write_json_atomic(final, self.path / "final.json")
 
     def final(self):
         """final.json, or None while the run trains."""
@@ -1013,14 +1021,11 @@ class RunFolder:
         return final is None or final.get("sharpness") is None
 
     def record_end_settings(self, args, argv, world):
-        """A resume that changes END_SETTINGS writes them into config.json (whole, by rename), with its command."""
+        """A resume that changes END_SETTINGS writes them into config.json, with its command."""
         saved = json.loads((self.path / "config.json").read_text())
         new = {k: getattr(args, k) for k in sorted(END_SETTINGS) if saved.get(k) != getattr(args, k)}
         if new and self.writer:
-            saved = {**saved, **new, "end_settings_command": command_line(argv, world)}
-            tmp = self.path / "config.json.tmp"
-            tmp.write_text(json.dumps(saved, indent=1) + "\n")
-            os.replace(tmp, self.path / "config.json")
+            write_json_atomic({**saved, **new, "end_settings_command": command_line(argv, world)}, self.path / "config.json")
 
 
 def barrier():
