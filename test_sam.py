@@ -2415,6 +2415,7 @@ def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(t
     config, first = (json.loads((folder / "config.json").read_text()) for folder in (out, tmp_path / "measured"))
     assert {k: config[k] for k in train.END_SETTINGS} == {k: first[k] for k in train.END_SETTINGS}
     assert config["command"].endswith(str(out)) and config["end_settings_command"].endswith("--resume")
+    assert config["end_settings_commit"] == config["git_commit"] == train.git_commit()   # None outside a clone
     # measured now: the same command finds nothing to do; other sharpness settings are another run's
     assert train.main(plain + sharp + ["--resume"]) == measured
     with pytest.raises(SystemExit) as stop:

@@ -1021,11 +1021,12 @@ class RunFolder:
         return final is None or final.get("sharpness") is None
 
     def record_end_settings(self, args, argv, world):
-        """A resume that changes END_SETTINGS writes them into config.json, with its command."""
+        """A resume that changes END_SETTINGS writes them into config.json, with its command and commit."""
         saved = json.loads((self.path / "config.json").read_text())
         new = {k: getattr(args, k) for k in sorted(END_SETTINGS) if saved.get(k) != getattr(args, k)}
         if new and self.writer:
-            write_json_atomic({**saved, **new, "end_settings_command": command_line(argv, world)}, self.path / "config.json")
+            write_json_atomic({**saved, **new, "end_settings_command": command_line(argv, world),
+                               "end_settings_commit": git_commit()}, self.path / "config.json")
 
 
 def barrier():
@@ -1042,17 +1043,21 @@ def command_line(argv, world):
     return (f"torchrun --nproc_per_node {world} " if world > 1 else "python ") + shlex.join(["train.py", *argv])
 
 
-def run_config(args, argv, device, world, fingerprint):
+def git_commit():
+    """The commit this train.py is checked out at, or None outside a git clone."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True).stdout.strip() or None
     except OSError:
-        commit = None
+        return None
+
+
+def run_config(args, argv, device, world, fingerprint):
     effective = {**sam.FLAGS, **sam.VARIANTS[args.variant], **sam_flags(args)}   # what the optimizer runs with
     return {**vars(args), "sam_flags": effective, "command": command_line(argv, world),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "world_size": world, "git_commit": commit, "data_fingerprint": fingerprint}
+            "world_size": world, "git_commit": git_commit(), "data_fingerprint": fingerprint}
 
 
 # ----------------------------------------------------------------------------------------------
