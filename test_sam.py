@@ -2392,6 +2392,28 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
             "git_commit"} <= set(config)
 
 
+def test_train_test_every_leaves_out_only_tests_no_result_reads(tmp_path):
+    """--test-every 3 tests at epochs 3, 6, the last and each new best validation accuracy; the other epochs log no
+    test, and everything else, final.json included, is the run's that tested every epoch."""
+    runs = {n: _tiny_run(tmp_path, "--epochs", "7", "--test-every", str(n), "--out", str(tmp_path / f"every{n}"))
+            for n in (1, 3)}
+    finals = {n: train.main(args) for n, args in runs.items()}
+    assert finals[3] == finals[1]
+    full, sparse = (_rows(tmp_path / f"every{n}" / "epochs.csv") for n in (1, 3))
+    best, tested = -math.inf, []
+    for row in full:   # the reference: which epochs a run testing every 3rd one must test
+        epoch, val_acc = int(row["epoch"]), float(row["val_acc"])
+        tested.append(val_acc > best or epoch % 3 == 0 or epoch == 7)
+        best = max(best, val_acc)
+    assert 0 < sum(tested) < 7   # the run has epochs to leave out
+    test_columns, timing = ("test_loss", "test_acc"), ("seconds", "images_per_sec")
+    for every_epoch, every_third, was_tested in zip(full, sparse, tested):
+        assert ({k: v for k, v in every_third.items() if k not in test_columns + timing} ==
+                {k: v for k, v in every_epoch.items() if k not in test_columns + timing})
+        assert [every_third[k] for k in test_columns] == ([every_epoch[k] for k in test_columns] if was_tested
+                                                          else ["", ""])
+
+
 def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(tmp_path, capsys, monkeypatch):
     """A finished run without sharpness, resumed with --sharpness: its best-val checkpoint is measured and
     final.json is what the same run with --sharpness from the start wrote; its training logs are untouched."""

@@ -171,6 +171,10 @@ def add_run_arguments(parser):
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<variant>...)")
     out.add_argument("--log-every", type=at_least(1), default=50, help="steps per steps.csv row (one host sync)")
+    out.add_argument("--test-every", type=at_least(1), default=1, help="evaluate the test split every N epochs, "
+                     "at each new best validation accuracy and at the last epoch: test_acc_best and test_acc_last are "
+                     "those of every epoch's test, the other epochs log no test (on a CPU the test split can cost as "
+                     "much as a small subset's SGD epoch)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out (the files it wrote, nothing else) and start again")
@@ -1401,7 +1405,10 @@ def end_epoch(r):
     train = read_counts(r, state["totals"], f"in epoch {epoch + 1}")
     sync_buffers(r.model)
     val_loss, val_acc, _ = evaluate(r.net, r.val_set, r.step_settings, r.rank, r.world)
-    test_loss, test_acc, test_per_class = evaluate(r.net, r.test_set, r.step_settings, r.rank, r.world)
+    best = val_acc > state["best_val_acc"]
+    tested = best or (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs
+    test_loss, test_acc, test_per_class = (evaluate(r.net, r.test_set, r.step_settings, r.rank, r.world) if tested
+                                           else (None, None, []))
     noisy = args.label_noise > 0
     r.folder.log("epochs", {
         "epoch": epoch + 1, "train_loss": train.loss_sum / train.seen, "train_acc": 100 * train.correct / train.seen,
@@ -1411,15 +1418,17 @@ def end_epoch(r):
         "seconds": state["seconds"], "images_per_sec": train.seen / state["seconds"]})
     if args.sharpness_every and (epoch + 1) % args.sharpness_every == 0:
         r.folder.log("sharpness", {"epoch": epoch + 1, **sharpness(r.model, r.train_set, args)})
-    state.update(epoch=epoch + 1, pos=0, perm=None, test_last=[test_loss, test_acc, test_per_class])
-    if val_acc > state["best_val_acc"]:
+    state.update(epoch=epoch + 1, pos=0, perm=None)
+    if tested:
+        state["test_last"] = [test_loss, test_acc, test_per_class]
+    if best:
         state.update(best_val_acc=val_acc, best_epoch=epoch + 1, test_at_best=[test_loss, test_acc, test_per_class])
         r.folder.save(r.folder.best, {"model": r.model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc})
     r.folder.save(r.folder.last, snapshot(r))
+    test_shown = f"test {test_loss:.4f} {test_acc:.2f}%" if tested else "test -"
     r.say(f"{ERASE_LINE if sys.stdout.isatty() else ''}epoch {epoch + 1}/{args.epochs}  train "
           f"{train.loss_sum / train.seen:.4f} {100 * train.correct / train.seen:.2f}%  val {val_loss:.4f} "
-          f"{val_acc:.2f}%  test {test_loss:.4f} {test_acc:.2f}%  {state['seconds']:.1f}s "
-          f"{train.seen / state['seconds']:.0f} img/s", flush=True)
+          f"{val_acc:.2f}%  {test_shown}  {state['seconds']:.1f}s {train.seen / state['seconds']:.0f} img/s", flush=True)
 
 
 def tail_mask(labels, threshold, n_classes):
