@@ -141,15 +141,18 @@ def label(key, keys):
 
 
 def seed_mean(runs, table, x, y):
-    """Mean and sample std over seeds of column y at each value of x present in any run."""
-    per_x = {}
+    """Mean and sample std over seeds of column y at each value of x present in any run, left out where a run
+    that logged x has no y there (train.py --test-every): a mean over fewer seeds at some x would bend the curve."""
+    per_x, gaps = {}, set()
     for run in runs:
         cols = run[table]
         if x in cols and y in cols:
             for xv, yv in zip(cols[x], cols[y]):
                 if math.isfinite(yv):
                     per_x.setdefault(xv, []).append(yv)
-    xs = np.array(sorted(per_x))
+                else:
+                    gaps.add(xv)
+    xs = np.array(sorted(set(per_x) - gaps))
     means = np.array([np.mean(per_x[v]) for v in xs])
     stds = np.array([np.std(per_x[v], ddof=1) if len(per_x[v]) > 1 else 0.0 for v in xs])
     return xs, means, stds

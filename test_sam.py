@@ -1633,6 +1633,10 @@ def test_plots_reads_cut_csv_and_averages_seeds(tmp_path):
     assert not skipped and len(runs[0]["steps"]["step"]) == 6   # the cut-off line is dropped
     xs, means, stds = plots.seed_mean(runs, "epochs", "epoch", "test_acc")
     assert list(xs) == [0, 1, 2] and np.allclose(means, [50.5, 51.5, 52.5]) and np.allclose(stds, np.std([0, 1], ddof=1))
+    # a seed that left an epoch's test out (train.py --test-every) takes that epoch out of the mean
+    runs[1]["epochs"]["test_acc"][1] = math.nan
+    xs, means, _ = plots.seed_mean(runs, "epochs", "epoch", "test_acc")
+    assert list(xs) == [0, 2] and np.allclose(means, [50.5, 52.5])
 
 
 def test_plots_bad_paths(tmp_path, capsys):
