@@ -173,8 +173,8 @@ def add_run_arguments(parser):
     out.add_argument("--log-every", type=at_least(1), default=50, help="steps per steps.csv row (one host sync)")
     out.add_argument("--test-every", type=at_least(1), default=1, help="evaluate the test split every N epochs, "
                      "at each new best validation accuracy and at the last epoch: test_acc_best and test_acc_last are "
-                     "those of every epoch's test, the other epochs log no test (on a CPU the test split can cost as "
-                     "much as a small subset's SGD epoch)")
+                     "those of every epoch's test, the other epochs log no test (on a CPU the 10k test images can cost "
+                     "more than a small subset's SGD epoch)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out (the files it wrote, nothing else) and start again")
