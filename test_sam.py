@@ -2416,6 +2416,10 @@ def test_train_test_every_leaves_out_only_tests_no_result_reads(tmp_path):
                 {k: v for k, v in every_epoch.items() if k not in test_columns + timing})
         assert [every_third[k] for k in test_columns] == ([every_epoch[k] for k in test_columns] if was_tested
                                                           else ["", ""])
+    # it is a session's setting: a run cut while testing every 3rd epoch resumes testing every epoch, same final.json
+    cut = _tiny_run(tmp_path, "--epochs", "7", "--out", str(tmp_path / "cut"))
+    assert train.main(cut + ["--test-every", "3", "--max-steps", "10"]) is None
+    assert train.main(cut + ["--resume"]) == finals[1]
 
 
 def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(tmp_path, capsys, monkeypatch):

@@ -62,9 +62,10 @@ DATASETS = {
 # sam.FLAGS that get a CLI flag of their own, named after them (--rho, --looksam-k, ...). condition_warmup
 # counts steps, so the CLI takes --condition-warmup-epochs instead.
 SAM_CLI_FLAGS = [name for name in sam.FLAGS if name != "condition_warmup"]
-# Settings that may change when a run is resumed: where things are, and how this session stops.
+# Settings that may change when a run is resumed: where things are, how this session stops, and how it runs where
+# no number of final.json depends on it (how often it tests: --test-every).
 SESSION_SETTINGS = {"resume", "overwrite", "max_steps", "data_dir", "cache_dir", "out", "device", "compile",
-                    "keep_freed_memory"}
+                    "keep_freed_memory", "test_every"}
 # What the end measures of the best-val checkpoint, apart from training: these may change until a run has measured
 # its sharpness, so a finished run that measured none gets it with --resume --sharpness (config.json says so).
 END_SETTINGS = {"sharpness", "sharpness_batches", "sharpness_batch_size", "sharpness_iters"}
