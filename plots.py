@@ -526,7 +526,7 @@ def claim_rows(root, runs):
     by_path = by_folder(root, runs)
     rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
             for g in groups for row in g.rows}
-    for name in {judged_by(row) for g in groups for row in g.rows} - {None}:   # with their SGD, for the gate
+    for name in {ran_in(row) for g in groups for row in g.rows} - {None}:   # with their SGD, for the gate
         rows.update({f"select/{name}/{variant}": candidate_runs(by_path, name, variant) for variant in ("sgd", "sam")})
     return setting, setting_args, groups, rows
 
@@ -539,6 +539,12 @@ def candidate(reference):
 def judged_by(row):
     """The selection candidate whose runs a row's checks are judged against, else None."""
     return next((name for *_, reference, _ in row.expect if (name := candidate(reference))), None)
+
+
+def ran_in(row):
+    """The selection candidate whose setting a row ran in (its arguments end the row's flags, as in reproduce.py's
+    rows where SGD fits), else the one it is judged against, else None (the claims' setting)."""
+    return next((name for name, args in reproduce.CANDIDATES.items() if row.flags[-len(args):] == args), judged_by(row))
 
 
 def gate(rows, name=None):
@@ -594,7 +600,7 @@ def results_md(root, runs):
                     else:
                         shown += f" (on {ref_on}; this row on {ours_on})"
                 result = verdict(values(mine, metric), op, ref_values)
-                if metric in ACCURACY and gate(rows, judged_by(row)) != "holds" and result != "can't tell (n < 2)":
+                if metric in ACCURACY and gate(rows, ran_in(row)) != "holds" and result != "can't tell (n < 2)":
                     result = f"can't tell here ({result})"
                 if metric in SHARPNESS and result != "can't tell (n < 2)" and (
                         at_chance(mine) or isinstance(reference, str) and at_chance(rows[reference])):

@@ -1732,7 +1732,8 @@ def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
     test_acc = {"core/sgd": [75.0, 76.0, 75.5], "core/sam": [70.0, 70.5, 71.0],   # the claims setting: SAM below SGD
                 f"select/{cand}/sgd": [50.0, 51.0, 50.5], f"select/{cand}/sam": [60.0, 60.5, 61.0],
                 "same/samme1-c2-n2500": [65.0, 65.5, 66.0], "same/customsame": [72.0, 72.5, 73.0],
-                "direction/sammagnitude-n2500": [62.0, 62.5, 63.0], "direction/samdirection-n2500": [55.0, 55.5, 56.0]}
+                "direction/sammagnitude-n2500": [62.0, 62.5, 63.0], "direction/samdirection-n2500": [55.0, 55.5, 56.0],
+                "noise/sgd-n2500": [40.0, 40.5, 41.0], "noise/sam-n2500": [44.0, 44.5, 45.0]}
     for row, accs in test_acc.items():
         make_row(tmp_path, row, [dict(test_acc_best=acc) for acc in accs])
     runs, _ = plots.load_runs(str(tmp_path))
@@ -1749,12 +1750,15 @@ def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
     assert check("customsame").endswith("| can't tell here (holds) |")   # against core/sam, gated by core
     assert checks("samdirection-n2500")[1].endswith(
         "| direction/sammagnitude-n2500: 62.5 ± 0.5 | below sammagnitude | holds |")   # a row of the same setting
+    # judged against no candidate's run, but run in its setting (its arguments end the row's flags): gated there
+    assert check("sam-n2500").endswith("| noise/sgd-n2500: 40.5 ± 0.5 | SAM more robust to label noise | holds |")
     for seed in range(3):   # the candidate's SAM no longer beats its SGD: the row's verdict is gated too
         update_json(tmp_path / "select" / cand / f"sam-s{seed}" / "final.json", test_acc_best=50.0 + seed / 2)
     runs, _ = plots.load_runs(str(tmp_path))
     lines = plots.results_md(str(tmp_path), runs).splitlines()
     assert check("samme1-c2-n2500").endswith("| can't tell here (holds) |")
     assert checks("samdirection-n2500")[1].endswith("| can't tell here (holds) |")
+    assert check("sam-n2500").endswith("| can't tell here (holds) |")
 
 
 def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pick(tmp_path, monkeypatch):
