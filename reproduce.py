@@ -220,6 +220,9 @@ def claims(setting):
               for v in ("friendlysam", "ssamf", "ssamd", "fishersam", "gsam", "looksam")],
             Row("looksam-walltime", "looksam", ["--epochs", str(round(epochs * 2 / PASSES["looksam"]))],
                 expect=((acc, ">", sam_ref, "at SAM's wall time (~2/1.1 x the epochs)"),)),
+            # where SGD fits its training set (run after the claims): does LookSAM's collapse here hold there too
+            Row("looksam-n2500", "looksam", ["--test-every", "10"] + FITS,
+                expect=((acc, ">", fits_sam, f"published above SAM (both at rho {preset_rho('looksam')})"),)),
             *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + long_tailed, expect=expect)
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
