@@ -197,6 +197,9 @@ def claims(setting):
                 expect=((acc, ">", "seed004/cnn-sam-rho0.05", "ASAM above SAM (may vary by architecture)"),)),
             *[Row(f"usam-rho{r}", "usam", ["--rho", r], expect=((acc, "<", sam_at[r], "USAM unstable at large rho"),))
               for r in (RHO, "0.5")],
+            # where SGD fits its training set (run after the claims), against the selection's SAM runs there
+            Row(f"usam-rho{RHO}-n2500", "usam", rho + ["--test-every", "10"] + FITS,
+                expect=((acc, "<", fits_sam, "USAM unstable at large rho"),)),
         ]),
         Group("noise", "8. 25% symmetric label noise: clean-label accuracy, train accuracy on clean and flipped labels", [
             Row("sgd", "sgd", ["--label-noise", "0.25"]),
