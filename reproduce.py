@@ -563,6 +563,13 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def stop_on_signals():
+    """SIGTERM (a session or a scheduler ending the runner) and SIGINT stop its jobs as Ctrl-C does. SIGINT is
+    set too: a runner started in the background (`nohup ... &`) inherits it ignored, and `kill -INT` did nothing."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("select", "choose", "claims", "pack"))
@@ -623,7 +630,7 @@ def main(argv=None):
     print(f"all: {len(runs)} runs, {sum(map(cost, runs)) / 1e6:.1f} M SGD-equivalent images")
     if not args.dry_run:
         decode_once(args.data_dir)
-    signal.signal(signal.SIGTERM, _interrupt)   # a session or a scheduler ending the runner stops its jobs too
+    stop_on_signals()
     try:
         counts = execute(runs, args.jobs, args.deadline, args.grace, args.dry_run, start)
     except KeyboardInterrupt:

@@ -2329,6 +2329,21 @@ def test_reproduce_stopped_by_sigterm_stops_its_jobs_with_a_checkpoint(tmp_path,
     assert not (out.parent / "long-s0.log").exists()
 
 
+def test_reproduce_stops_on_sigint_also_when_started_in_the_background():
+    """A runner started with `nohup ... &` inherits SIGINT ignored; `kill -INT` must still stop it like Ctrl-C."""
+    import reproduce
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        reproduce.stop_on_signals()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signum)
+                pytest.fail(f"signal {signum} was ignored")   # the handler raises before this line runs
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _pids():
     return [pid for pid in os.listdir("/proc") if pid.isdigit()] if os.path.isdir("/proc") else []
 
