@@ -2167,12 +2167,13 @@ def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(tmp_pa
     assert stop.value.code == 2 and "unknown rows ['lt-imbsam']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--deadline", "nan"], ["--deadline", "-5"], ["--grace", "-1"]])
+@pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--deadline", "nan"], ["--deadline", "-5"],
+                                  ["--grace", "-1"]])
 def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     import reproduce
     with pytest.raises(SystemExit) as stop:
         reproduce.main(["claims", "--dry-run", *argv])
-    assert stop.value.code == 2 and "--jobs must be >= 1" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--jobs and --threads must be >= 1" in capsys.readouterr().err
 
 
 def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
@@ -2225,9 +2226,10 @@ def test_reproduce_measures_the_sharpness_a_row_adds_to_its_finished_runs(tmp_pa
     assert json.loads((out / "final.json").read_text()) == final
 
 
-@pytest.mark.parametrize("jobs,threads", [(1, 16), (4, 4), (5, 3), (32, 1)])
-def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jobs, threads):
-    """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); many jobs share them."""
+@pytest.mark.parametrize("jobs,asked,threads", [(1, None, 16), (4, None, 4), (5, None, 3), (32, None, 1), (1, 1, 1), (2, 3, 3)])
+def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jobs, asked, threads):
+    """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); many jobs share them;
+    --threads sets the count where other runs share the machine."""
     import reproduce
     seen = []
 
@@ -2241,7 +2243,7 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jo
     monkeypatch.setattr(reproduce.subprocess, "Popen", Finished)
     monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
     runs = [reproduce.Run("g", f"r{i}", 0, "sgd", [], tmp_path / "results" / "g" / f"r{i}-s0") for i in range(2)]
-    reproduce.execute(runs, jobs=jobs, deadline=None, grace=1)
+    reproduce.execute(runs, jobs=jobs, deadline=None, grace=1, threads=asked)
     assert seen == [str(threads)] * 2
 
 
