@@ -2317,7 +2317,8 @@ def test_reproduce_stopped_by_sigterm_stops_its_jobs_with_a_checkpoint(tmp_path,
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
     out = tmp_path / "results" / "g" / "long-s0"
     run = reproduce.Run("g", "long", 0, "sgd", _tiny_run(tmp_path, "--epochs", "1000", "--out", str(out)), out)
-    previous = signal.signal(signal.SIGTERM, reproduce._interrupt)   # as reproduce.main installs it
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    reproduce.stop_on_signals()   # as reproduce.main does
     timer = threading.Timer(12, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
@@ -2325,7 +2326,8 @@ def test_reproduce_stopped_by_sigterm_stops_its_jobs_with_a_checkpoint(tmp_path,
             reproduce.execute([run], jobs=1, deadline=None, grace=8)
     finally:
         timer.cancel()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     assert [pid for pid in _pids() if str(out).encode() in _cmdline(pid)] == []
     assert reproduce.decision(out) == "resume" and "stopped at step" in (out / "train.log").read_text()
     assert not (out.parent / "long-s0.log").exists()
