@@ -202,6 +202,12 @@ def claims(setting):
             # where SGD fits its training set (run after the claims), against the selection's SAM runs there
             Row(f"usam-rho{RHO}-n2500", "usam", rho + fits_every10,
                 expect=((acc, "<", fits_sam, "USAM unstable at large rho"),)),
+            # SAM at rho 0.05 there: the reference of ASAM and L-inf (run after the claims; the sweep's other radii not run)
+            Row("sam-rho0.05-n2500", "sam", ["--rho", "0.05"] + fits_every10),
+            Row("asam-n2500", "asam", ["--rho", "2.0"] + fits_every10,
+                expect=((acc, ">", "seed004/sam-rho0.05-n2500", "ASAM above SAM (ResNet, WRN)"),)),
+            Row("linf-norm-rho0.05-n2500", "linf-norm", ["--rho", "0.05"] + fits_every10,
+                expect=((acc, "<", "seed004/sam-rho0.05-n2500", "L-inf worse than L2"),)),
         ]),
         Group("noise", "8. 25% symmetric label noise: clean-label accuracy, train accuracy on clean and flipped labels", [
             Row("sgd", "sgd", ["--label-noise", "0.25"]),
