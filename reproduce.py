@@ -445,7 +445,7 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
         for run, action in todo:
             print(f"[{action}] python train.py {shlex.join(run.args)}")
         return counts
-    start, running = start or time.monotonic(), []
+    start, running, began = start or time.monotonic(), [], {}
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     try:
         while todo or running:
@@ -457,6 +457,7 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
             while todo and len(running) < jobs:
                 run, action = todo.pop(0)
                 print(f"[{action}] {run.group}/{run.out.name}", flush=True)
+                began[run.out] = time.monotonic()
                 running.append((run, *launch(run, action, threads)))
             for item in list(running):
                 run, proc, log = item
@@ -464,7 +465,9 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
                     running.remove(item)
                     outcome = finish(run, proc, log)
                     counts[outcome] += 1
-                    print(f"{outcome}: {run.group}/{run.out.name} ({time.monotonic() - start:.0f}s)", flush=True)
+                    now = time.monotonic()
+                    print(f"{outcome}: {run.group}/{run.out.name} ({now - began[run.out]:.0f} s; "
+                          f"{now - start:.0f} s since this runner started)", flush=True)
             time.sleep(0.2)
     except KeyboardInterrupt:
         print(f"interrupted: stopping {len(running)} jobs (they checkpoint), {len(todo)} not started", flush=True)

@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -2227,9 +2228,10 @@ def test_reproduce_measures_the_sharpness_a_row_adds_to_its_finished_runs(tmp_pa
 
 
 @pytest.mark.parametrize("jobs,asked,threads", [(1, None, 16), (4, None, 4), (5, None, 3), (32, None, 1), (1, 1, 1), (2, 3, 3)])
-def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jobs, asked, threads):
+def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, capsys, jobs, asked, threads):
     """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); many jobs share them;
-    --threads sets the count where other runs share the machine."""
+    --threads sets the count where other runs share the machine. Each job's line gives its own time, then the
+    runner's."""
     import reproduce
     seen = []
 
@@ -2243,8 +2245,13 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, jo
     monkeypatch.setattr(reproduce.subprocess, "Popen", Finished)
     monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
     runs = [reproduce.Run("g", f"r{i}", 0, "sgd", [], tmp_path / "results" / "g" / f"r{i}-s0") for i in range(2)]
-    reproduce.execute(runs, jobs=jobs, deadline=None, grace=1, threads=asked)
+    reproduce.execute(runs, jobs=jobs, deadline=None, grace=1, threads=asked, start=time.monotonic() - 500)
     assert seen == [str(threads)] * 2
+    finished = [line for line in capsys.readouterr().out.splitlines() if line.endswith("since this runner started)")]
+    assert [line.split(" (")[0] for line in finished] == ["incomplete: g/r0-s0", "incomplete: g/r1-s0"]   # no final.json
+    for line in finished:
+        own, since_start = (float(x) for x in re.fullmatch(r".*\((\d+) s; (\d+) s since this runner started\)", line).groups())
+        assert own < 5 and 500 <= since_start < 505
 
 
 def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys):
