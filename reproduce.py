@@ -234,6 +234,10 @@ def claims(setting):
             # where SGD fits its training set (run after the claims): does LookSAM's collapse here hold there too
             Row("looksam-n2500", "looksam", fits_every10,
                 expect=((acc, ">", fits_sam, f"published above SAM (both at rho {preset_rho('looksam')})"),)),
+            # FriendlySAM and GSAM at their preset radius there (run after LookSAM), against SAM at that radius there
+            *[Row(f"{v}-n2500", v, fits_every10, expect=((acc, ">", "seed004/sam-rho0.05-n2500",
+                                                          f"published above SAM (both at rho {preset_rho(v)})"),))
+              for v in ("friendlysam", "gsam")],
             *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + long_tailed, expect=expect)
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
