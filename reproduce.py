@@ -238,6 +238,8 @@ def claims(setting):
             *[Row(f"{v}-n2500", v, fits_every10, expect=((acc, ">", "seed004/sam-rho0.05-n2500",
                                                           f"published above SAM (both at rho {preset_rho(v)})"),))
               for v in ("friendlysam", "gsam")],
+            Row("fishersam-n2500", "fishersam", fits_every10,   # its preset rho 0.1: the selection's SAM runs
+                expect=((acc, ">", fits_sam, f"published above SAM (both at rho {preset_rho('fishersam')})"),)),
             *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + long_tailed, expect=expect)
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
