@@ -107,6 +107,7 @@ def claims(setting):
     fits_sharp = "geometry/sam-n2500"   # seeds 0-2 of those, trained again to the same weights, with their sharpness
     sam_at = {"0.01": "seed004/sam-rho0.01", "0.05": "seed004/sam-rho0.05", RHO: sam_ref,   # SAM's rows, by radius
               "0.5": "seed004/sam-rho0.5"}
+    fits_sam_at = {"0.05": "seed004/sam-rho0.05-n2500", RHO: fits_sam}   # the same where SGD fits
 
     def preset_rho(variant):
         return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
@@ -205,9 +206,9 @@ def claims(setting):
             # SAM at rho 0.05 there: the reference of ASAM and L-inf (run after the claims; the sweep's other radii not run)
             Row("sam-rho0.05-n2500", "sam", ["--rho", "0.05"] + fits_every10),
             Row("asam-n2500", "asam", ["--rho", "2.0"] + fits_every10,
-                expect=((acc, ">", "seed004/sam-rho0.05-n2500", "ASAM above SAM (ResNet, WRN)"),)),
+                expect=((acc, ">", fits_sam_at["0.05"], "ASAM above SAM (ResNet, WRN)"),)),
             Row("linf-norm-rho0.05-n2500", "linf-norm", ["--rho", "0.05"] + fits_every10,
-                expect=((acc, "<", "seed004/sam-rho0.05-n2500", "L-inf worse than L2"),)),
+                expect=((acc, "<", fits_sam_at["0.05"], "L-inf worse than L2"),)),
         ]),
         Group("noise", "8. 25% symmetric label noise: clean-label accuracy, train accuracy on clean and flipped labels", [
             Row("sgd", "sgd", ["--label-noise", "0.25"]),
@@ -231,15 +232,10 @@ def claims(setting):
               for v in ("friendlysam", "ssamf", "ssamd", "fishersam", "gsam", "looksam")],
             Row("looksam-walltime", "looksam", ["--epochs", str(round(epochs * 2 / PASSES["looksam"]))],
                 expect=((acc, ">", sam_ref, "at SAM's wall time (~2/1.1 x the epochs)"),)),
-            # where SGD fits its training set (run after the claims): does LookSAM's collapse here hold there too
-            Row("looksam-n2500", "looksam", fits_every10,
-                expect=((acc, ">", fits_sam, f"published above SAM (both at rho {preset_rho('looksam')})"),)),
-            # FriendlySAM and GSAM at their preset radius there (run after LookSAM), against SAM at that radius there
-            *[Row(f"{v}-n2500", v, fits_every10, expect=((acc, ">", "seed004/sam-rho0.05-n2500",
+            # where SGD fits its training set (run after the claims, LookSAM first: does its collapse hold there too)
+            *[Row(f"{v}-n2500", v, fits_every10, expect=((acc, ">", fits_sam_at[preset_rho(v)],
                                                           f"published above SAM (both at rho {preset_rho(v)})"),))
-              for v in ("friendlysam", "gsam")],
-            Row("fishersam-n2500", "fishersam", fits_every10,   # its preset rho 0.1: the selection's SAM runs
-                expect=((acc, ">", fits_sam, f"published above SAM (both at rho {preset_rho('fishersam')})"),)),
+              for v in ("looksam", "friendlysam", "gsam", "fishersam")],
             *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + long_tailed, expect=expect)
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),
