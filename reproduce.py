@@ -235,7 +235,7 @@ def claims(setting):
             # where SGD fits its training set (run after the claims, LookSAM first: does its collapse hold there too)
             *[Row(f"{v}-n2500", v, fits_every10, expect=((acc, ">", fits_sam_at[preset_rho(v)],
                                                           f"published above SAM (both at rho {preset_rho(v)})"),))
-              for v in ("looksam", "friendlysam", "gsam", "fishersam")],
+              for v in ("looksam", "friendlysam", "gsam", "fishersam", "ssamf", "ssamd")],
             *[Row(f"lt-{v}", v, (rho if v != "sgd" else []) + long_tailed, expect=expect)
               for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
                   ("tail_acc", ">", "peers/lt-sam", "ImbSAM: the tail classes above SAM"),

@@ -2102,7 +2102,7 @@ def test_reproduce_compares_each_row_with_a_real_row_at_the_same_radius():
                 if name.startswith("peers/") and not name.startswith("peers/lt-") and metric == "test_acc":
                     assert rows[reference].variant == "sam" and radius(rows[reference]) == radius(row), name
                     peers += 1
-    assert peers == 9 and radius(rows["peers/friendlysam"]) == 0.05 and radius(rows["peers/fishersam"]) == 0.1
+    assert peers == 11 and radius(rows["peers/friendlysam"]) == 0.05 and radius(rows["peers/fishersam"]) == 0.1
 
 
 def test_reproduce_device_control_rows_run_on_the_cpu_wherever_launched():
