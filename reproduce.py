@@ -203,8 +203,10 @@ def claims(setting):
             # where SGD fits its training set (run after the claims), against the selection's SAM runs there
             Row(f"usam-rho{RHO}-n2500", "usam", rho + fits_every10,
                 expect=((acc, "<", fits_sam, "USAM unstable at large rho"),)),
-            # SAM at rho 0.05 there: the reference of ASAM, L-inf and rho 0.5 (run after the claims; rho 0.01 not run)
+            # SAM at rho 0.05 there: the reference of ASAM, L-inf and the rho sweep (run after the claims)
             Row("sam-rho0.05-n2500", "sam", ["--rho", "0.05"] + fits_every10),
+            Row("sam-rho0.01-n2500", "sam", ["--rho", "0.01"] + fits_every10,
+                expect=((acc, "~", fits_sam_at["0.05"], "alike at small rho"),)),
             Row("sam-rho0.5-n2500", "sam", ["--rho", "0.5"] + fits_every10,
                 expect=((acc, "<", fits_sam_at["0.05"], "slower or diverging"),)),
             Row("asam-n2500", "asam", ["--rho", "2.0"] + fits_every10,
