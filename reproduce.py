@@ -146,7 +146,7 @@ def claims(setting):
                   ("samckpt12", ">", "at or above SAM", "~", "as flat as SAM"),
                   ("samckpt13", ">", "at or above SAM", "~", "as flat as SAM"),
                   ("samckpt123", ">", "at or above SAM", "~", "as flat as SAM")]],
-            # where SGD fits its training set (run on the CPU after the claims, their sharpness measured later from
+            # where SGD fits its training set (run on the CPU after the claims, samckpt1's sharpness measured later from
             # best.pt): accuracy against the selection's SAM runs there (5 seeds, no sharpness), which plots.py reads
             # as the row select/<candidate>/sam; sharpness against geometry/sam-n2500
             Row("samckpt1-n2500", "samckpt1", rho + SHARP + FITS, expect=((acc, "~", fits_sam, "keeps SAM's accuracy"),
