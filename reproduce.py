@@ -207,10 +207,8 @@ def claims(setting):
                 expect=((acc, "<", fits_sam, "USAM unstable at large rho"),)),
             # SAM at rho 0.05 there: the reference of ASAM, L-inf and the rho sweep (run after the claims)
             Row("sam-rho0.05-n2500", "sam", ["--rho", "0.05"] + fits_every10),
-            Row("sam-rho0.01-n2500", "sam", ["--rho", "0.01"] + fits_every10,
-                expect=((acc, "~", fits_sam_at["0.05"], "alike at small rho"),)),
-            Row("sam-rho0.5-n2500", "sam", ["--rho", "0.5"] + fits_every10,
-                expect=((acc, "<", fits_sam_at["0.05"], "slower or diverging"),)),
+            *[Row(f"sam-rho{r}-n2500", "sam", ["--rho", r] + fits_every10, expect=((acc, op, fits_sam_at["0.05"], words),))
+              for r, op, words in (("0.01", "~", "alike at small rho"), ("0.5", "<", "slower or diverging"))],
             Row("asam-n2500", "asam", ["--rho", "2.0"] + fits_every10,
                 expect=((acc, ">", fits_sam_at["0.05"], "ASAM above SAM (ResNet, WRN)"),)),
             Row("linf-norm-rho0.05-n2500", "linf-norm", ["--rho", "0.05"] + fits_every10,
