@@ -97,6 +97,17 @@ def last_wins(args):
     return [token for tokens in options.values() for token in tokens]
 
 
+SAMCKPT_CLAIMS = {   # claim 4, the notes' words: accuracy, then flatness, against SAM
+    "samckpt1": ("~", "keeps SAM's accuracy", "~", "keeps SAM's flatness"),
+    "samckpt2": ("<", "below SAM", ">", "sharper than SAM"),
+    "samckpt3": ("<", "below SAM", ">", "sharper than SAM"),
+    "samckpt4": ("<", "below SAM", ">", "sharper than SAM"),
+    "samckpt12": (">", "at or above SAM", "~", "as flat as SAM"),
+    "samckpt13": (">", "at or above SAM", "~", "as flat as SAM"),
+    "samckpt123": (">", "at or above SAM", "~", "as flat as SAM"),
+}
+
+
 def claims(setting):
     """The groups of issue 9, in priority order, for the chosen setting (a list of train.py arguments)."""
     import sam   # the peers' preset radii
@@ -112,6 +123,10 @@ def claims(setting):
     def preset_rho(variant):
         return str(sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"]))
     acc = "test_acc"
+
+    def samckpt_expect(variant, acc_ref, sharp_ref):
+        acc_op, acc_words, sharp_op, sharp_words = SAMCKPT_CLAIMS[variant]
+        return (acc, acc_op, acc_ref, acc_words), ("lambda_max", sharp_op, sharp_ref, sharp_words)
     cpu, same_result = ["--device", "cpu"], "the device does not change the result"
     every_step = rho + ["--persist-from", str(PERSIST_FROM), "--log-every", "1"]   # claims 1-3: statistics every step
     # where SGD fits, testing at every 10th epoch and each new best only: the same final.json in less CPU time
@@ -137,23 +152,13 @@ def claims(setting):
             Row("sam-n2500", "sam", every_step + SHARP + FITS, expect=GEOMETRY_CHECKS),
         ]),
         Group("samckpt", "4. SAMCKPT: SAM's gradient on some checkpoints only (seed 000, Exp. 1)", [
-            *[Row(v, v, rho + SHARP, expect=((acc, op, sam_ref, words), ("lambda_max", op2, sam_ref, words2)))
-              for v, op, words, op2, words2 in [
-                  ("samckpt1", "~", "keeps SAM's accuracy", "~", "keeps SAM's flatness"),
-                  ("samckpt2", "<", "below SAM", ">", "sharper than SAM"),
-                  ("samckpt3", "<", "below SAM", ">", "sharper than SAM"),
-                  ("samckpt4", "<", "below SAM", ">", "sharper than SAM"),
-                  ("samckpt12", ">", "at or above SAM", "~", "as flat as SAM"),
-                  ("samckpt13", ">", "at or above SAM", "~", "as flat as SAM"),
-                  ("samckpt123", ">", "at or above SAM", "~", "as flat as SAM")]],
+            *[Row(v, v, rho + SHARP, expect=samckpt_expect(v, sam_ref, sam_ref)) for v in SAMCKPT_CLAIMS],
             # where SGD fits its training set (run on the CPU after the claims, samckpt1's sharpness measured later from
             # best.pt): accuracy against the selection's SAM runs there (5 seeds, no sharpness), which plots.py reads
             # as the row select/<candidate>/sam; sharpness against geometry/sam-n2500
-            Row("samckpt1-n2500", "samckpt1", rho + SHARP + FITS, expect=((acc, "~", fits_sam, "keeps SAM's accuracy"),
-                                                                          ("lambda_max", "~", fits_sharp, "keeps SAM's flatness"))),
-            *[Row(f"{v}-n2500", v, rho + SHARP + fits_every10, expect=(
-                (acc, "<", fits_sam, "below SAM"), ("lambda_max", ">", fits_sharp, "sharper than SAM")))
-              for v in ("samckpt2", "samckpt3", "samckpt4")],
+            Row("samckpt1-n2500", "samckpt1", rho + SHARP + FITS, expect=samckpt_expect("samckpt1", fits_sam, fits_sharp)),
+            *[Row(f"{v}-n2500", v, rho + SHARP + fits_every10, expect=samckpt_expect(v, fits_sam, fits_sharp))
+              for v in ("samckpt2", "samckpt3", "samckpt4", "samckpt12", "samckpt123")],   # samckpt13 not run there yet
             Row("sam-rho1", "sam", ["--rho", "1.0"] + SHARP, expect=((acc, "<", sam_ref, "SAM collapses at a large rho"),)),
             *[Row(f"{v}-rho1", v, ["--rho", "1.0"] + SHARP, expect=((acc, ">", "samckpt/sam-rho1", "beats SAM at rho 1"),))
               for v in ("samckpt1", "samckpt12", "samckpt123")],
