@@ -253,7 +253,9 @@ def plot_curves(groups, out, name="curves", title="Accuracy and loss per epoch",
               ("train_loss", "train loss"), ("test_loss", "test loss"))
     for ax, (col, ylabel) in zip(axes.flat, panels):
         for i, (key, runs) in enumerate(groups.items()):
-            _band(ax, runs, "epochs", "epoch", col, color=f"C{i % 10}", label=label(key, groups))
+            # past ten rows the colours repeat: a new line style keeps each row apart
+            _band(ax, runs, "epochs", "epoch", col, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3],
+                  label=label(key, groups))
         ax.set(xlabel="epoch", ylabel=ylabel, yscale=loss_scale if "loss" in col else "linear")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{title} (mean over seeds, band: ±1 std)")
