@@ -158,7 +158,7 @@ def claims(setting):
             # as the row select/<candidate>/sam; sharpness against geometry/sam-n2500
             Row("samckpt1-n2500", "samckpt1", rho + SHARP + FITS, expect=samckpt_expect("samckpt1", fits_sam, fits_sharp)),
             *[Row(f"{v}-n2500", v, rho + SHARP + fits_every10, expect=samckpt_expect(v, fits_sam, fits_sharp))
-              for v in ("samckpt2", "samckpt3", "samckpt4", "samckpt12", "samckpt123")],   # samckpt13 not run there yet
+              for v in ("samckpt2", "samckpt3", "samckpt4", "samckpt12", "samckpt13", "samckpt123")],
             Row("sam-rho1", "sam", ["--rho", "1.0"] + SHARP, expect=((acc, "<", sam_ref, "SAM collapses at a large rho"),)),
             *[Row(f"{v}-rho1", v, ["--rho", "1.0"] + SHARP, expect=((acc, ">", "samckpt/sam-rho1", "beats SAM at rho 1"),))
               for v in ("samckpt1", "samckpt12", "samckpt123")],
@@ -178,6 +178,7 @@ def claims(setting):
             Row("samme1-c2-n2500", "samme1", rho + ["--condition", "2"] + SHARP + FITS, expect=(   # see samckpt1-n2500
                 ("lambda_max", "<", fits_sharp, "flatter than SAM"), ("train_acc", ">", fits_sam, "higher late train acc"),
                 (acc, ">", fits_sam, "higher late val acc"))),
+            Row("customsame-n2500", "customsame", rho + fits_every10, expect=((acc, ">", fits_sam, "built to beat SAM"),)),
         ]),
         Group("direction", "6. Magnitude vs direction, SGDHESS (seed 002)", [
             Row("sammagnitude", "sammagnitude", rho + SHARP, expect=((acc, "~", sam_ref, "about equal to SAM"),)),
