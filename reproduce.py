@@ -128,8 +128,17 @@ def claims(setting):
         acc_op, acc_words, sharp_op, sharp_words = SAMCKPT_CLAIMS[variant]
         return (acc, acc_op, acc_ref, acc_words), ("lambda_max", sharp_op, sharp_ref, sharp_words)
 
-    def samme2_expect(c, ref):   # claim 5: shrinking B2 (c < 1) gave a best row, growing it (c 2) ended above SAM
-        return ((acc, ">", ref, "c 0.3-0.5: a best row" if c != "2" else "above SAM late"),)
+    def rho1_rows(suffix, extra, ref):   # claim 4 at a large radius: SAM collapses, the masked rows beat it
+        return [Row(f"sam-rho1{suffix}", "sam", ["--rho", "1.0"] + extra,
+                    expect=((acc, "<", ref, "SAM collapses at a large rho"),)),
+                *[Row(f"{v}-rho1{suffix}", v, ["--rho", "1.0"] + extra,
+                      expect=((acc, ">", f"samckpt/sam-rho1{suffix}", "beats SAM at rho 1"),))
+                  for v in ("samckpt1", "samckpt12", "samckpt123")]]
+
+    def samme2_rows(suffix, extra, ref):   # claim 5: c < 1 on B2 gave a best row, c 2 ended above SAM
+        return [Row(f"samme2-c{c}{suffix}", "samme2", rho + ["--condition", c] + extra,
+                    expect=((acc, ">", ref, "c 0.3-0.5: a best row" if c != "2" else "above SAM late"),))
+                for c in ("0.3", "0.5", "2")]
     cpu, same_result = ["--device", "cpu"], "the device does not change the result"
     every_step = rho + ["--persist-from", str(PERSIST_FROM), "--log-every", "1"]   # claims 1-3: statistics every step
     # where SGD fits, testing at every 10th epoch and each new best only: the same final.json in less CPU time
@@ -162,22 +171,14 @@ def claims(setting):
             Row("samckpt1-n2500", "samckpt1", rho + SHARP + FITS, expect=samckpt_expect("samckpt1", fits_sam, fits_sharp)),
             *[Row(f"{v}-n2500", v, rho + SHARP + fits_every10, expect=samckpt_expect(v, fits_sam, fits_sharp))
               for v in ("samckpt2", "samckpt3", "samckpt4", "samckpt12", "samckpt13", "samckpt123")],
-            Row("sam-rho1", "sam", ["--rho", "1.0"] + SHARP, expect=((acc, "<", sam_ref, "SAM collapses at a large rho"),)),
-            *[Row(f"{v}-rho1", v, ["--rho", "1.0"] + SHARP, expect=((acc, ">", "samckpt/sam-rho1", "beats SAM at rho 1"),))
-              for v in ("samckpt1", "samckpt12", "samckpt123")],
-            # the same where SGD fits (run after the claims, accuracy only)
-            Row("sam-rho1-n2500", "sam", ["--rho", "1.0"] + fits_every10,
-                expect=((acc, "<", fits_sam, "SAM collapses at a large rho"),)),
-            *[Row(f"{v}-rho1-n2500", v, ["--rho", "1.0"] + fits_every10,
-                  expect=((acc, ">", "samckpt/sam-rho1-n2500", "beats SAM at rho 1"),))
-              for v in ("samckpt1", "samckpt12", "samckpt123")],
+            *rho1_rows("", SHARP, sam_ref),
+            *rho1_rows("-n2500", fits_every10, fits_sam),   # the same where SGD fits (run after the claims, accuracy only)
         ]),
         Group("same", "5. SAME: one checkpoint's gradient scaled by c (seed 001)", [
             *[Row(f"samme1-c{c}", "samme1", rho + ["--condition", c] + SHARP, expect=(
                 ("lambda_max", "<", sam_ref, "flatter than SAM"), ("train_acc", ">", sam_ref, "higher late train acc"),
                 (acc, ">", sam_ref, "higher late val acc"))) for c in ("1.5", "2", "3")],
-            *[Row(f"samme2-c{c}", "samme2", rho + ["--condition", c] + SHARP, expect=samme2_expect(c, sam_ref))
-              for c in ("0.3", "0.5", "2")],
+            *samme2_rows("", SHARP, sam_ref),
             # a fourth seed each: with three the gap equalled the combined std (2.53 and 2.53)
             Row("sam-rho0.2", "sam", ["--rho", "0.2"] + SHARP, seeds=SEEDS + (3,)),
             Row("samme3-c0.1-rho0.2", "samme3", ["--rho", "0.2", "--condition", "0.1"] + SHARP, seeds=SEEDS + (3,),
@@ -186,8 +187,7 @@ def claims(setting):
             Row("samme1-c2-n2500", "samme1", rho + ["--condition", "2"] + SHARP + FITS, expect=(   # see samckpt1-n2500
                 ("lambda_max", "<", fits_sharp, "flatter than SAM"), ("train_acc", ">", fits_sam, "higher late train acc"),
                 (acc, ">", fits_sam, "higher late val acc"))),
-            *[Row(f"samme2-c{c}-n2500", "samme2", rho + ["--condition", c] + fits_every10, expect=samme2_expect(c, fits_sam))
-              for c in ("0.5", "0.3", "2")],
+            *samme2_rows("-n2500", fits_every10, fits_sam),
             Row("customsame-n2500", "customsame", rho + fits_every10, expect=((acc, ">", fits_sam, "built to beat SAM"),)),
         ]),
         Group("direction", "6. Magnitude vs direction, SGDHESS (seed 002)", [
