@@ -139,6 +139,7 @@ def claims(setting):
         return [Row(f"samme2-c{c}{suffix}", "samme2", rho + ["--condition", c] + extra,
                     expect=((acc, ">", ref, "c 0.3-0.5: a best row" if c != "2" else "above SAM late"),))
                 for c in ("0.3", "0.5", "2")]
+
     def samme3_rows(suffix, extra):   # claim 5: c 0.1 on B3 at a larger rho, against SAM at that rho; four seeds each,
         # as with three in the chosen setting the gap equalled the combined std (2.53 and 2.53)
         return [Row(f"sam-rho0.2{suffix}", "sam", ["--rho", "0.2"] + extra, seeds=SEEDS + (3,)),
