@@ -208,6 +208,9 @@ def claims(setting):
                 (acc, "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "less accurate as rho_H grows"),
                 ("lambda_max", "<", "core/sgd" if r == "0.05" else f"direction/{v}-rhoH{prev}", "flatter as rho_H grows")))
               for v in ("sgdhess", "sgdhess-exact") for r, prev in (("0.05", None), ("1", "0.05"), ("2", "1"))],
+            # where SGD fits, at the rho_H where the chosen setting first lost accuracy (run after the claims, on the CPU)
+            Row("sgdhess-rhoH1-n2500", "sgdhess", ["--rho", "1"] + SHARP + fits_every10, expect=(
+                (acc, "<", "core/sgd-n2500", "less accurate than SGD"), ("lambda_max", "<", "core/sgd-n2500", "flatter than SGD"))),
         ]),
         Group("seed004", "7. Seed 004: rho sweep, L2 vs L-inf, ASAM on two architectures, USAM", [
             *[Row(f"sam-rho{r}", "sam", ["--rho", r], expect=((acc, "~" if r != "0.5" else "<", sam_ref,
