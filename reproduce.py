@@ -190,6 +190,8 @@ def claims(setting):
             Row("samme1-c2-n2500", "samme1", rho + ["--condition", "2"] + SHARP + FITS, expect=(   # see samckpt1-n2500
                 ("lambda_max", "<", fits_sharp, "flatter than SAM"), ("train_acc", ">", fits_sam, "higher late train acc"),
                 (acc, ">", fits_sam, "higher late val acc"))),
+            Row("samme1-c1.5-n2500", "samme1", rho + ["--condition", "1.5"] + fits_every10, expect=(   # c sweep, accuracy only
+                ("train_acc", ">", fits_sam, "higher late train acc"), (acc, ">", fits_sam, "higher late val acc"))),
             *samme2_rows("-n2500", fits_every10, fits_sam),
             *samme3_rows("-n2500", fits_every10),   # the same where SGD fits (run after the claims)
             Row("customsame-n2500", "customsame", rho + fits_every10, expect=((acc, ">", fits_sam, "built to beat SAM"),)),
