@@ -215,9 +215,10 @@ def claims(setting):
               for v in ("sgdhess", "sgdhess-exact")
               for r, ref in (("0.05", "core/sgd"), ("1", f"direction/{v}-rhoH0.05"), ("2", f"direction/{v}-rhoH1"))],
             # where SGD fits (run after the claims, on the CPU): rho_H 1, where the chosen setting first lost accuracy,
-            # against SGD; rho_H 2 against rho_H 1
+            # against SGD, then rho_H 2 against rho_H 1 and rho_H 0.05 against SGD
             *[Row(f"sgdhess-rhoH{r}-n2500", "sgdhess", ["--rho", r] + SHARP + fits_every10, expect=sgdhess_expect(ref, words))
-              for r, ref, words in (("1", "core/sgd-n2500", "than SGD"), ("2", "direction/sgdhess-rhoH1-n2500", "than rho_H 1"))],
+              for r, ref, words in (("1", "core/sgd-n2500", "than SGD"), ("2", "direction/sgdhess-rhoH1-n2500", "than rho_H 1"),
+                                    ("0.05", "core/sgd-n2500", "than SGD"))],
         ]),
         Group("seed004", "7. Seed 004: rho sweep, L2 vs L-inf, ASAM on two architectures, USAM", [
             *[Row(f"sam-rho{r}", "sam", ["--rho", r], expect=((acc, "~" if r != "0.5" else "<", sam_ref,
