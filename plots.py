@@ -257,9 +257,13 @@ def plot_curves(groups, out, name="curves", title="Accuracy and loss per epoch",
             _band(ax, runs, "epochs", "epoch", col, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3],
                   label=label(key, groups))
         ax.set(xlabel="epoch", ylabel=ylabel, yscale=loss_scale if "loss" in col else "linear")
-    axes[0, 0].legend(fontsize=7)
+    crowded = len(groups) > 8   # a legend this long inside a panel hides the curves it names: put it beside them
+    if crowded:
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="center right", fontsize=7)
+    else:
+        axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{title} (mean over seeds, band: ±1 std)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1) if crowded else None)
     return _save(fig, out, name)
 
 
