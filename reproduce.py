@@ -234,9 +234,9 @@ def claims(setting):
                 expect=((acc, ">", "seed004/cnn-sam-rho0.05", "ASAM above SAM (may vary by architecture)"),)),
             *[Row(f"usam-rho{r}", "usam", ["--rho", r], expect=((acc, "<", sam_at[r], "USAM unstable at large rho"),))
               for r in (RHO, "0.5")],
-            # where SGD fits its training set (run after the claims), against the selection's SAM runs there
-            Row(f"usam-rho{RHO}-n2500", "usam", rho + fits_every10,
-                expect=((acc, "<", fits_sam, "USAM unstable at large rho"),)),
+            # where SGD fits its training set (run after the claims), against SAM at the same rho there
+            *[Row(f"usam-rho{r}-n2500", "usam", ["--rho", r] + fits_every10, expect=((acc, "<", ref, "USAM unstable at large rho"),))
+              for r, ref in ((RHO, fits_sam), ("0.5", "seed004/sam-rho0.5-n2500"))],
             # SAM at rho 0.05 there: the reference of ASAM, L-inf and the rho sweep (run after the claims)
             Row("sam-rho0.05-n2500", "sam", ["--rho", "0.05"] + fits_every10),
             *[Row(f"sam-rho{r}-n2500", "sam", ["--rho", r] + fits_every10, expect=((acc, op, fits_sam_at["0.05"], words),))
