@@ -247,8 +247,8 @@ def claims(setting):
               for r, op, words in (("0.01", "~", "alike at small rho"), ("0.5", "<", "slower or diverging"))],
             Row("asam-n2500", "asam", ["--rho", "2.0"] + fits_every10,
                 expect=((acc, ">", fits_sam_at["0.05"], "ASAM above SAM (ResNet, WRN)"),)),
-            Row("linf-norm-rho0.05-n2500", "linf-norm", ["--rho", "0.05"] + fits_every10,
-                expect=((acc, "<", fits_sam_at["0.05"], "L-inf worse than L2"),)),
+            *[Row(f"{v}-rho0.05-n2500", v, ["--rho", "0.05"] + fits_every10,
+                  expect=((acc, "<", fits_sam_at["0.05"], "L-inf worse than L2"),)) for v in ("linf-norm", "linf-sign")],
         ]),
         Group("noise", "8. 25% symmetric label noise: clean-label accuracy, train accuracy on clean and flipped labels", [
             Row("sgd", "sgd", ["--label-noise", "0.25"]),
