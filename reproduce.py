@@ -146,8 +146,10 @@ def claims(setting):
                       expect=((acc, ">", f"samckpt/sam-rho1{suffix}", "beats SAM at rho 1"),))
                   for v in ("samckpt1", "samckpt12", "samckpt123")]]
 
-    def samme2_rows(suffix, extra, ref):   # claim 5: c < 1 on B2 gave a best row, c 2 ended above SAM
+    def samme2_rows(suffix, extra, ref):   # claim 5: c < 1 on B2 gave a best row, c 2 ended above SAM; where SGD fits,
+        # c 0.5 a fourth seed, as three left its gap to SAM level with the combined std (2.73 and 2.70)
         return [Row(f"samme2-c{c}{suffix}", "samme2", rho + ["--condition", c] + extra,
+                    seeds=SEEDS + (3,) if f"{c}{suffix}" == "0.5-n2500" else SEEDS,
                     expect=((acc, ">", ref, "c 0.3-0.5: a best row" if c != "2" else "above SAM late"),))
                 for c in ("0.3", "0.5", "2")]
 
@@ -238,8 +240,9 @@ def claims(setting):
                 expect=((acc, ">", "seed004/cnn-sam-rho0.05", "ASAM above SAM (may vary by architecture)"),)),
             *[Row(f"usam-rho{r}", "usam", ["--rho", r], expect=((acc, "<", sam_at[r], "USAM unstable at large rho"),))
               for r in (RHO, "0.5")],
-            # where SGD fits its training set (run after the claims), against SAM at the same rho there
-            *[Row(f"usam-rho{r}-n2500", "usam", ["--rho", r] + fits_every10,
+            # where SGD fits its training set (run after the claims), against SAM at the same rho there; at rho 0.1
+            # a fourth seed, as three left USAM's gap to SAM level with the combined std (1.82 and 1.77)
+            *[Row(f"usam-rho{r}-n2500", "usam", ["--rho", r] + fits_every10, seeds=SEEDS + (3,) if r == RHO else SEEDS,
                   expect=((acc, "<", fits_sam_at[r], "USAM unstable at large rho"),)) for r in (RHO, "0.5")],
             # SAM at rho 0.05 there: the reference of ASAM, L-inf and the rho sweep (run after the claims)
             Row("sam-rho0.05-n2500", "sam", ["--rho", "0.05"] + fits_every10),
