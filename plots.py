@@ -697,7 +697,10 @@ def fitting_rows(root, runs):
     for group in groups:
         for row in group.rows:
             name = judged_by(row)
-            if name and rows[f"{group.name}/{row.label}"]:
+            # a row run for more epochs (LookSAM at SAM's wall time) would squeeze the others on the shared epoch
+            # axis: it stays in the tables only
+            if name and rows[f"{group.name}/{row.label}"] and \
+                    reproduce.value(row.flags, "--epochs") == reproduce.value(reproduce.CANDIDATES[name], "--epochs"):
                 lines = found.setdefault(name, {f"{v} (selection)": rows[f"select/{name}/{v}"] for v in ("sgd", "sam")})
                 lines[row.label] = rows[f"{group.name}/{row.label}"]
     return found

@@ -1920,10 +1920,12 @@ def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_pat
 
 def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its_sgd_and_sam(tmp_path):
     """The rows judged against a selection candidate's runs get one figure of curves per epoch in that candidate's
-    setting, after the candidate's SGD and SAM (the references); rows judged otherwise, and rows not run, are left out."""
+    setting, after the candidate's SGD and SAM (the references); rows judged otherwise, rows run for other epochs
+    (LookSAM at SAM's wall time, judged against the candidate's SAM) and rows not run are left out."""
     import reproduce
     cand = reproduce.FITS_NAME
-    made = {f"select/{cand}/sgd": 2, f"select/{cand}/sam": 3, "same/samme1-c2-n2500": 2, "same/samme1-c2": 2}
+    made = {f"select/{cand}/sgd": 2, f"select/{cand}/sam": 3, "same/samme1-c2-n2500": 2, "same/samme1-c2": 2,
+            "peers/looksam-walltime-n2500": 2}
     for row, seeds in made.items():
         make_row(tmp_path, row, [{}] * seeds)
     runs, _ = plots.load_runs(str(tmp_path))
