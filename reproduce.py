@@ -174,9 +174,10 @@ def claims(setting):
             Row("sgd", "sgd", SHARP, expect=(("train_acc", ">", 99.0, "fits its training set"),)),
             Row("sam", "sam", rho + SHARP, expect=((acc, ">", "core/sgd", "SAM above SGD by 1-2 points"),
                                                    ("lambda_max", "<", "core/sgd", "flatter than SGD"))),
-            # SGD's sharpness where it fits its training set (the selection's SGD runs measured none), run after the claims
-            Row("sgd-n2500", "sgd", SHARP + FITS, expect=(("train_acc", ">", 99.0, "fits its training set"),
-                                                          ("lambda_max", ">", fits_sharp, "sharper than SAM"))),
+            # SGD's sharpness where it fits its training set (the selection's SGD runs measured none), run after the claims;
+            # the selection's five seeds, as SGD's lambda_max spread (147 +- 62 over three) left "sharper than SAM" open
+            Row("sgd-n2500", "sgd", SHARP + FITS, seeds=SELECT_SEEDS[FITS_NAME],
+                expect=(("train_acc", ">", 99.0, "fits its training set"), ("lambda_max", ">", fits_sharp, "sharper than SAM"))),
         ]),
         Group("geometry", "1-3. Checkpoint shares, persistence and mag_up under SAM (seeds 000, 002)", [
             Row("sam", "sam", every_step, expect=GEOMETRY_CHECKS),
