@@ -233,7 +233,8 @@ def claims(setting):
                                        ("sgdhess", "1", "core/sgd-n2500", "than SGD"),
                                        ("sgdhess", "2", "direction/sgdhess-rhoH1-n2500", "than rho_H 1"),
                                        ("sgdhess-exact", "1", "core/sgd-n2500", "than SGD"),
-                                       ("sgdhess-exact", "0.05", "core/sgd-n2500", "than SGD"))],
+                                       ("sgdhess-exact", "0.05", "core/sgd-n2500", "than SGD"),
+                                       ("sgdhess-exact", "2", "direction/sgdhess-exact-rhoH1-n2500", "than rho_H 1"))],
         ]),
         Group("seed004", "7. Seed 004: rho sweep, L2 vs L-inf, ASAM on two architectures, USAM", [
             *[Row(f"sam-rho{r}", "sam", ["--rho", r], expect=((acc, "~" if r != "0.5" else "<", sam_ref,
