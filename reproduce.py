@@ -54,7 +54,7 @@ RULE = ("among candidates whose SGD final train accuracy is within 2 points of t
 FIT_MARGIN = 2.0
 SHARP = ["--sharpness", "--sharpness-batches", "4", "--sharpness-iters", "20"]   # cheap: only for sharpness claims
 # the cost of one training image relative to SGD's (for the estimate the dry run prints)
-PASSES = {"sgd": 1, "sgdhess": 3, "sgdhess-exact": 3, "looksam": 1.1}
+PASSES = {"sgd": 1, "sgdhess": 3, "sgdhess-exact": 3, "looksam": 1.1, "imbsam": 2.5}
 # what a run folder's config.json records of the machine and the launch, not of the experiment
 MACHINE_SETTINGS = {"channels_last", "command", "torch", "world_size", "git_commit", "data_fingerprint"}
 
