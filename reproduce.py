@@ -155,15 +155,17 @@ def claims(setting):
                    extra + ["--epochs", str(round(int(sam_epochs) * 2 / PASSES["looksam"]))],
                    expect=((acc, ">", sam_by_rho[preset_rho("looksam")], "at SAM's wall time (~2/1.1 x the epochs)"),))
 
-    def long_tailed_rows(suffix, extra):   # claim 9: SGD, SAM and ImbSAM on long-tailed CIFAR-10, and ImbSAM at
-        # rho 0, its loss alone (head + 2 x tail, at w): what the tail owes to the weight, not to e
-        return [*[Row(f"lt-{v}{suffix}", v, (rho if v != "sgd" else []) + extra, expect=expect)
-                  for v, expect in (("sgd", ()), ("sam", ()), ("imbsam", (
-                      ("tail_acc", ">", f"peers/lt-sam{suffix}", "ImbSAM: the tail classes above SAM"),
-                      ("head_acc", "~", f"peers/lt-sam{suffix}", "the head classes about as SAM"))))],
+    def long_tailed_rows(suffix, extra):   # claim 9: SGD, SAM and ImbSAM on long-tailed CIFAR-10
+        sam_row, imbsam_row = f"peers/lt-sam{suffix}", f"peers/lt-imbsam{suffix}"
+        return [Row(f"lt-sgd{suffix}", "sgd", extra),
+                Row(f"lt-sam{suffix}", "sam", rho + extra),
+                Row(f"lt-imbsam{suffix}", "imbsam", rho + extra, expect=(
+                    ("tail_acc", ">", sam_row, "ImbSAM: the tail classes above SAM"),
+                    ("head_acc", "~", sam_row, "the head classes about as SAM"))),
+                # ImbSAM at rho 0 is its loss alone (head + 2 x tail, at w): what the tail owes to the weight, not to e
                 Row(f"lt-imbsam-rho0{suffix}", "imbsam", ["--rho", "0"] + extra, expect=(
-                    ("tail_acc", "<", f"peers/lt-imbsam{suffix}", "the perturbation, not the 2x tail weight, lifts the tail"),
-                    ("head_acc", "~", f"peers/lt-imbsam{suffix}", "the perturbation leaves the head classes as they are")))]
+                    ("tail_acc", "<", imbsam_row, "the perturbation, not the 2x tail weight, lifts the tail"),
+                    ("head_acc", "~", imbsam_row, "the perturbation leaves the head classes as they are")))]
 
     def samme3_rows(suffix, extra):   # claim 5: c 0.1 on B3 at a larger rho, against SAM at that rho; four seeds each,
         # as with three in the chosen setting the gap equalled the combined std (2.53 and 2.53)
