@@ -307,6 +307,8 @@ def main(argv=None):
     parser.add_argument("--step-batch", type=train.at_least(1), default=None, help="step: default 128 CUDA, 16 CPU")
     parser.add_argument("--step-repeats", type=train.at_least(1), default=None, help="step: default 30 CUDA, 3 CPU")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA device here; use --device cpu (or auto)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -3,7 +3,8 @@
     python plots.py runs/ --out figures/              # every run folder under runs/
     python plots.py runs/ --out figures/ --toy figures/   # also tabulate toy.py's CSVs
 
-Runs are grouped by (dataset, model, variant, rho, condition); seeds are averaged (mean, and a band
+Runs whose settings differ only in the seed are one group (named by dataset, model, variant, rho, condition
+and any other setting that differs between groups); seeds are averaged (mean, and a band
 of +- one sample standard deviation). A run folder whose settings and seed equal another's (a copy) is
 counted once, with a warning. Under reproduce.py's results/ it writes instead results.md (one table per claim,
 mean ± std over seeds, the command of each row, and whether the notes' claim holds) and the figures of
@@ -27,13 +28,17 @@ import numpy as np
 
 import reproduce
 from sam import FINE_NAMES as FINE   # the r > 1 sub-bins, as steps.csv names them
-from train import SESSION_SETTINGS
+from train import END_SETTINGS, SESSION_SETTINGS, build_parser
 
 # config.json entries that say how a run was launched, not which run it is. The device stays: the same settings
 # on another device are another measurement (CPU and GPU kernels differ), not a copied folder
 NOT_IDENTITY = (SESSION_SETTINGS - {"device"}) | {"command", "git_commit", "torch", "world_size"}
 
 GROUP_KEYS = ("dataset", "model", "variant", "rho", "condition")
+# train.py's settings with their defaults (a config.json from before a setting existed ran with its default). Seeds of
+# one result share all of them but the seed, how the run was launched and what its end measured
+TRAIN_SETTINGS = {k: v for k, v in vars(build_parser().parse_args([])).items()
+                  if k not in SESSION_SETTINGS | END_SETTINGS | {"seed"}}
 CKPTS = ("ckpt1", "ckpt2", "ckpt3", "ckpt4")
 DPI = 80
 # every figure, its size in inches (tests check the PNG's pixels against size * DPI)
@@ -126,9 +131,18 @@ def load_runs(root):
 
 
 def group_runs(runs):
+    """{key: runs}: runs whose train.py settings (TRAIN_SETTINGS) are the same are seeds of one result (another --subset
+    or --lr is another result). The key is GROUP_KEYS' values, then "name=value" for each other setting that differs between
+    runs with the same GROUP_KEYS (a preset's own flags, which change with the variant, name nothing new)."""
+    settings = [{k: v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str)
+                 for k, v in ((k, run["config"].get(k, default)) for k, default in TRAIN_SETTINGS.items())} for run in runs]
+    named = [tuple(s[k] for k in GROUP_KEYS) for s in settings]
+    others = sorted(set(TRAIN_SETTINGS) - set(GROUP_KEYS))
+    differ = [k for k in others if any(len({s.get(k) for s, n in zip(settings, named) if n == name}) > 1 for name in set(named))]
     groups = {}
-    for run in runs:
-        groups.setdefault(tuple(run["config"][k] for k in GROUP_KEYS), []).append(run)
+    for run, setting in zip(runs, settings):
+        key = tuple(setting[k] for k in GROUP_KEYS) + tuple(f"{k}={setting.get(k)}" for k in differ)
+        groups.setdefault(key, []).append(run)
     return dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
 
 
@@ -136,8 +150,9 @@ def label(key, keys):
     """Only the settings that differ between groups, so legends stay short (a key that is a name: the name)."""
     if isinstance(key, str):
         return key
-    varying = [i for i, k in enumerate(GROUP_KEYS) if len({kk[i] for kk in keys}) > 1] or [2]
-    return " ".join(f"{GROUP_KEYS[i]}={key[i]}" if GROUP_KEYS[i] != "variant" else str(key[i]) for i in varying)
+    varying = [i for i in range(len(key)) if len({kk[i] for kk in keys}) > 1] or [2]
+    return " ".join(str(key[i]) if i >= len(GROUP_KEYS) or GROUP_KEYS[i] == "variant" else f"{GROUP_KEYS[i]}={key[i]}"
+                    for i in varying)
 
 
 def seed_mean(runs, table, x, y):
@@ -300,8 +315,9 @@ def plot_shares_by_setting(settings, out):
 # ----------------------------------------------------------------------------- tables
 def results_table(groups):
     """Markdown: final test accuracy, loss and sharpness per group, mean ± std over finished seeds."""
-    lines = ["| dataset | model | variant | rho | condition | seeds | test acc (best val) | test acc (last) "
-             "| test loss (last) | lambda_max | trace |", "|" + "---|" * 11]
+    others = any(len(key) > len(GROUP_KEYS) for key in groups)   # a column for the settings that tell groups apart
+    lines = ["| dataset | model | variant | rho | condition | " + ("other settings | " if others else "") + "seeds "
+             "| test acc (best val) | test acc (last) | test loss (last) | lambda_max | trace |", "|" + "---|" * (11 + others)]
     for key, runs in groups.items():
         done = [run["final"] for run in runs if run["final"]]
         if not done:
@@ -310,7 +326,8 @@ def results_table(groups):
         cells = [mean_std([f.get("test_acc_best") for f in done]), mean_std([f.get("test_acc_last") for f in done]),
                  mean_std([f.get("test_loss_last") for f in done]), mean_std([s.get("lambda_max") for s in sharp]),
                  mean_std([s.get("trace") for s in sharp])]
-        lines.append("| " + " | ".join(str(k) for k in key) + f" | {len(done)} | " + " | ".join(cells) + " |")
+        names = [str(k) for k in key[:len(GROUP_KEYS)]] + ([" ".join(key[len(GROUP_KEYS):])] if others else [])
+        lines.append("| " + " | ".join(names) + f" | {len(done)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

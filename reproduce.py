@@ -588,10 +588,10 @@ def rule_choice(table):
     return max(eligible, key=lambda n: complete[n]["gain"])
 
 
-def choose(switch=True):
+def choose(switch=True, dry_run=False):
     """Write results/setting.json from the finished selection runs by RULE; returns the setting in force.
     switch=False (the end of `select`) keeps a setting already chosen when the rule now picks another one:
-    switching makes every claims folder stale, so it takes `reproduce.py choose`."""
+    switching makes every claims folder stale, so it takes `reproduce.py choose`. dry_run: print, write nothing."""
     table = candidate_table()
     chosen = rule_choice(table)
     if chosen is None:
@@ -608,6 +608,10 @@ def choose(switch=True):
         print(f"note: the rule now picks {chosen}; the setting stays {previous}, the one the claims folders in "
               "results/ ran in. `reproduce.py choose` switches it (and makes those folders stale)")
         return json.loads(path.read_text())
+    if dry_run:
+        print(f"dry run: setting.json stays {previous}" + ("" if previous == chosen else
+              f"; `reproduce.py choose` would switch it to {chosen} and make the claims folders stale"))
+        return setting
     if previous != chosen:
         print(f"note: the setting changes from {previous} to {chosen}: the claims "
               "folders already in results/ belong to the old one (`claims` reports them as stale); move them away")
@@ -678,7 +682,7 @@ def main(argv=None):
             parser.error("pack needs OUTFILE")
         return pack(args.outfile)
     if args.stage == "choose":
-        choose()
+        choose(dry_run=args.dry_run)
         return 0
     start = time.monotonic()   # the deadline counts the decoding too
     if args.stage == "select":

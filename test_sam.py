@@ -46,6 +46,8 @@ LR, MOM, WD, RHO = 0.1, 0.9, 0.01, 0.1
 RATIO_EPS, NORM_EPS = 1e-8, 1e-12
 # where sam.py runs in the preset and statistics tests; their references stay on the CPU (SAM_TEST_DEVICE=cuda)
 DEVICE = torch.device(os.environ.get("SAM_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.exit("SAM_TEST_DEVICE=cuda: torch finds no CUDA device here")
 # SGDHESS's documented protocol is backward(create_graph=True); torch warns about the grad cycle
 pytestmark = pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True:UserWarning")
 # g' = q g: each q lands in one checkpoint (B1 through every fine r > 1 bin, B2, B3, B4; q = 0 is B0)
@@ -441,13 +443,15 @@ def test_checkpoint_edges_follow_the_strict_inequalities():
     r = torch.tensor(gp, dtype=DT) / (torch.tensor(g, dtype=DT) + RATIO_EPS)
     assert r[:3].tolist() == [1.0, -1.0, 0.0] and r[3:6].tolist()[:2] == [math.inf, -math.inf] and r[5].isnan()
     params = [torch.zeros(7, dtype=DT, requires_grad=True)]
-    opt = SAM(params, torch.optim.SGD, lr=1.0, stats_every=1)
+    opt = SAM(params, torch.optim.SGD, lr=1.0, stats_every=1, persist_from=0)
     set_grads(params, [torch.tensor(g, dtype=DT)])
     opt.first_step(zero_grad=True)
     set_grads(params, [torch.tensor(gp, dtype=DT)])
     opt.second_step(zero_grad=True)
     s = opt.stats
     assert [s[f"ckpt{k}"] for k in range(5)] == pytest.approx([400 / 7, 200 / 7, 0.0, 100 / 7, 0.0])
+    in_b1 = checkpoints(torch.tensor(g, dtype=DT), torch.tensor(gp, dtype=DT))[1]   # the tracked set is B1, r > 1
+    assert s["persist_t0"] == s["persist_running"] == float(in_b1.sum()) == 2.0
     assert one_step_direction("samme1", g, gp) == pytest.approx([a, -a, 0.0, 1.0, -0.5, 0.0, 6.0], rel=1e-12)
     assert one_step_direction("samme3", g, gp) == pytest.approx([a, -a, 0.0, 0.5, -1.0, 0.0, 3.0], rel=1e-12)
 
@@ -490,6 +494,7 @@ def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets(monkeypat
     (dict(p=math.inf), "lp", dict(p=math.inf)),
     (dict(p=3.0), "lp", dict(p=3.0)),
     (dict(p=1.5), "lp", dict(p=1.5)),
+    (dict(p=3.0, dual=False), "lp_norm", dict(p=3.0)),
     (dict(adaptive=True), "asam", dict(eta=0.0)),
     (dict(adaptive=True, asam_eta=0.01), "asam", dict(eta=0.01)),
     (dict(adaptive=True, asam_eta=0.01, p=math.inf), "asam", dict(eta=0.01, p=math.inf)),
@@ -564,6 +569,38 @@ def test_sparse_sam_update_mask_keeps_the_live_count_and_the_largest_gradients()
     assert torch.cat([m.flatten() for m in new])[kept].all()
 
 
+@pytest.mark.parametrize("sparsity", [0.25, 0.75])
+def test_sparse_masks_keep_one_minus_sparsity_of_the_coordinates(sparsity):
+    live = round((1 - sparsity) * N_COORD)
+    params = make_params()
+    dynamic = SAM(params, torch.optim.SGD, variant="ssamd", sparsity=sparsity, lr=LR)
+    assert sum(int(m.sum()) for m in dynamic._masks(params)) == live          # the random start
+    set_grads(params, make_params(seed=8))
+    dynamic.update_mask(progress=0.5)
+    assert sum(int(dynamic.state[p]["mask"].sum()) for p in params) == live
+    fisher = SAM(params, torch.optim.SGD, variant="ssamf", sparsity=sparsity, lr=LR)
+    for seeds in ((5, 6), (7,)):              # each update_mask scores only the sums since the last one
+        srcs = [make_params(seed=s) for s in seeds]
+        for src in srcs:
+            set_grads(params, src)
+            fisher.accumulate_fisher()
+        fisher.update_mask()
+        expected = top_k_mask([sum(x[i] ** 2 for x in srcs) for i in range(len(params))], live)
+        assert_same([fisher.state[p]["mask"] for p in params], expected)
+
+
+@pytest.mark.parametrize("progress,death", [(-1.0, 0.5), (1.5, 0.0)])
+def test_ssamd_death_rate_holds_progress_to_zero_one(progress, death):
+    # death rate drop_rate (1 + cos(pi progress))/2 with progress clamped to [0, 1]: 0.5 before the start, 0 after the end
+    n = 400
+    param = torch.zeros(n, requires_grad=True)
+    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=0.5, lr=0.1)
+    param.grad = torch.randn(n)
+    before = opt._masks([param])[0].clone()
+    opt.update_mask(progress=progress)
+    assert int((before & ~opt.state[param]["mask"]).sum()) == round(n // 2 * death)
+
+
 def test_imbsam_adds_the_clean_head_gradient_to_the_perturbed_tail_gradient():
     params = make_params()
     w = snap(params)
@@ -582,6 +619,26 @@ def test_imbsam_adds_the_clean_head_gradient_to_the_perturbed_tail_gradient():
 
 
 # ------------------------------------------------------------------ SGDHESS on a quadratic with a full Hessian
+def test_imbsam_stashes_add_up_and_last_for_one_step():
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, variant="imbsam", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    heads = [make_params(seed=s) for s in (11, 14)]   # two head-class micro-batches before one step
+    for head in heads:
+        set_grads(params, head)
+        opt.stash_clean_grad()
+    base = SGDRef()
+    for t in range(2):
+        g, gp = synthetic_pair(t)
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        set_grads(params, gp)
+        opt.second_step(zero_grad=True)
+        clean = [a.detach() + b.detach() for a, b in zip(*heads)] if t == 0 else [torch.zeros_like(x) for x in gp]
+        w = base.step(w, [x + y for x, y in zip(gp, clean)])
+        assert_lists_close([snap(params)], [w])
+
+
 HESS_SHAPES = [(2, 3, 2, 2), (3, 4), (4,)]
 
 
@@ -1290,6 +1347,30 @@ def test_load_state_dict_takes_davda54_layout_with_a_warning():
     assert opt.param_groups[0]["momentum"] == 0.5 and not opt.base_optimizer.state
 
 
+def test_state_dict_keeps_the_skipped_count():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
+    drive(opt, params, synthetic, 1)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        drive(opt, params, lambda t, point, kind: _poison(synthetic(t, point, kind), 0, math.nan), 1)
+    resumed = SAM(make_params(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.state_dict()["counters"] == {"step": 2, "skipped": 1} and resumed.stats["skipped"] == 1
+
+
+def test_load_state_dict_takes_the_saved_flags_with_a_warning():
+    saved = SAM(make_params(), torch.optim.SGD, rho=RHO, lr=LR, p=3.0).state_dict()
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    with pytest.warns(UserWarning, match="replace p"):
+        opt.load_state_dict(saved)
+    g, _ = synthetic_pair(0)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)            # the L_3 ascent of the saved run, not the L_2 one
+    assert_lists_close([snap(params)], [[x + y for x, y in zip(w, ascent("lp", w, g, RHO, p=3.0))]])
+
+
 def test_load_state_dict_of_another_variant_is_refused_naming_both():
     saved = SAM(make_params(), torch.optim.SGD, variant="samme1", lr=0.1).state_dict()
     opt = SAM(make_params(), torch.optim.SGD, variant="sam", lr=0.1)
@@ -1318,7 +1399,8 @@ def test_second_step_error_puts_the_weights_back_to_w_first():
     set_grads(params, [None] + synthetic(0, w, "gp")[1:])
     with pytest.raises(ValueError, match="none at w"):
         opt.second_step()
-    assert_same(snap(params), w) and not opt.perturbed
+    assert_same(snap(params), w)
+    assert not opt.perturbed
 
 
 def test_step_closure_warns_once_when_gradients_are_already_there():
@@ -1421,6 +1503,30 @@ def test_disable_running_stats_keeps_batchnorm_statistics_in_later_passes():
     assert all(m.track_running_stats for m in bns) and bns[0].momentum == 0.1 and bns[1].momentum is None
     model(x + 2)
     assert not torch.equal(bns[0].running_mean, stats[0][0])
+
+
+@pytest.mark.parametrize("variant", ["sam", "sgd"])
+def test_closure_recipe_keeps_batchnorm_statistics_of_the_first_pass(variant):
+    # the README's closure: disable_running_stats on the second pass (opt.perturbed), enable it otherwise
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, variant=variant, rho=0.5, lr=0.1)
+    x = torch.randn(8, 3)
+
+    def closure():
+        (disable_running_stats if opt.perturbed else enable_running_stats)(model)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+    for _ in range(2):
+        with torch.no_grad():
+            reference.load_state_dict(model.state_dict())
+            reference(x)                     # one training-mode forward at w: the statistics to expect
+        opt.step(closure)
+        enable_running_stats(model)
+        assert_same(snap(model[1].buffers()), snap(reference[1].buffers()))
 
 
 @pytest.mark.parametrize("name", ["sam", "samme1", "asam", "gsam"])
@@ -1625,6 +1731,23 @@ def test_plots_writes_every_figure_and_correct_tables(tmp_path, capsys):
         expected_lam = f"{np.mean(lam):.4g} ± {np.std(lam, ddof=1):.2g}"
         row = next(line for line in table.splitlines() if f"| {variant} |" in line)
         assert f"| 3 | {expected_acc} |" in row and expected_lam in row, row
+
+
+def test_plots_averages_only_seeds_of_the_same_settings(tmp_path):
+    # same variant and rho but another --subset/--epochs is another result; a config.json from before a setting
+    # existed ran with its default and groups with the runs that give it
+    for name, seed, changes in (("a0", 0, dict(subset=1000, epochs=1)), ("a1", 1, dict(subset=1000, epochs=1)),
+                                ("b0", 0, dict(subset=2000, epochs=3)), ("c0", 0, dict(width=plots.TRAIN_SETTINGS["width"])),
+                                ("c1", 1, {})):                      # c1's config.json has no width
+        make_run(tmp_path, name, "sam", seed)
+        update_json(tmp_path / name / "config.json", **changes)
+    groups = plots.group_runs(plots.load_runs(str(tmp_path))[0])
+    assert sorted(sorted(run["name"] for run in runs) for runs in groups.values()) == [["a0", "a1"], ["b0"], ["c0", "c1"]]
+    default = plots.TRAIN_SETTINGS["subset"]
+    labels = {plots.label(key, groups) for key in groups}
+    assert labels == {"epochs=1 subset=1000", "epochs=3 subset=2000", f"epochs=3 subset={default}"}
+    table = plots.results_table(groups)
+    assert "| other settings | seeds |" in table and "| epochs=1 subset=1000 | 2 |" in table
 
 
 def test_plots_reads_cut_csv_and_averages_seeds(tmp_path):
@@ -2268,7 +2391,8 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, ca
 def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys):
     """Among the candidates with all 3 seeds finished whose SGD train accuracy is within 2 points of the best, the
     largest SAM - SGD validation gain (seed means); a candidate with fewer seeds is listed, not chosen; a changed
-    choice says the old claims folders are stale, and at the end of `select` (switch=False) leaves the setting as it is."""
+    choice says the old claims folders are stale, and at the end of `select` (switch=False) or with --dry-run leaves
+    the setting as it is."""
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path)
     monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("a", "b", "c", "partial", "unrun")})
@@ -2288,6 +2412,9 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
     assert reproduce.choose(switch=False) == {"name": "c"}
     assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c"}
     assert "the rule now picks b; the setting stays c" in capsys.readouterr().out
+    assert reproduce.main(["choose", "--dry-run"]) == 0   # says what `choose` would do, writes nothing
+    assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c"}
+    assert "stays c; `reproduce.py choose` would switch it to b" in capsys.readouterr().out
     setting = reproduce.choose()
     # a has the largest gain (+5) but SGD fits only 90% there; b (+1, train 97.5) beats c (-1, train 99)
     assert setting["name"] == "b" and setting["args"] == ["--subset", "b"] and set(setting["candidates"]) == set(made)
@@ -2644,6 +2771,20 @@ def test_train_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, argv, mess
         train.main(["--out", str(tmp_path / "run"), "--device", "cpu", *argv])
     assert stop.value.code != 0
     assert message in str(stop.value.code) + capsys.readouterr().err
+
+
+def test_train_refuses_what_the_data_or_machine_cannot_give(tmp_path, monkeypatch):
+    # a subset too small for every split, CIFAR-10's class count under --dataset cifar100, CUDA where there is none
+    _fails(_tiny_run(tmp_path, "--subset", "4", "--out", str(tmp_path / "small")),
+           r"--subset 4 with --val-fraction 0.1 leaves 3 training and 0 validation images of 3 classes")
+    ten = _image_folder(tmp_path / "ten", per_class=(2, 1), classes=10)
+    _fails(["--dataset", "cifar100", "--data-dir", str(ten), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--out", str(tmp_path / "c100")], "--dataset cifar100 has 100 classes, but .* holds 10, as cifar10 does")
+    assert not (tmp_path / "small").exists() and not (tmp_path / "c100").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--device", "cuda", "--out", str(tmp_path / "gpu")])
+    assert "--device cuda: torch finds no CUDA device here" in stop.value.code and not (tmp_path / "gpu").exists()
 
 
 def test_train_bad_data_dir_leaves_runs_as_they_were(tmp_path):

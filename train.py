@@ -56,8 +56,8 @@ from sam import SAM, disable_running_stats, enable_running_stats
 
 # Per-channel mean and std of the training images; normalisation happens after augmentation.
 DATASETS = {
-    "cifar10": dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), torchvision="CIFAR10"),
-    "cifar100": dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), torchvision="CIFAR100"),
+    "cifar10": dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), torchvision="CIFAR10", classes=10),
+    "cifar100": dict(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), torchvision="CIFAR100", classes=100),
 }
 # sam.FLAGS that get a CLI flag of their own, named after them (--rho, --looksam-k, ...). condition_warmup
 # counts steps, so the CLI takes --condition-warmup-epochs instead.
@@ -95,9 +95,16 @@ def bin_scale_entry(text):
     return text if text in ("c", "1/c") else float(text)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, unless its help says it already (in words, not as None)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description="Train a CIFAR model with SAM or one of its variants.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
     data.add_argument("--data-dir", default="./data", help="torchvision root (downloads there), an ImageFolder "
@@ -123,8 +130,8 @@ def build_parser():
     opt.add_argument("--variant", default="sam", choices=sorted(sam.VARIANTS), help="a preset of sam.VARIANTS")
     opt.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="base optimizer")
     opt.add_argument("--lr", type=at_least(0.0, float), default=0.1)
-    opt.add_argument("--momentum", type=checked(float, 0, 1, open_high=True), default=0.9)
-    opt.add_argument("--nesterov", action=BooleanOptionalAction, default=False)
+    opt.add_argument("--momentum", type=checked(float, 0, 1, open_high=True), default=0.9, help="sgd only")
+    opt.add_argument("--nesterov", action=BooleanOptionalAction, default=False, help="sgd only")
     opt.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-3, help="on every parameter")
     opt.add_argument("--batch-size", type=at_least(1), default=256, help="global, split over DDP ranks")
     opt.add_argument("--epochs", type=at_least(1), default=200)
@@ -434,7 +441,11 @@ def make_splits(args, data):
         pool = long_tailed(pool, labels, args.imbalance, split_rng)
     if args.subset is not None and args.subset < len(pool):
         pool, _ = stratified_split(pool, labels, args.subset / len(pool), split_rng)
-    val, train = stratified_split(pool, labels, args.val_fraction, split_rng)
+    val, train = stratified_split(pool, labels, args.val_fraction, split_rng) if len(pool) else (pool, pool)
+    if not (len(val) and len(train)):   # the split rounds per class: a tiny subset leaves a class, or all, out
+        given = f"--subset {args.subset}" if args.subset is not None else f"the data's {len(labels)} training images"
+        fail(f"{given} with --val-fraction {args.val_fraction} leaves {len(train)} training and {len(val)} "
+             f"validation images of {len(data['classes'])} classes: take a larger --subset or other data")
     train_labels, flipped = labels[train], None
     if args.label_noise > 0:   # the noise pattern follows the run's seed, as in the origin
         noise_rng = torch.Generator().manual_seed(args.seed)
@@ -681,6 +692,8 @@ def keep_freed_memory():
 def init_distributed(args):
     """(rank, world size, device). torchrun sets WORLD_SIZE; NCCL on GPUs, gloo on CPUs."""
     use_cuda = uses_cuda(args)
+    if use_cuda and not torch.cuda.is_available():
+        fail("--device cuda: torch finds no CUDA device here; use --device cpu (or auto)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
@@ -1223,6 +1236,10 @@ def set_up(args, argv, folder, rank, world, device):
     if checkpoint is not None and folder.final() is not None and not (args.sharpness and folder.end_open()):
         return None   # finished, and nothing left to measure (a finished run without sharpness resumes to its end)
     data = load_images(args)
+    other = {v["classes"]: k for k, v in DATASETS.items() if k != args.dataset}.get(len(data["classes"]))
+    if other:   # an ImageFolder of any other class count is the user's own data, normalised as --dataset says
+        fail(f"--dataset {args.dataset} has {DATASETS[args.dataset]['classes']} classes, but --data-dir "
+             f"{args.data_dir} holds {len(data['classes'])}, as {other} does: pass --dataset {other}")
     splits = make_splits(args, data)
     loaders = [DeviceLoader(*split, args.dataset, device, args.channels_last) for split in splits]
     steps_per_epoch = len(loaders[0]) // args.batch_size   # drop_last: every step sees a full batch
