@@ -13,6 +13,7 @@ at the unperturbed w; its weight decay and momentum act after d and are never sc
 import copy
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -1628,6 +1630,24 @@ def test_checkpoint_points_fall_in_their_bins_by_sam_stats():
         assert opt.stats[f"ckpt{k}"] == 100.0, k
 
 
+def test_toy_landscapes_and_curvatures_match_their_formulas():
+    # hyperbola f = (xy - 1)^2 / 2, Hessian [[y^2, 2xy - 1], [2xy - 1, x^2]] (on xy = 1: eigenvalues 0 and x^2 + y^2)
+    for x, y in ((1.0, 1.0), (2.0, 0.5), (1.5, 1.2), (-0.3, 2.0)):
+        w = torch.tensor([x, y], dtype=toy.DTYPE)
+        a, b, c = y * y, 2 * x * y - 1, x * x
+        assert toy.hyperbola(w).item() == pytest.approx((x * y - 1) ** 2 / 2, rel=1e-12)
+        assert toy.top_eigenvalue(toy.hyperbola, w) == pytest.approx((a + c) / 2 + math.hypot((a - c) / 2, b), rel=1e-10)
+    # two basins: curvature 8 at the sharp bowl's bottom (-1, 0.5), depth -0.3; 0.4 at the flat one's (1.5, -0.5), depth 0
+    for at, curvature, depth in (((-1.0, 0.5), 8.0, -0.3), ((1.5, -0.5), 0.4, 0.0)):
+        w = torch.tensor(at, dtype=toy.DTYPE)
+        assert toy.two_basins(w).item() == pytest.approx(depth, abs=1e-12)
+        assert toy.top_eigenvalue(toy.two_basins, w) == pytest.approx(curvature, rel=1e-10)
+    # power iteration against a quadratic whose top two eigenvalues are close (1 and 0.9: slow to converge)
+    scales = torch.tensor([1.0, 0.9, 0.5, 0.1], dtype=toy.DTYPE)
+    assert toy._power_eigenvalue(lambda w: 0.5 * (scales * w * w).sum(), torch.ones(4, dtype=toy.DTYPE)) == \
+        pytest.approx(1.0, abs=1e-3)
+
+
 def test_toy_panels_name_presets_of_sam_py():
     assert {v for names in toy.PANELS.values() for v in names} <= set(VARIANTS)
 
@@ -1750,6 +1770,13 @@ def test_plots_averages_only_seeds_of_the_same_settings(tmp_path):
     assert "| other settings | seeds |" in table and "| epochs=1 subset=1000 | 2 |" in table
 
 
+def test_plots_takes_the_presets_rho_only_where_none_was_given(tmp_path):
+    for name, rho in (("given", 0.2), ("preset", None)):   # train.py writes rho None when --rho was not given
+        make_run(tmp_path, name, "asam", 0)
+        update_json(tmp_path / name / "config.json", rho=rho, sam_flags={"rho": 2.0, "condition": 2.0})
+    assert [plots.load_run(str(tmp_path / name))["config"]["rho"] for name in ("given", "preset")] == [0.2, 2.0]
+
+
 def test_plots_reads_cut_csv_and_averages_seeds(tmp_path):
     for seed in (0, 1):
         make_run(tmp_path, f"r{seed}", "sam", seed, cut=True)
@@ -1791,6 +1818,45 @@ def test_plots_counts_the_same_settings_on_another_device_as_another_run(tmp_pat
     runs, skipped = plots.load_runs(str(tmp_path))
     assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s0_gpu"]
     assert [(os.path.basename(folder), why.split(os.sep)[-1]) for folder, why in skipped] == [("sam_s0_copy", "sam_s0")]
+
+
+def test_plots_verdicts_and_derived_metrics_by_hand():
+    v = plots.verdict   # against values: the difference of means beyond sqrt(s_a^2 + s_b^2); a number: beyond s_a
+    assert v([3.0, 5.0], ">", [1.0, 1.0]) == "holds" and v([3.0, 5.0], "<", [1.0, 1.0]) == "does not hold"   # 3 > 1.41
+    assert v([1.0, 3.0], ">", [1.0, 1.0]) == "can't tell"                                                   # 1 < 1.41
+    assert v([1.0, 1.0], ">", 1.0) == "can't tell" and v([1.0, 1.0], "<", 1.0) == "can't tell"             # 0, not > 0
+    assert v([50.0, 58.0], ">", 50.0) == "can't tell" and v([50.0, 58.0], ">", 40.0) == "holds"            # s = 5.66
+    assert v([50.0, 58.0], ">", 49.0) == "can't tell"      # 5 < s: the std of the seeds, not their standard error (4)
+    assert v([49.0, 49.2], "~", 40.0) == "holds"            # 9.1 from it: within 25% of 40, far outside s = 0.14
+    assert v([49.0, 49.2], "~", 30.0) == "does not hold"    # 19.1 > 7.5
+    assert v([42.0, 50.0], "~", [40.0, 40.0]) == "does not hold" and v([40.0, 48.0], "~", [40.0, 40.0]) == "holds"   # 6, 4 vs 5.66
+    assert v([1.0], ">", 0.0).startswith("can't tell") and v([1.0, 2.0], ">", [0.0]).startswith("can't tell")
+
+    def run(train_acc, dataset="cifar10", steps=None):
+        return dict(final={"test_acc_best": 0.0}, epochs={"train_acc": np.array([5.0, train_acc])},
+                    config={"dataset": dataset}, steps=steps or {})
+    assert plots.at_chance([run(10.0), run(25.0)])            # mean 17.5 < 2 x 10%
+    assert not plots.at_chance([run(15.0, "cifar100")])       # 15 > 2 x 1%
+    assert not plots.at_chance([run(21.0), run(25.0)])
+
+    n = 25
+    step = np.arange(n, dtype=float)
+    ckpt1 = np.r_[1.0, 2.0, np.linspace(70, 50, n - 2)]
+    ckpt2 = np.r_[np.nan, np.arange(1, n, dtype=float)]       # a cell left empty: 24 values, tenths of 2
+    t0 = np.r_[[np.nan] * 3, [100.0] * (n - 3)]                # persistence tracked from step 3
+    running = np.r_[[np.nan] * 3, [100, 60, 40, 30, 25, 20, 10], [5] * (n - 10)]
+    overlap = np.r_[[np.nan] * 3, np.linspace(100, 41, n - 3)]
+    fine = {name: step * k for k, name in enumerate(sam.FINE_NAMES)}   # bin k rises by k a step
+    cols = dict(step=step, ckpt1=ckpt1, ckpt2=ckpt2, persist_t0=t0, persist_running=running, persist_overlap=overlap,
+                **fine)
+    r = run(50.0, steps=cols)
+    metric = {name: plots.METRICS[name][1](r) for name in ("ckpt1_min", "ckpt2_early", "ckpt2_late", "fine_up",
+                                                          "running_5", "overlap_late")}
+    assert metric["ckpt1_min"] == 50.0                        # the first tenth (1, 2) left out
+    assert metric["ckpt2_early"] == 1.5 and metric["ckpt2_late"] == 23.5
+    assert metric["fine_up"] == pytest.approx(sum(k * (23.5 - 0.5) for k in range(3, 7)))   # r > 2: bins 3-6
+    assert metric["running_5"] == 20.0                        # 5 steps after t0 (step 8)
+    assert metric["overlap_late"] == pytest.approx(41.0)
 
 
 def test_plots_results_md_mean_std_and_verdicts(tmp_path):
@@ -1904,7 +1970,7 @@ def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pi
                     update_json(root / f"{variant}-s{seed}" / "final.json", best_val_acc=val)
                     epochs = (root / f"{variant}-s{seed}" / "epochs.csv").read_text().splitlines()
                     last = epochs[-1].split(",")
-                    last[EPOCH_COLS.index("train_acc")] = str(train_acc)
+                    last[EPOCH_COLS.index("train_acc")] = str(train_acc if variant == "sgd" else train_acc - 30)   # SGD's fit
                     (root / f"{variant}-s{seed}" / "epochs.csv").write_text("\n".join(epochs[:-1] + [",".join(last)]) + "\n")
 
     def table():
@@ -2285,6 +2351,12 @@ def test_reproduce_runs_name_each_option_once_with_the_value_train_py_reads():
             assert vars(train.parse_settings(run.args)) == vars(train.parse_settings(unreduced)), run.label
             repeated += len(unreduced) - len(run.args) > 0
     assert repeated >= 10   # the n2500 rows, the ResNet-18 and CNN rows, the long-tailed rows, claims 1-3
+    # --override wins over every row's own flags; --seeds keeps, of each row's seeds, those asked for
+    over = reproduce.runs_of(groups, setting, "data", "cuda", seeds=[2, 4],
+                             override=["--epochs", "1", "--rho", "0.3", "--device", "cpu"])
+    assert {(run.group, run.label, run.seed) for run in over} == {
+        (g.name, row.label, s) for g in groups for row in g.rows for s in row.seeds if s in (2, 4)} != set()
+    assert all((x.epochs, x.rho, x.device) == (1, 0.3, "cpu") for x in map(train.parse_settings, (run.args for run in over)))
     assert reproduce.last_wins(["python", "train.py", "--no-cutout", "--bin-scale", *"ccccc", "--subset", "9",
                                 "--cutout", "--bin-scale", "1", "1", "c", "1", "1", "--rho", "-1"]) == \
         ["python", "train.py", "--cutout", "--bin-scale", "1", "1", "c", "1", "1", "--subset", "9", "--rho", "-1"]
@@ -2406,7 +2478,8 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
                 out = tmp_path / "select" / name / f"{variant}-s{seed}"
                 out.mkdir(parents=True)
                 (out / "final.json").write_text(json.dumps({"best_val_acc": val}))
-                (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{train_acc}\n")
+                fit = train_acc if variant == "sgd" else 100 - train_acc   # the rule reads SGD's fit, never SAM's
+                (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{fit}\n")
     (tmp_path / "setting.json").write_text(json.dumps({"name": "c"}))
     # the end of `select` keeps the setting the claims ran in and says what the rule picks now
     assert reproduce.choose(switch=False) == {"name": "c"}
@@ -2428,6 +2501,13 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit, match="no candidate has all 3 seeds"):
         reproduce.choose()
     assert json.loads((tmp_path / "setting.json").read_text())["name"] == "b"
+
+
+def test_reproduce_rule_takes_a_candidate_exactly_at_the_fit_margin():
+    import reproduce
+    table = {name: dict(sgd_train_acc=fit, gain=gain, seeds=3) for name, fit, gain in
+             (("best", 99.0, 0.0), ("edge", 99.0 - reproduce.FIT_MARGIN, 1.0), ("beyond", 98.9 - reproduce.FIT_MARGIN, 5.0))}
+    assert reproduce.FIT_MARGIN == 2.0 and reproduce.rule_choice(table) == "edge"
 
 
 def test_reproduce_leaves_a_folder_made_with_other_settings_alone(tmp_path, monkeypatch, capsys):
@@ -2822,6 +2902,85 @@ def test_train_splits_noise_and_long_tail():
     assert set(zip(labels[flipped].tolist(), noisy[flipped].tolist())) == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
     counts = torch.bincount(labels[train.long_tailed(torch.arange(1000), labels, 10.0, rng)])
     assert counts[0] == 100 and counts[-1] == 10 and bool((counts[:-1] >= counts[1:]).all())
+
+
+def test_train_schedules_match_their_formulas():
+    total, per_epoch = 100, 10
+
+    def factors(*argv):
+        args = train.parse_settings(["--data-dir", "x", *argv])
+        return [train.lr_factor(args, step, total, per_epoch) for step in range(total)]
+    cosine = [0.5 * (1 + math.cos(math.pi * s / total)) for s in range(total)]
+    assert factors("--schedule", "cosine") == pytest.approx(cosine, abs=1e-15)
+    warm = factors("--schedule", "cosine", "--warmup-epochs", "2")   # 20 linear steps up to 1, then cosine over 80
+    assert warm == pytest.approx([(s + 1) / 20 for s in range(20)] + [0.5 * (1 + math.cos(math.pi * s / 80)) for s in range(80)])
+    assert factors("--schedule", "step") == [0.2 ** ((s >= 30) + (s >= 60) + (s >= 80)) for s in range(total)]
+    assert factors("--schedule", "multistep", "--milestones", "0.25", "0.5", "--gamma", "0.5") == \
+        [0.5 ** ((s >= 25) + (s >= 50)) for s in range(total)]
+    assert factors("--schedule", "constant") == [1.0] * total
+    args = train.parse_settings(["--data-dir", "x", "--rho", "0.2", "--rho-min", "0.05", "--lr", "0.4"])
+    group = {"lr": None, "rho": 0.2}
+    train.set_schedule(types.SimpleNamespace(param_groups=[group]), args, 0.2, 50, total, per_epoch)
+    assert group == pytest.approx({"lr": 0.4 * cosine[50], "rho": 0.05 + 0.15 * cosine[50]})   # GSAM: rho follows lr
+
+
+def test_train_splits_come_from_the_training_images_at_random_per_class():
+    per_class, n_classes = 100, 10
+    labels = torch.arange(n_classes).repeat(per_class)   # interleaved: index order says nothing about class
+    images = torch.arange(len(labels)).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).to(torch.int64)   # pixel = index
+    test = (-1 - torch.arange(50)).view(-1, 1, 1, 1).expand(-1, 3, 2, 2), torch.arange(50) % n_classes
+    data = dict(train=(images, labels), test=test, classes=[f"c{k}" for k in range(n_classes)])
+    args = train.parse_settings(["--data-dir", "x", "--subset", "500", "--label-noise", "0.2555", "--seed", "3"])
+    (x_train, y_train, flipped), (x_val, y_val, _), (x_test, y_test, _) = train.make_splits(args, data)
+    train_idx, val_idx = x_train[:, 0, 0, 0], x_val[:, 0, 0, 0]
+    assert torch.equal(x_test, test[0]) and torch.equal(y_test, test[1])
+    assert (train_idx >= 0).all() and (val_idx >= 0).all() and not set(train_idx.tolist()) & set(val_idx.tolist())
+    assert torch.equal(y_val, labels[val_idx]) and torch.equal(y_train[~flipped], labels[train_idx][~flipped])
+    assert torch.bincount(labels[val_idx]).tolist() == [5] * n_classes        # 10% of the 50 per class of the subset
+    assert torch.bincount(labels[train_idx]).tolist() == [45] * n_classes
+    pool = torch.cat([train_idx, val_idx]).sort().values   # drawn at random in each class, not the first ones
+    assert not torch.equal(pool[labels[pool] == 0], torch.nonzero(labels == 0).flatten()[:50])
+    assert not all(torch.equal(val_idx[labels[val_idx] == c].sort().values, pool[labels[pool] == c][:5]) for c in range(n_classes))
+    assert int(flipped.sum()) == math.floor(0.2555 * 450) == 114                 # floor(rate N) labels flipped
+
+
+def test_train_augmentation_is_a_padded_crop_a_mirror_and_a_cutout():
+    # origin 4.1: a 32x32 window of the image zero-padded by 4 pixels, mirrored with p = 0.5, then normalised;
+    # --cutout sets a 16x16 square (clipped at the border, centre anywhere) to 0 in half the images
+    n = 256
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
+    loader = train.DeviceLoader(images, labels, None, "cifar10", torch.device("cpu"), channels_last=False)
+    idx = torch.randperm(n, generator=gen)
+    plain, got_labels, _ = loader.train_batch(idx, torch.Generator().manual_seed(1), cutout=False)
+    cut, _, _ = loader.train_batch(idx, torch.Generator().manual_seed(1), cutout=True)   # the same crops and mirrors
+    assert torch.equal(got_labels, labels[idx])
+    mean, std = (torch.tensor(x).view(1, 3, 1, 1) for x in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    pixels = ((plain * std + mean) * 255).round()   # normalisation undone: the pixel values, padding 0
+    assert (pixels - (plain * std + mean) * 255).abs().max() < 1e-3
+    padded = torch.nn.functional.pad(images[idx].float(), (4, 4, 4, 4))
+    found = torch.zeros(n, dtype=torch.long)
+    rows, columns, mirrored = set(), set(), 0
+    for dy, dx, mirror in itertools.product(range(9), range(9), (False, True)):
+        window = padded[:, :, dy:dy + 32, dx:dx + 32]
+        match = (pixels == (window.flip(-1) if mirror else window)).flatten(1).all(1)
+        found += match
+        rows, columns = (rows | {dy}, columns | {dx}) if match.any() else (rows, columns)
+        mirrored += int(match.sum()) if mirror else 0
+    assert (found == 1).all() and rows == columns == set(range(9)) and 0.35 < mirrored / n < 0.65
+    holes = cut == 0
+    assert torch.equal(cut.masked_fill(holes, 0), plain.masked_fill(holes, 0)) and not (plain == 0).any()
+    assert (holes == holes[:, :1]).all()   # the same square in every channel
+    sizes = []
+    for hole in holes[:, 0]:
+        if hole.any():
+            rows, columns = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+            assert hole.sum() == len(rows) * len(columns)   # a rectangle
+            for at in (rows, columns):   # contiguous, 16 long unless the border clips it (then 8 to 16)
+                assert at[-1] - at[0] + 1 == len(at) and 8 <= len(at) <= 16
+                assert len(at) == 16 or at[0] == 0 or at[-1] == 31
+            sizes.append(len(rows))
+    assert 0.35 < len(sizes) / n < 0.65 and sizes.count(16) > len(sizes) / 3
 
 
 # ------------------------------------------------------------------ train.py: reliability (issue 8)
