@@ -2628,6 +2628,10 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
     assert [int(r["step"]) for r in steps] == list(range(len(steps)))
     for row in steps:
         assert sum(float(row[f"ckpt{k}"]) for k in range(5)) == pytest.approx(100, abs=1e-3)
+        assert "" not in row.values()   # every statistic written (NaN where undefined), none left out
+    total = 3 * (66 // 12)   # 66 training images, batch 12: full batches only, 5 a epoch
+    assert len(steps) == total and [float(r["lr"]) for r in steps] == pytest.approx(
+        [0.1 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)], rel=1e-7)   # cosine per step
     epochs = _rows(out / "epochs.csv")
     assert list(epochs[0]) == train.EPOCH_COLUMNS and len(epochs) == 3
     assert epochs[0]["clean_train_acc"] == "" and epochs[0]["noisy_train_acc"] == ""
@@ -2901,7 +2905,96 @@ def test_train_splits_noise_and_long_tail():
     noisy, flipped = train.add_label_noise(labels, 1 - 1e-9, "asym", classes, rng)
     assert set(zip(labels[flipped].tolist(), noisy[flipped].tolist())) == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
     counts = torch.bincount(labels[train.long_tailed(torch.arange(1000), labels, 10.0, rng)])
-    assert counts[0] == 100 and counts[-1] == 10 and bool((counts[:-1] >= counts[1:]).all())
+    assert counts.tolist() == [int(100 * 10.0 ** (-c / 9)) for c in range(10)]   # n_max * factor^(-c/(C-1))
+
+
+@pytest.mark.parametrize("case", ["plain", "smoothing", "imbsam", "bn-both-passes"])
+def test_train_step_is_sam_on_the_written_out_loss(case):
+    # SAM with SGD (lr 0.1, no momentum) on the loss written out here: d = grad L(w + e), e = rho g/||g||; label
+    # smoothing eps: (1 - eps) CE + eps mean_k(-log p_k); ImbSAM: SAM on 2 x the tail classes' loss sum / n, plus the
+    # head loss's plain gradient; BN's running statistics count the first pass only unless freeze_bn is off
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(12, 4, dtype=DT), torch.tensor([0, 1, 2, 0, 1, 0, 2, 0, 1, 0, 0, 1])
+    eps = 0.1 if case == "smoothing" else 0.0
+    tail = train.tail_mask(y, 3, 3) if case == "imbsam" else None   # counts (6, 4, 2): class 2 alone is under 3
+    assert train.tail_mask(y, 4, 3).tolist() == [False, False, True] and train.tail_mask(y, 5, 3).tolist() == [False, True, True]
+    settings = train.StepSettings(freeze_bn=case != "bn-both-passes", label_smoothing=eps, tail=tail, tail_weight=2.0)
+    opt = SAM(model.parameters(), torch.optim.SGD, variant="imbsam" if tail is not None else "sam", rho=0.5, lr=0.1)
+    with torch.no_grad():
+        hit = copy.deepcopy(model)(x).argmax(1) == y   # the first pass's predictions (BN on this batch)
+    flipped = torch.arange(12) % 3 == 0
+    counts = train.train_step(model, opt, x, y, settings, flipped=flipped)
+    assert [float(c) for c in counts[1:]] == [hit.sum(), 12, (hit & ~flipped).sum(), 8, (hit & flipped).sum(), 4]
+
+    names = [n for n, _ in reference.named_parameters()]
+    w = [p.detach().clone().requires_grad_() for p in reference.parameters()]
+
+    def losses(ws):   # per-image loss, written out; the forward updates reference's BN statistics
+        logp = torch.log_softmax(torch.func.functional_call(reference, dict(zip(names, ws)), (x,)), 1)
+        return -(1 - eps) * logp.gather(1, y[:, None]).squeeze(1) - eps * logp.mean(1)
+    is_tail = torch.tensor([k == 2 for k in y.tolist()]) if case == "imbsam" else torch.ones(len(y), dtype=torch.bool)
+    per = losses(w)
+    assert float(counts.loss_sum) == pytest.approx(float(per.detach().sum()), rel=1e-5)   # a sum over the batch, not its mean
+    climbed = 2.0 * per[is_tail].sum() / len(y) if case == "imbsam" else per.mean()
+    g = torch.autograd.grad(climbed, w, retain_graph=True)
+    head = torch.autograd.grad(per[~is_tail].sum() / len(y), w) if case == "imbsam" else [torch.zeros_like(v) for v in w]
+    n = torch.sqrt(sum((v * v).sum() for v in g))
+    at = [(v + 0.5 * gv / n).detach().requires_grad_() for v, gv in zip(w, g)]
+    if case != "bn-both-passes":
+        disable_running_stats(reference)
+    per = losses(at)
+    gp = torch.autograd.grad(2.0 * per[is_tail].sum() / len(y) if case == "imbsam" else per.mean(), at)
+    enable_running_stats(reference)
+    expected = [v - 0.1 * (a + b) for v, a, b in zip(w, gp, head)]
+    # train_step takes the loss of float32 logits (bf16 autocast safe): float32 rounding, not float64
+    assert_lists_close([snap(model.parameters())], [[v.detach() for v in expected]], rtol=1e-5, atol=1e-7)
+    assert_lists_close([snap(model[1].buffers())], [snap(reference[1].buffers())], rtol=1e-5, atol=1e-7)
+
+
+def test_train_passes_label_smoothing_and_freeze_bn_stats_to_its_steps(tmp_path):
+    # one step from the same weights and batch: the smoothed loss (1 - eps) CE + eps U is linear in eps, and BN's
+    # num_batches_tracked counts the passes that update its running statistics (1 frozen, 2 not)
+    first = {}
+    for name, extra in (("e0", []), ("e3", ["--label-smoothing", "0.3"]), ("e6", ["--label-smoothing", "0.6"]),
+                        ("both", ["--no-freeze-bn-stats"])):
+        train.main(_tiny_run(tmp_path, "--out", str(tmp_path / name), "--max-steps", "1", *extra))
+        first[name] = float(_rows(tmp_path / name / "steps.csv")[0]["loss"])
+    assert first["e6"] - first["e0"] == pytest.approx(2 * (first["e3"] - first["e0"]), abs=1e-5)
+    assert abs(first["e3"] - first["e0"]) > 1e-3
+    counts = {name: {int(v) for k, v in torch.load(tmp_path / name / "last.pt", weights_only=False)["model"].items()
+                     if k.endswith("num_batches_tracked")} for name in ("e0", "both")}
+    assert counts == {"e0": {1}, "both": {2}}
+
+
+def test_train_builds_the_optimizer_the_command_line_asks_for():
+    model = torch.nn.Linear(3, 2)
+    args = train.parse_settings(["--data-dir", "x", "--variant", "saner", "--lr", "0.3", "--momentum", "0.8", "--nesterov",
+                                 "--weight-decay", "5e-4", "--condition-warmup-epochs", "2.5"])
+    opt = train.build_optimizer(args, model, steps_per_epoch=10, world=1)
+    group = opt.base_optimizer.param_groups[0]
+    assert type(opt.base_optimizer) is torch.optim.SGD and opt.variant == "saner"
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.3, 0.8, True, 5e-4)
+    assert opt.flags["condition_warmup"] == 25   # epochs times steps per epoch
+    args = train.parse_settings(["--data-dir", "x", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05"])
+    opt = train.build_optimizer(args, model, steps_per_epoch=10, world=1)
+    assert type(opt.base_optimizer) is torch.optim.AdamW and opt.base_optimizer.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_train_evaluation_and_hutchinson_by_hand():
+    # evaluate leaves the model training; the trace estimate is the mean of z.Hz over Rademacher z, its SE std/sqrt(n)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    loader = train.DeviceLoader(torch.randint(0, 256, (10, 3, 2, 2), dtype=torch.uint8), torch.arange(10) % 3, None,
+                                "cifar10", torch.device("cpu"), channels_last=False)
+    train.evaluate(torch.nn.Sequential(torch.nn.Flatten(), model), loader, train.StepSettings())
+    assert model.training
+    matrix = torch.diag(torch.arange(1.0, 9.0, dtype=DT)) + 0.5
+    mean, se = train.hutchinson_trace(lambda z: matrix @ z, torch.zeros(8, dtype=DT), torch.Generator().manual_seed(0),
+                                      max_probes=12, rel_se=0.0)   # rel_se 0: all 12 probes
+    rng = torch.Generator().manual_seed(0)
+    samples = [float(z @ matrix @ z) for z in (torch.randint(0, 2, (8,), generator=rng).to(DT) * 2 - 1 for _ in range(12))]
+    assert mean == pytest.approx(np.mean(samples)) and se == pytest.approx(np.std(samples, ddof=1) / math.sqrt(12))
 
 
 def test_train_schedules_match_their_formulas():
@@ -3151,6 +3244,31 @@ def test_train_bad_paths_and_checkpoints_get_messages(tmp_path, finished_and_sto
         locked.chmod(0o700)
 
 
+def test_train_final_json_is_what_best_pt_and_last_pt_score_on_the_test_images(finished_and_stopped):
+    # the test split read straight from the folder and normalised here: best.pt (the best validation epoch) and
+    # last.pt give final.json's test numbers, and epochs.csv's validation accuracy picks the best epoch
+    run, images = finished_and_stopped / "done", finished_and_stopped / "images"
+    final, config = (json.loads((run / name).read_text()) for name in ("final.json", "config.json"))
+    val_acc = [float(row["val_acc"]) for row in _rows(run / "epochs.csv")]
+    assert final["best_epoch"] == 1 + val_acc.index(max(val_acc)) and final["best_val_acc"] == max(val_acc)
+    classes = sorted(p.name for p in (images / "test").iterdir())
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((images / "test" / c).iterdir())]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files])
+    y = torch.tensor([k for _, k in files])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    x = (x.float() / 255 - mean) / std
+    for checkpoint, when in (("best.pt", "best"), ("last.pt", "last")):
+        saved = torch.load(run / checkpoint, weights_only=False)
+        model = train.MODELS[config["model"]](len(classes), config["width"])
+        model.load_state_dict(saved["model"])
+        with torch.no_grad():
+            logits = model.eval()(x)
+        assert final[f"test_acc_{when}"] == pytest.approx(100 * float((logits.argmax(1) == y).double().mean()), abs=1e-9)
+        assert final[f"test_loss_{when}"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+        if when == "best":
+            assert saved["epoch"] == final["best_epoch"]
+
+
 def test_train_messages_name_the_right_thing(tmp_path, finished_and_stopped, capsys):
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     (tmp_path / "run" / "last.pt").unlink()   # as if killed before its first checkpoint
@@ -3180,6 +3298,20 @@ def _hessian_problem():
         return torch.nn.functional.cross_entropy(h @ chunks[2].view(3, 5).T + chunks[3], y)
     exact = torch.autograd.functional.hessian(loss_at, flat)
     return model, [(x, y)], params, flat, exact
+
+
+def test_train_hessian_of_unequal_batches_and_its_top_eigenvalues_match_the_exact_ones():
+    model, batches, params, flat, exact = _hessian_problem()
+    (x, y), = batches
+    split = [(x[:5], y[:5]), (x[5:], y[5:])]   # the mean loss over all 16 images, whatever the batch sizes
+    v = torch.randn(flat.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
+    assert torch.allclose(train.hessian_vector_product(model, split, params, v), exact @ v, atol=1e-12)
+    # the 4 of largest magnitude, signs kept, each after deflating the ones before
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(2), dtype=DT))
+    spectrum = torch.tensor([10.0, -6.0, 3.0, 1.5] + [0.3 / k for k in range(1, 9)], dtype=DT)
+    matrix = q @ torch.diag(spectrum) @ q.T
+    got = train.top_eigenvalues(lambda u: matrix @ u, torch.zeros(12, dtype=DT), 4, torch.Generator().manual_seed(3), 200, tol=1e-9)
+    assert got == pytest.approx([10.0, -6.0, 3.0, 1.5], rel=1e-4)
 
 
 def test_train_hutchinson_trace_holds_the_exact_trace_within_its_standard_error():
