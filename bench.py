@@ -311,8 +311,7 @@ def main(argv=None):
         parser.error("--device cuda: torch finds no CUDA device here; use --device cpu (or auto)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device("cuda" if train.uses_cuda(args) else "cpu")
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {device.type}: {machine}")

@@ -134,8 +134,7 @@ def group_runs(runs):
     """{key: runs}: runs whose train.py settings (TRAIN_SETTINGS) are the same are seeds of one result (another --subset
     or --lr is another result). The key is GROUP_KEYS' values, then "name=value" for each other setting that differs between
     runs with the same GROUP_KEYS (a preset's own flags, which change with the variant, name nothing new)."""
-    settings = [{k: v if isinstance(v, (str, int, float, type(None))) else json.dumps(v, default=str)
-                 for k, v in ((k, run["config"].get(k, default)) for k, default in TRAIN_SETTINGS.items())} for run in runs]
+    settings = [{k: _hashable(run["config"].get(k, default)) for k, default in TRAIN_SETTINGS.items()} for run in runs]
     named = [tuple(s[k] for k in GROUP_KEYS) for s in settings]
     others = sorted(set(TRAIN_SETTINGS) - set(GROUP_KEYS))
     differ = [k for k in others if any(len({s.get(k) for s, n in zip(settings, named) if n == name}) > 1 for name in set(named))]
@@ -144,6 +143,10 @@ def group_runs(runs):
         key = tuple(setting[k] for k in GROUP_KEYS) + tuple(f"{k}={setting.get(k)}" for k in differ)
         groups.setdefault(key, []).append(run)
     return dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
+
+
+def _hashable(value):
+    return value if isinstance(value, (str, int, float, type(None))) else json.dumps(value)   # lists (--milestones)
 
 
 def label(key, keys):

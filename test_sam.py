@@ -2587,6 +2587,8 @@ def _cmdline(pid):
 # ==================================================================== train.py
 REPO = Path(__file__).resolve().parent
 CIFAR10_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# CIFAR-10's published per-channel mean and std (written out: the reference for train.py's normalisation)
+CIFAR10_MEAN, CIFAR10_STD = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
 
 
 def _image_folder(root, per_class=(24, 6), classes=3):
@@ -3048,7 +3050,7 @@ def test_train_augmentation_is_a_padded_crop_a_mirror_and_a_cutout():
     plain, got_labels, _ = loader.train_batch(idx, torch.Generator().manual_seed(1), cutout=False)
     cut, _, _ = loader.train_batch(idx, torch.Generator().manual_seed(1), cutout=True)   # the same crops and mirrors
     assert torch.equal(got_labels, labels[idx])
-    mean, std = (torch.tensor(x).view(1, 3, 1, 1) for x in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
     pixels = ((plain * std + mean) * 255).round()   # normalisation undone: the pixel values, padding 0
     assert (pixels - (plain * std + mean) * 255).abs().max() < 1e-3
     padded = torch.nn.functional.pad(images[idx].float(), (4, 4, 4, 4))
@@ -3255,7 +3257,7 @@ def test_train_final_json_is_what_best_pt_and_last_pt_score_on_the_test_images(f
     files = [(f, k) for k, c in enumerate(classes) for f in sorted((images / "test" / c).iterdir())]
     x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files])
     y = torch.tensor([k for _, k in files])
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
     x = (x.float() / 255 - mean) / std
     for checkpoint, when in (("best.pt", "best"), ("last.pt", "last")):
         saved = torch.load(run / checkpoint, weights_only=False)

@@ -398,7 +398,7 @@ def stratified_split(indices, labels, fraction, generator):
         k = round(fraction * len(members))
         picked.append(members[:k])
         rest.append(members[k:])
-    return torch.cat(picked).sort().values, torch.cat(rest).sort().values
+    return tuple(torch.cat([indices[:0], *x]).sort().values for x in (picked, rest))   # an empty set splits into two
 
 
 def long_tailed(indices, labels, factor, generator):
@@ -441,7 +441,7 @@ def make_splits(args, data):
         pool = long_tailed(pool, labels, args.imbalance, split_rng)
     if args.subset is not None and args.subset < len(pool):
         pool, _ = stratified_split(pool, labels, args.subset / len(pool), split_rng)
-    val, train = stratified_split(pool, labels, args.val_fraction, split_rng) if len(pool) else (pool, pool)
+    val, train = stratified_split(pool, labels, args.val_fraction, split_rng)
     if not (len(val) and len(train)):   # the split rounds per class: a tiny subset leaves a class, or all, out
         given = f"--subset {args.subset}" if args.subset is not None else f"the data's {len(labels)} training images"
         fail(f"{given} with --val-fraction {args.val_fraction} leaves {len(train)} training and {len(val)} "
