@@ -1611,6 +1611,108 @@ def test_imbsam_trajectory_perturbs_only_the_tail_loss():
     assert torch.allclose(toy.trajectory(land, "imbsam", steps=1)[-1], expected, atol=1e-12)
 
 
+def _sensing_reference(prob, U, variant, rho, lr, steps):
+    """Iterates of full-batch GD, SAM (e = rho g / (||g|| + norm_eps)) or USAM (e = rho g): U - lr grad f(U + e)."""
+    grad = torch.func.grad(prob.loss)
+    path = [U]
+    for _ in range(steps):
+        g = grad(U)
+        e = {"sgd": 0 * g, "sam": rho * g / (g.norm() + sam.FLAGS["norm_eps"]), "usam": rho * g}[variant]
+        U = U - lr * grad(U + e)
+        path.append(U)
+    return path
+
+
+def test_sensing_csvs_hold_the_loss_and_sharpness_of_each_recorded_step(tmp_path, monkeypatch):
+    """sensing_rho.csv: rho, step, sam, usam = f after `step` SAM and USAM steps at lr 0.5 and that rho from
+    U0 = prob.init(), for every rho of RHOS and step 0..steps (plots.py reads these names). sensing_long.csv:
+    variant, step, loss, lambda_max every 10th step of the long run: GD (lr 0.5, long_steps steps) to a minimum of
+    a fresh small problem, from there each variant at lr 0.1, rho 0.1; lambda_max, at multiples of long_steps // 4,
+    the mean of the exact top Hessian eigenvalue at that iterate and the next three, else nan. Recomputed by hand."""
+    monkeypatch.setattr(toy, "_plot_sensing", lambda *args: None)   # the figure is not what this checks
+    d, r, steps, long_d, long_r, long_steps = 8, 2, 4, 5, 2, 60
+    toy.sensing(str(tmp_path), d=d, r=r, steps=steps, long_d=long_d, long_r=long_r, long_steps=long_steps)
+    with open(tmp_path / "sensing_rho.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["rho", "step", "sam", "usam"]
+    prob = toy.Sensing(d, r)
+    U0 = prob.init()
+    expected = []
+    for rho in (0.001, 0.005, 0.01, 0.1):
+        paths = {v: _sensing_reference(prob, U0, v, rho, 0.5, steps) for v in ("sam", "usam")}
+        expected += [(rho, t, prob.loss(paths["sam"][t]).item(), prob.loss(paths["usam"][t]).item()) for t in range(steps + 1)]
+    assert [(float(row["rho"]), int(row["step"])) for row in rows] == [(rho, t) for rho, t, _, _ in expected]
+    for row, (rho, t, sam_loss, usam_loss) in zip(rows, expected):
+        assert float(row["sam"]) == pytest.approx(sam_loss, rel=1e-9), (rho, t)
+        assert float(row["usam"]) == pytest.approx(usam_loss, rel=1e-9), (rho, t)
+    assert float(rows[0]["sam"]) == float(rows[0]["usam"]) != float(rows[1]["sam"]) != float(rows[1]["usam"])
+
+    with open(tmp_path / "sensing_long.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["variant", "step", "loss", "lambda_max"]
+    small = toy.Sensing(long_d, long_r)
+    U_min = _sensing_reference(small, small.init(), "sgd", 0.0, 0.5, long_steps)[-1]
+
+    def top_eigenvalue(U):
+        return torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda v: small.loss(v.view_as(U)), U.flatten()))[-1].item()
+    every = long_steps // 4   # 15: lambda_max at steps 0, 30 and 60 of the rows kept (every 10th)
+    recorded = []
+    for variant in ("sgd", "sam", "usam"):
+        path = _sensing_reference(small, U_min, variant, 0.1, 0.1, long_steps + 3)
+        for t in range(0, long_steps + 1, 10):
+            lam = sum(top_eigenvalue(U) for U in path[t:t + 4]) / 4 if t % every == 0 else math.nan
+            recorded.append((variant, t, small.loss(path[t]).item(), lam))
+    assert [(row["variant"], int(row["step"])) for row in rows] == [(v, t) for v, t, _, _ in recorded]
+    for row, (variant, t, loss, lam) in zip(rows, recorded):
+        assert float(row["loss"]) == pytest.approx(loss, rel=1e-6), (variant, t)
+        assert float(row["lambda_max"]) == pytest.approx(lam, rel=1e-9, nan_ok=True), (variant, t)
+    assert sum(math.isfinite(float(row["lambda_max"])) for row in rows) == 9
+
+
+def test_logistic_toy_draws_the_blobs_flips_int_flip_n_labels_and_splits_head_label_0():
+    """Origin 4.6: n // 2 points N((1, 1), [[1, 0.25], [0.25, 1]]) labelled 1, the rest N((-1, -1), [[1, -0.25],
+    [-0.25, 1]]) labelled 0, then exactly int(flip n) labels flipped (the first of a permutation); the loss is the mean
+    BCE of w . x (no bias), split = (head: the label-0 examples' share, tail: the label-1 examples'), both over n.
+    Redrawn by hand from the same generator, then every closure against it."""
+    import inspect
+    for seed, n, flip in ((0, 100, 0.25), (3, 41, 0.3), (5, 10, 0.29)):
+        loss, samples, split, where = toy.logistic_toy(seed=seed, n=n, flip=flip)
+        gen = torch.Generator().manual_seed(seed)
+        half = n // 2
+        x = []
+        for count, mean, c in ((half, 1.0, 0.25), (n - half, -1.0, -0.25)):   # chol [[1, c], [c, 1]] = [[1, 0], [c, sqrt(1 - c^2)]]
+            z = torch.randn(count, 2, generator=gen, dtype=torch.float64)
+            x.append(torch.stack([z[:, 0] + mean, c * z[:, 0] + math.sqrt(1 - c * c) * z[:, 1] + mean], 1))
+        x = torch.cat(x)
+        clean = torch.tensor([1.0] * half + [0.0] * (n - half), dtype=torch.float64)
+        flips = int(flip * n)   # 25, 12 and 2 (0.29 * 10 is 2.9...)
+        y = clean.clone()
+        chosen = torch.randperm(n, generator=gen)[:flips]
+        y[chosen] = 1 - y[chosen]
+        held = inspect.getclosurevars(samples).nonlocals
+        assert torch.allclose(held["x"], x, rtol=0, atol=1e-14) and torch.equal(held["y"], y), seed
+        assert int((held["y"] != clean).sum()) == flips == {0: 25, 3: 12, 5: 2}[seed]
+        assert torch.equal(inspect.getclosurevars(where).nonlocals["clean"], clean)
+        for w in ([0.0, 0.0], [1.0, -5.0], [0.3, 0.7], [-2.0, 1.5]):
+            w = torch.tensor(w, dtype=torch.float64)
+            z = x @ w
+            per = torch.log1p(torch.exp(-z.abs())) + z.clamp(min=0) - y * z   # BCE with logits: softplus(z) - y z
+            assert torch.allclose(samples(w), per, rtol=1e-12, atol=1e-15)
+            assert loss(w).item() == pytest.approx(per.mean().item(), rel=1e-12)
+            head, tail = split(w)
+            assert head.item() == pytest.approx(per[y == 0].sum().item() / n, rel=1e-12, abs=1e-15)
+            assert tail.item() == pytest.approx(per[y == 1].sum().item() / n, rel=1e-12, abs=1e-15)
+            assert where(w) == f"clean acc {100 * ((z > 0).double() == clean).double().mean().item():.0f}%"
+    # many points: the blobs' means and covariances are the docstring's
+    _, samples, _, _ = toy.logistic_toy(seed=1, n=40000, flip=0.0)
+    x = inspect.getclosurevars(samples).nonlocals["x"]
+    for part, mean, c in ((x[:20000], 1.0, 0.25), (x[20000:], -1.0, -0.25)):
+        assert torch.allclose(part.mean(0), torch.tensor([mean, mean], dtype=torch.float64), atol=0.03)
+        assert torch.allclose(torch.cov(part.T), torch.tensor([[1, c], [c, 1]], dtype=torch.float64), atol=0.04)
+
+
 def test_sparse_variants_run_and_end_in_the_flat_basin():
     land = toy.landscapes()[0]
     for variant in ("ssamf", "ssamd"):
@@ -2573,6 +2675,196 @@ def test_reproduce_stops_on_sigint_also_when_started_in_the_background():
             signal.signal(signum, handler)
 
 
+def test_reproduce_cost_is_sgd_equivalent_images_and_the_dry_run_prints_it(tmp_path, monkeypatch, capsys):
+    """cost(run): per epoch, 90% of the pool (the rest is the 10% validation share) times the variant's passes
+    per image (SGD 1, SGDHESS 3, LookSAM 1.1, ImbSAM 2.5, any other SAM 2), plus the validation images and the 10,000
+    test images at a third of a training image each; the pool is --subset, else 50,000, and at most 20,400 (the
+    long-tailed CIFAR-10) with --imbalance. Worked by hand, then the dry run's per-group and total figures."""
+    import reproduce
+
+    def run(variant, *args):
+        return reproduce.Run("g", variant, 0, variant, list(args), tmp_path)
+    by_hand = [   # (run, per epoch: training images x passes + (val + test) / 3, epochs)
+        (run("sam", "--subset", "10000", "--epochs", "20"), 9000 * 2 + (1000 + 10000) / 3, 20),            # 433,333.3
+        (run("sgd", "--imbalance", "10", "--epochs", "3"), 18360 * 1 + (2040 + 10000) / 3, 3),             # 67,120
+        (run("imbsam", "--imbalance", "10", "--subset", "2500", "--epochs", "100"), 2250 * 2.5 + (250 + 10000) / 3, 100),
+        (run("sgdhess", "--epochs", "2"), 45000 * 3 + (5000 + 10000) / 3, 2),                               # 280,000
+        (run("looksam", "--subset", "30000", "--imbalance", "10", "--epochs", "1"), 18360 * 1.1 + (2040 + 10000) / 3, 1),
+        (run("sgdhess-exact", "--subset", "9", "--epochs", "7", "--subset", "600"), 540 * 3 + (60 + 10000) / 3, 7),
+    ]
+    for r, per_epoch, epochs in by_hand:
+        assert reproduce.cost(r) == pytest.approx(per_epoch * epochs, rel=1e-12), r.args
+    assert [round(reproduce.cost(r)) for r, _, _ in by_hand[:4]] == [433333, 67120, 904167, 280000]
+
+    # the dry run prints each group's sum and the total, in millions
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "setting.json").write_text(json.dumps({"name": "x", "args": ["--model", "cnn", "--epochs", "300"]}))
+    monkeypatch.setattr(reproduce, "claims", lambda setting: [
+        reproduce.Group("g1", "c", [reproduce.Row("sam", "sam", ["--subset", "10000"], (0, 1))]),
+        reproduce.Group("g2", "c", [reproduce.Row("sgd", "sgd", ["--imbalance", "10"], (0,)),
+                                    reproduce.Row("imbsam", "imbsam", ["--imbalance", "10", "--subset", "2500"], (0,))])])
+    assert reproduce.main(["claims", "--dry-run"]) == 0
+    g1 = 2 * (9000 * 2 + (1000 + 10000) / 3) * 300                                        # 13,000,000
+    g2 = (18360 + (2040 + 10000) / 3) * 300 + (2250 * 2.5 + (250 + 10000) / 3) * 300      # 6,712,000 + 2,712,500
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["g1: 2 runs, 13.0 M SGD-equivalent images", "g2: 2 runs, 9.4 M SGD-equivalent images",
+                         "all: 4 runs, 22.4 M SGD-equivalent images"]
+    assert (f"{g1 / 1e6:.1f}", f"{g2 / 1e6:.1f}", f"{(g1 + g2) / 1e6:.1f}") == ("13.0", "9.4", "22.4")
+
+
+def _fake_launch(launched):
+    """reproduce.launch that records (folder, action) and runs nothing: a job that has already ended with 0."""
+    class Ended:
+        pid, returncode = 0, 0
+
+        def poll(self):
+            return 0
+
+    def launch(run, action, threads):
+        launched.append((run.out.name, action))
+        return Ended(), open(run.out.parent / f"{run.out.name}.log", "a")   # finish() files the log, as after a job
+    return launch
+
+
+def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stale(tmp_path, monkeypatch, capsys):
+    """A cut folder (config.json and last.pt: the runner would resume it) whose config.json holds another setting
+    than its row's command is stale like a finished one: reported, not resumed, left byte for byte as it is, and the
+    runner exits non-zero. The same folder made with the command's settings is resumed."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: None)
+    monkeypatch.setattr(reproduce, "stop_on_signals", lambda: None)   # leave pytest's signal handlers alone
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "setting.json").write_text(json.dumps({"name": "x", "args": ["--model", "cnn", "--epochs", "3"]}))
+    groups = [reproduce.Group("g", "c", [reproduce.Row("r", "sgd", [], (0,))])]
+    monkeypatch.setattr(reproduce, "claims", lambda setting: groups)
+    run, = reproduce.runs_of(groups, ["--model", "cnn", "--epochs", "3"], reproduce.DATA_DIR, "auto")
+    assert reproduce.value(run.args, "--lr") == "0.1"
+
+    def config(args):
+        return json.dumps(train.run_config(train.parse_settings(args), args, torch.device("cpu"), 1, None))
+    out = run.out
+    out.mkdir(parents=True)
+    other = reproduce.last_wins(run.args + ["--lr", "0.05"])   # the command with another --lr
+    files = {"config.json": config(other).encode(), "last.pt": bytes(range(256)) * 4,
+             "steps.csv": b"step,loss\n0,2.3\n1,2.2\n"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    assert reproduce.decision(out) == "resume" and reproduce.value(other, "--lr") == "0.05"
+    assert reproduce.main(["claims"]) == 1
+    printed = capsys.readouterr().out
+    assert "stale: g/r-s0 was run with other settings (lr 0.05 -> 0.1)" in printed and "stale 1" in printed
+    assert launched == [] and {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r-s0"]   # no log beside it either
+
+    # control: the folder made with the command's settings is resumed (so the refusal above is the setting's)
+    (out / "config.json").write_text(config(run.args))
+    assert reproduce.main(["claims"]) == 0
+    assert launched == [("r-s0", "resume")] and "stale 0" in capsys.readouterr().out
+
+
+FAKE_TRAIN_DIVERGES = r'''
+import shutil, sys
+from pathlib import Path
+here = Path(__file__).parent
+with open(here / "launched.txt", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\n")
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+shutil.copy(here / "config.json", out / "config.json")
+(out / "last.pt").write_bytes(b"a checkpoint before the blow-up")
+print("epoch 1 ...", flush=True)
+sys.exit(f"train.py: the training loss is nan at step 7; stopping ({out / 'last.pt'} holds the last good state; "
+         "lower --lr or --rho?)")
+'''
+
+
+def test_reproduce_never_reruns_a_diverged_run(tmp_path, monkeypatch):
+    """A job that stops with train.py's divergence message is a result: counted as diverged, its last line kept in
+    diverged.txt. The next call leaves that folder alone (it holds last.pt, so it would otherwise be resumed, and
+    diverge again): nothing launched, the folder byte for byte as it was, counted with the skipped runs."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)   # launch runs ROOT/train.py: the fake above
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_DIVERGES)
+    out = tmp_path / "results" / "g" / "r-s0"
+    args = ["--model", "cnn", "--epochs", "3", "--lr", "1e30", "--data-dir", "nowhere", "--device", "cpu", "--out", str(out)]
+    (tmp_path / "config.json").write_text(json.dumps(train.run_config(train.parse_settings(args), args, torch.device("cpu"), 1, None)))
+    run = reproduce.Run("g", "r", 0, "sgd", args, out)
+
+    counts = reproduce.execute([run], jobs=1, deadline=None, grace=1)
+    assert counts == dict(done=0, diverged=1, incomplete=0, failed=0, skipped=0, stale=0)
+    assert (out / "diverged.txt").read_text() == \
+        f"train.py: the training loss is nan at step 7; stopping ({out / 'last.pt'} holds the last good state; lower --lr or --rho?)\n"
+    assert "epoch 1 ..." in (out / "train.log").read_text()
+    assert len((tmp_path / "launched.txt").read_text().splitlines()) == 1
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"config.json", "last.pt", "diverged.txt", "train.log"}
+    assert not reproduce.stale(run, end_open=True)   # not stale: only diverged.txt keeps it from being resumed
+
+    for _ in range(2):
+        counts = reproduce.execute([run], jobs=1, deadline=None, grace=1)
+        assert counts == dict(done=0, diverged=0, incomplete=0, failed=0, skipped=1, stale=0)
+    assert len((tmp_path / "launched.txt").read_text().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+FAKE_TRAIN_STOPS = r'''
+import os, signal, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+log = open(os.path.join(out, "events.txt"), "a", buffering=1)
+asked = []
+def on_sigint(signum, frame):
+    asked.append(time.time())
+    log.write(f"sigint {time.time()!r}\n")
+signal.signal(signal.SIGINT, on_sigint)
+log.write(f"ready {time.time()!r}\n")
+end = time.time() + 20   # never outlives a failed test by long
+while time.time() < end:
+    time.sleep(0.05)
+    if asked:
+        log.write(f"alive {time.time()!r}\n")
+        if "patient" in out and time.time() > asked[0] + 0.3:   # train.py: checkpoint, then exit
+            log.write("checkpointed\n")
+            sys.exit(0)
+'''
+
+
+def test_reproduce_deadline_asks_jobs_to_stop_grace_seconds_early_then_kills(tmp_path, monkeypatch):
+    """--deadline D --grace G: at D - G every job gets SIGINT (train.py checkpoints and exits), and what still runs
+    G seconds later gets SIGKILL, so that the runner ends by D; jobs not started count as incomplete."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_STOPS)
+    runs = [reproduce.Run("g", name, 0, "sgd", ["--epochs", "1", "--out", str(tmp_path / "results" / "g" / f"{name}-s0")],
+                          tmp_path / "results" / "g" / f"{name}-s0") for name in ("patient", "stubborn", "queued")]
+    deadline, grace = 3.0, 1.5
+    began = time.time()
+    counts = reproduce.execute(runs, jobs=2, deadline=deadline, grace=grace, start=time.monotonic())
+    ended = time.time() - began
+    assert counts == dict(done=0, diverged=0, incomplete=3, failed=0, skipped=0, stale=0)
+    assert not runs[2].out.exists()
+    events = {}
+    for run in runs[:2]:
+        for line in (run.out / "events.txt").read_text().splitlines():
+            word, *at = line.split()
+            events.setdefault((run.label, word), []).extend(float(t) - began for t in at)
+    for label in ("patient", "stubborn"):
+        sigint, = events.get((label, "sigint"), ["none: killed at once?"])   # one, at deadline - grace (looked at every 0.2 s)
+        assert deadline - grace <= sigint < deadline - grace + 1.0, (label, sigint)
+    assert ("patient", "checkpointed") in events   # given the time to checkpoint, not killed at once
+    stubborn_sigint, = events["stubborn", "sigint"]
+    # SIGKILL only after the grace: the stubborn job was still running grace seconds after its SIGINT, not later
+    assert max(events["stubborn", "alive"]) >= stubborn_sigint + grace - 0.25
+    assert ("stubborn", "checkpointed") not in events and deadline - 0.2 <= ended < deadline + 1.5   # killed by then
+    assert [pid for pid in _pids() if str(tmp_path).encode() in _cmdline(pid)] == []   # both ended
+
+
 def _pids():
     return [pid for pid in os.listdir("/proc") if pid.isdigit()] if os.path.isdir("/proc") else []
 
@@ -2797,11 +3089,110 @@ def test_train_step_runs_one_forward_pass_per_gradient_the_step_needs(name, flag
 
 
 @pytest.mark.parametrize("variant", ["imbsam", "ssamf", "ssamd", "sgdhess", "looksam", "gsam"])
-def test_train_variants_with_their_own_loop_paths_run(tmp_path, variant):
-    extra = ["--imbalance", "4", "--tail-threshold", "12"] if variant == "imbsam" else []
-    final = train.main(_tiny_run(tmp_path, "--variant", variant, "--epochs", "1", "--fisher-samples", "4",
-                                 "--rho-min", "0.01", "--out", str(tmp_path / variant), *extra))
+def test_train_variants_with_their_own_loop_paths_run(tmp_path, monkeypatch, variant):
+    """Each variant's own path through the run, watched from outside, step by step: the training forward passes
+    (1 for sgdhess, 2 every --looksam-k steps and 1 between for LookSAM, else 2), backward(create_graph) for
+    sgdhess alone; imbsam's tail (the classes under --tail-threshold training images) and --tail-weight reach
+    the step, whose head-loss backward is stashed once, before the tail loss's; SSAM refreshes its mask at the
+    first step of every --mask-every-epochs-th epoch, after the gradient and before the perturbed pass, with
+    progress = step / total steps, keeping (1 - sparsity) of the entries live, and SSAM-F first runs
+    --fisher-samples batch-1 passes, each accumulated into the Fisher score. Every forward starts without a
+    gradient left over, and nothing between two steps (Fisher passes, evaluation) moves BN's running
+    statistics; with --rho-min the rho column follows the lr from rho down to rho-min."""
+    sparse, k, samples = variant in ("ssamf", "ssamd"), 3, 4
+    epochs = 3 if sparse else 1
+    extra = {"imbsam": ["--imbalance", "4", "--tail-threshold", "12", "--tail-weight", "3"],
+             "looksam": ["--looksam-k", str(k)], "ssamf": ["--mask-every-epochs", "2"],
+             "ssamd": ["--mask-every-epochs", "2"]}.get(variant, [])
+    events, models, loaders, shares, buffers = [], [], [], [], []
+
+    def no_grad_left(model):
+        return all(p.grad is None or not p.grad.any() for p in model.parameters())
+    build = train.MODELS["cnn"]
+
+    def watched_model(c, w):
+        model = build(c, w)
+        model.register_forward_pre_hook(lambda m, inputs: events.append(("forward", len(inputs[0]), no_grad_left(m)))
+                                        if m.training else None)
+        models.append(model)
+        buffers.append([b.clone() for b in model.buffers()])   # as built: the run's initial statistics
+        return model
+    monkeypatch.setitem(train.MODELS, "cnn", watched_model)
+    loader_init = train.DeviceLoader.__init__
+    monkeypatch.setattr(train.DeviceLoader, "__init__",
+                        lambda self, *args: (loaders.append(self), loader_init(self, *args))[1])
+    step = train.train_step
+
+    def watched_step(model, opt, x, y, settings, *rest):
+        assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers[-1]))   # unmoved since the last step
+        events.append(("step", settings))
+        counts = step(model, opt, x, y, settings, *rest)
+        events.append(("end",))
+        buffers.append([b.clone() for b in model.buffers()])
+        return counts
+    monkeypatch.setattr(train, "train_step", watched_step)
+
+    def watch(name, record):
+        method = getattr(sam.SAM, name)
+
+        def watched(self, *args, **kwargs):
+            events.append(record(*args, **kwargs))
+            return method(self, *args, **kwargs)
+        monkeypatch.setattr(sam.SAM, name, watched)
+    watch("stash_clean_grad", lambda: ("stash",))
+    watch("accumulate_fisher", lambda: ("fisher",))
+    watch("update_mask", lambda progress=0.0: ("mask", progress))
+    mask_update = sam.SAM.update_mask
+
+    def live_share(self, *args, **kwargs):
+        mask_update(self, *args, **kwargs)
+        masks = [self.state[p]["mask"] for g in self.param_groups for p in g["params"]]
+        shares.append((sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)))
+    monkeypatch.setattr(sam.SAM, "update_mask", live_share)
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, create_graph=False, **kwargs: (
+        events.append(("backward", create_graph)), backward(self, *args, create_graph=create_graph, **kwargs))[1])
+
+    out = tmp_path / variant
+    final = train.main(_tiny_run(tmp_path, "--variant", variant, "--epochs", str(epochs), "--fisher-samples",
+                                 str(samples), "--rho-min", "0.01", "--out", str(out), *extra))
     assert np.isfinite(final["test_loss_last"])
+
+    per_epoch = len(loaders[0]) // 12   # loaders: train, val, test; full batches of 12
+    total = epochs * per_epoch
+    refreshes = [t for t in range(0, total, 2 * per_epoch) if sparse]   # epochs 1, 3, ...
+    starts = [i for i, e in enumerate(events) if e[0] == "step"]
+    assert len(starts) == total and len(models) == 1
+    tail = torch.bincount(loaders[0].labels, minlength=3) < 12
+    last = -1
+    for t, start in enumerate(starts):
+        between, settings = events[last + 1:start], events[start][1]
+        last = events.index(("end",), start)
+        inside = events[start + 1:last]
+        # SSAM-F's Fisher passes: one image each, its gradient accumulated, none left over
+        assert between == ([("forward", 1, True), ("backward", False), ("fisher",)] * samples
+                           if variant == "ssamf" and t in refreshes else []), t
+        two = variant != "sgdhess" and (variant != "looksam" or t % k == 0)
+        expected = [("forward", 12, True)]
+        if variant == "imbsam":
+            expected += [("backward", False), ("stash",)]
+        expected += [("backward", variant == "sgdhess")]
+        if t in refreshes:
+            expected += [("mask", pytest.approx(t / total, abs=1e-12))]
+        if two:
+            expected += [("forward", 12, True), ("backward", False)]
+        assert inside == expected, t
+        if variant == "imbsam":
+            assert torch.equal(settings.tail, tail) and settings.tail_weight == 3.0
+        else:
+            assert settings.tail is None
+    if variant == "imbsam":
+        assert tail.tolist() == [False, True, True]   # a head and a tail
+    if sparse:   # sparsity 0.5 of the 24k entries: half of them live (rounded)
+        assert [live for live, _ in shares] == [round(0.5 * n) for _, n in shares] and len(shares) == len(refreshes)
+    rho = sam.VARIANTS[variant].get("rho", sam.FLAGS["rho"])
+    assert [float(r["rho"]) for r in _rows(out / "steps.csv")] == pytest.approx(
+        [0.01 + (rho - 0.01) * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)], rel=1e-6)
 
 
 def test_train_two_gloo_processes(tmp_path):
@@ -2812,6 +3203,13 @@ def test_train_two_gloo_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert len(_rows(out / "epochs.csv")) == 2 and len(_rows(out / "steps.csv")) == 2 * 5   # 60 images, batch 12
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _nan_on_rank_zero(rank, port, out):
@@ -2833,15 +3231,168 @@ def _nan_on_rank_zero(rank, port, out):
 def test_ddp_ranks_skip_a_non_finite_step_together(tmp_path):
     # d is averaged in the base step, after the finite check: a rank that skipped alone would leave the
     # other waiting in that all-reduce, or pair it with the next step's
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_nan_on_rank_zero, args=(port, tmp_path), nprocs=2, join=True)
+    mp.spawn(_nan_on_rank_zero, args=(_free_port(), tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == [False, True, False]
     assert_same(ranks[0]["weights"], ranks[1]["weights"])
+
+
+# Two gloo ranks against the single-process formula. m-sharpness: rank r ascends along its own shard's g_r,
+# e_r = rho g_r / ||g_r||, and takes d_r = g'_r = grad L_r(w + e_r); the base step uses mean_r d_r. --sync-ascent:
+# every rank ascends along mean_r g_r. BN: each rank's running statistics follow its own shard, and the mean
+# over ranks is what the run keeps. Rank r's batch is the r-th contiguous share of the single-process batch.
+DDP_RUN = ("--variant", "sam", "--epochs", "1", "--batch-size", "24", "--schedule", "constant", "--lr", "0.1",
+           "--momentum", "0.9", "--weight-decay", "1e-3", "--rho", "0.5")   # 66 training images: 2 steps of 12 + 12
+
+
+def _rank_quadratic(rank):
+    """Rank r's loss sum(h_r w^2 / 2 + b_r w): g = h_r w + b_r depends on the point, so the ascent shows in g'."""
+    gen = torch.Generator().manual_seed(10 + rank)
+    h = [torch.rand(s, generator=gen, dtype=DT) * 4 + 0.5 for s in SHAPES]
+    b = [torch.randn(s, generator=gen, dtype=DT) for s in SHAPES]
+    return lambda t, point, which: [hh * p + bb for hh, p, bb in zip(h, point, b)]
+
+
+def _ddp_worker(rank, port, runs, out):
+    """One of two gloo ranks: SAMOverRanks on its own quadratic, then train.py's runs, recording its batches."""
+    torch.set_num_threads(1)   # two ranks on a shared CPU
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    params = make_params()
+    opt = train.SAMOverRanks(params, train.averaging_over_ranks(torch.optim.SGD), rho=RHO, lr=LR, momentum=MOM,
+                             weight_decay=WD)
+    points, weights = drive(opt, params, _rank_quadratic(rank), 3)
+    batches, next_batch = {}, train.next_batch
+
+    def recording(r, i):
+        x, y, flipped, mask_progress = next_batch(r, i)
+        batches.setdefault(r.folder.path.name, []).append((x.clone(), y.clone()))
+        return x, y, flipped, mask_progress
+    train.next_batch = recording
+    for k, argv in enumerate(runs):
+        args = train.parse_settings(argv)
+        train.train(args, argv, rank, 2, torch.device("cpu"))
+        if rank == 0:   # its last.pt as this run left it (a resumed run writes over it)
+            shutil.copy(Path(args.out) / "last.pt", out / f"run{k}.pt")
+    torch.save({"points": points, "weights": weights, "batches": batches}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _ddp_reference(model, batches, sync, args):
+    """float64, from the formula: (weights, each rank's BN buffers) after each step on the global batches."""
+    names = [n for n, _ in model.named_parameters()]
+    w = [p.detach().double() for p in model.parameters()]
+    own = [copy.deepcopy(model).double() for _ in range(2)]   # rank r's module: its BN running statistics
+    base, after = SGDRef(args.lr, args.momentum, args.weight_decay), []
+
+    def grad(module, ws, x, y):   # the train-mode forward updates module's running statistics
+        ws = [v.detach().requires_grad_() for v in ws]
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(module, dict(zip(names, ws)), (x,)), y)
+        return torch.autograd.grad(loss, ws)
+    for x, y in batches:
+        shards = list(zip(x.double().chunk(2), y.chunk(2)))   # rank r: the r-th contiguous half
+        g = [grad(own[r], w, *shards[r]) for r in range(2)]
+        if sync:
+            g = [[(a + b) / 2 for a, b in zip(*g)]] * 2
+        gp = []
+        for r in range(2):   # pass 2 on a throwaway copy: it leaves the running statistics alone
+            e = [args.rho * v / norm(g[r]) for v in g[r]]
+            gp.append(grad(copy.deepcopy(own[r]), [v + u for v, u in zip(w, e)], *shards[r]))
+        w = base.step(w, [(a + b) / 2 for a, b in zip(*gp)])
+        after.append((w, [{k: v.clone() for k, v in m.named_buffers()} for m in own]))
+    return after
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Two gloo processes (one spawn): the quadratic, then train.py with m-sharpness, with --sync-ascent, and the
+    m-sharpness run stopped by --max-steps 1 and resumed."""
+    root = tmp_path_factory.mktemp("ddp")
+    runs = {name: _tiny_run(root, *DDP_RUN, "--out", str(root / name), *extra) for name, extra in (
+        ("msharp", []), ("sync", ["--sync-ascent"]), ("stopped", ["--max-steps", "1"]))}
+    args = train.parse_settings(runs["msharp"])
+    data = train.load_images(args)   # decoded and cached here, once: the ranks read the cache
+    import torch.multiprocessing as mp
+    order = [runs["msharp"], runs["sync"], runs["stopped"], runs["stopped"][:-2] + ["--resume"]]
+    mp.spawn(_ddp_worker, args=(_free_port(), order, root), nprocs=2, join=True)
+    # the global batches of the single-process run: its permutation, then train_batch on all of idx
+    loader = train.DeviceLoader(*train.make_splits(args, data)[0], args.dataset, torch.device("cpu"), False)
+    generator = torch.Generator().manual_seed(args.seed)
+    perm = torch.randperm(len(loader), generator=generator)
+    steps = len(loader) // args.batch_size
+    batches = [loader.train_batch(perm[i * args.batch_size:(i + 1) * args.batch_size], generator, args.cutout)[:2]
+               for i in range(steps)]
+    torch.manual_seed(args.seed)   # build_model's weights, which rank 0 broadcasts
+    model = train.MODELS["cnn"](len(data["classes"]), 1.0)
+    return types.SimpleNamespace(root=root, batches=batches, model=model,
+                                 ranks=[torch.load(root / f"rank{r}.pt") for r in (0, 1)],
+                                 reference={sync: _ddp_reference(model, batches, sync, args) for sync in (False, True)})
+
+
+def _relative_error(actual, expected):
+    return float(norm([a - b for a, b in zip(actual, expected)]) / norm(expected))
+
+
+def _assert_run_is_reference(checkpoint, model, weights, buffers):
+    """A last.pt against the reference: the weight update (in norm: float32 against float64 can move a ReLU or
+    max-pool kink at w + e, a 4e-4 change; the wrong ascent is 0.16 away, a wrong average further), and each BN
+    buffer's update, the mean of the ranks' own."""
+    saved, start = torch.load(checkpoint, weights_only=False)["model"], model.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    update = lambda state, name: state[name].double() - start[name].double()
+    expected = [w - start[n].double() for n, w in zip(names, weights)]
+    assert _relative_error([update(saved, n) for n in names], expected) < 1e-2
+    for name in buffers[0]:
+        if buffers[0][name].is_floating_point():   # rank 0's own statistics are 0.9 % to 16 % away
+            mean = {name: (buffers[0][name] + buffers[1][name]) / 2}
+            assert _relative_error([update(saved, name)], [update(mean, name)]) < 1e-3, name
+        else:   # num_batches_tracked: one first pass per step on every rank
+            assert saved[name] == buffers[0][name] == buffers[1][name], name
+
+
+def test_ddp_base_step_averages_each_ranks_own_sam_direction(ddp_runs):
+    # rank r: e_r = rho g_r/||g_r|| at its own g_r, d_r = g'_r; SGD (momentum, weight decay) steps along mean_r d_r
+    w, base, grads = [p.detach() for p in make_params()], SGDRef(), [_rank_quadratic(r) for r in (0, 1)]
+    points, weights = [[], []], []
+    for t in range(3):
+        gp = []
+        for r in range(2):
+            g = grads[r](t, w, "g")
+            points[r].append([x + RHO * v / norm(g) for x, v in zip(w, g)])
+            gp.append(grads[r](t, points[r][-1], "gp"))
+        w = base.step(w, [(a + b) / 2 for a, b in zip(*gp)])
+        weights.append(w)
+    for r, rank in enumerate(ddp_runs.ranks):
+        assert_lists_close(rank["points"], points[r])
+        assert_lists_close(rank["weights"], weights)
+
+
+def test_ddp_rank_batches_are_contiguous_shares_of_the_single_process_batch(ddp_runs):
+    for run in ("msharp", "sync"):
+        for r, rank in enumerate(ddp_runs.ranks):
+            assert len(rank["batches"][run]) == len(ddp_runs.batches)
+            for (x, y), (gx, gy) in zip(rank["batches"][run], ddp_runs.batches):
+                half = len(gy) // 2
+                assert_same([x, y], [gx[half * r:half * (r + 1)], gy[half * r:half * (r + 1)]])
+
+
+@pytest.mark.parametrize("run,sync", [("msharp", False), ("sync", True)])
+def test_ddp_run_steps_and_averages_bn_statistics_as_the_formula(ddp_runs, run, sync):
+    # an epoch of 2 steps on 2 ranks; the end of the epoch averages the BN running statistics over the ranks
+    w, buffers = ddp_runs.reference[sync][-1]
+    _assert_run_is_reference(ddp_runs.root / run / "last.pt", ddp_runs.model, w, buffers)
+    other = ddp_runs.reference[not sync][-1][0]   # the two ascents end far apart: the test tells them apart
+    start = [p.detach().double() for p in ddp_runs.model.parameters()]
+    assert _relative_error([a - s for a, s in zip(other, start)], [a - s for a, s in zip(w, start)]) > 0.1
+
+
+def test_ddp_a_mid_epoch_checkpoint_holds_the_ranks_mean_bn_statistics(ddp_runs):
+    # --max-steps 1 checkpoints after step 1: rank 0 writes it, and every rank resumes from it, so it holds the mean
+    # of the ranks' running statistics, as the end of an epoch does; the resumed run ends as the uninterrupted one
+    w, buffers = ddp_runs.reference[False][0]
+    _assert_run_is_reference(ddp_runs.root / "run2.pt", ddp_runs.model, w, buffers)
+    w, buffers = ddp_runs.reference[False][-1]
+    _assert_run_is_reference(ddp_runs.root / "run3.pt", ddp_runs.model, w, buffers)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -3246,29 +3797,60 @@ def test_train_bad_paths_and_checkpoints_get_messages(tmp_path, finished_and_sto
         locked.chmod(0o700)
 
 
+def _test_split(images):
+    """(x, y): the test split read straight from the image folder and normalised here."""
+    classes = sorted(p.name for p in (images / "test").iterdir())
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((images / "test" / c).iterdir())]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files])
+    return (x.float() / 255 - CIFAR10_MEAN) / CIFAR10_STD, torch.tensor([k for _, k in files])
+
+
+def _checkpoint_logits(run, checkpoint, x, n_classes):
+    """(the checkpoint's dict, its model's eval-mode logits on x)."""
+    config = json.loads((run / "config.json").read_text())
+    saved = torch.load(run / checkpoint, weights_only=False)
+    model = train.MODELS[config["model"]](n_classes, config["width"])
+    model.load_state_dict(saved["model"])
+    with torch.no_grad():
+        return saved, model.eval()(x)
+
+
 def test_train_final_json_is_what_best_pt_and_last_pt_score_on_the_test_images(finished_and_stopped):
     # the test split read straight from the folder and normalised here: best.pt (the best validation epoch) and
     # last.pt give final.json's test numbers, and epochs.csv's validation accuracy picks the best epoch
     run, images = finished_and_stopped / "done", finished_and_stopped / "images"
-    final, config = (json.loads((run / name).read_text()) for name in ("final.json", "config.json"))
+    final = json.loads((run / "final.json").read_text())
     val_acc = [float(row["val_acc"]) for row in _rows(run / "epochs.csv")]
     assert final["best_epoch"] == 1 + val_acc.index(max(val_acc)) and final["best_val_acc"] == max(val_acc)
-    classes = sorted(p.name for p in (images / "test").iterdir())
-    files = [(f, k) for k, c in enumerate(classes) for f in sorted((images / "test" / c).iterdir())]
-    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files])
-    y = torch.tensor([k for _, k in files])
-    mean, std = CIFAR10_MEAN, CIFAR10_STD
-    x = (x.float() / 255 - mean) / std
+    x, y = _test_split(images)
     for checkpoint, when in (("best.pt", "best"), ("last.pt", "last")):
-        saved = torch.load(run / checkpoint, weights_only=False)
-        model = train.MODELS[config["model"]](len(classes), config["width"])
-        model.load_state_dict(saved["model"])
-        with torch.no_grad():
-            logits = model.eval()(x)
+        saved, logits = _checkpoint_logits(run, checkpoint, x, int(y.max()) + 1)
         assert final[f"test_acc_{when}"] == pytest.approx(100 * float((logits.argmax(1) == y).double().mean()), abs=1e-9)
         assert final[f"test_loss_{when}"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
         if when == "best":
             assert saved["epoch"] == final["best_epoch"]
+
+
+def test_train_test_acc_best_is_the_best_validation_epochs_even_when_it_is_not_the_last(tmp_path):
+    """final.json's *_best test numbers are best.pt's on the test images, best.pt the first epoch of the best
+    validation accuracy, also when the model moved on after it: at --lr 0.005 the tiny run's validation accuracy
+    is 100% from epoch 1 (a later tie replaces nothing) while its test accuracy is not yet."""
+    out = tmp_path / "run"
+    final = train.main(_tiny_run(tmp_path, "--lr", "0.005", "--out", str(out)))
+    epochs = _rows(out / "epochs.csv")
+    val_acc = [float(row["val_acc"]) for row in epochs]
+    assert final["best_epoch"] == 1 + val_acc.index(max(val_acc)) == 1 and final["best_val_acc"] == max(val_acc)
+    x, y = _test_split(tmp_path / "images")
+    for checkpoint, when in (("best.pt", "best"), ("last.pt", "last")):
+        saved, logits = _checkpoint_logits(out, checkpoint, x, 3)
+        hit = logits.argmax(1) == y
+        assert final[f"test_acc_{when}"] == pytest.approx(100 * float(hit.double().mean()), abs=1e-9)
+        assert final[f"test_loss_{when}"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+        assert final[f"test_acc_per_class_{when}"] == pytest.approx([100 * float(hit[y == k].double().mean())
+                                                                     for k in range(3)], abs=1e-9)
+    # the case tells the two apart: last.pt is epoch 3's, and it scores otherwise than best.pt
+    assert saved["state"]["epoch"] == 3 and final["test_acc_best"] != final["test_acc_last"]
+    assert float(epochs[0]["test_acc"]) == pytest.approx(final["test_acc_best"])
 
 
 def test_train_messages_name_the_right_thing(tmp_path, finished_and_stopped, capsys):
@@ -3285,6 +3867,33 @@ def test_train_messages_name_the_right_thing(tmp_path, finished_and_stopped, cap
     assert len(train.load_images(train.parse_settings(_tiny_run(tmp_path)))["classes"]) == 3
     (images / "train" / "class2" / "bad.png").write_bytes(b"not an image")
     _fails(_tiny_run(tmp_path, "--out", str(tmp_path / "bad")), r"train/class2/bad\.png is not a readable image")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_train_an_infinite_loss_is_divergence_as_a_nan_one_is(tmp_path, monkeypatch, bad):
+    """The divergence check reads the loss sum: NaN and +inf alike stop the run with the same message and exit,
+    at the step they come, without a checkpoint of that state: none before the first epoch ends, else last.pt
+    stays the last good epoch's; no final.json, and steps.csv ends before the bad step."""
+    step = train.train_step
+    for at, kept in ((0, "no checkpoint was written"), (6, re.escape(str(tmp_path / "late" / "last.pt")) +
+                                                         " holds the last good state")):
+        calls = [0]
+
+        def poisoned(*args):   # pass `at`'s loss sum turns `bad`; the step itself runs as it would
+            counts = step(*args)
+            calls[0] += 1
+            return counts._replace(loss_sum=torch.tensor(bad, dtype=DT)) if calls[0] == at + 1 else counts
+        monkeypatch.setattr(train, "train_step", poisoned)
+        out = tmp_path / ("early" if at == 0 else "late")
+        _fails(_tiny_run(tmp_path, "--out", str(out)), rf"^train.py: the training loss is {bad} at step {at}; "
+               rf"stopping \({kept}; lower --lr or --rho\?\)$")
+        assert not (out / "final.json").exists()
+        assert [int(r["step"]) for r in _rows(out / "steps.csv")] == list(range(at))
+        if at == 0:
+            assert not (out / "last.pt").exists()
+        else:   # epoch 1 (steps 0-4) checkpointed, epoch 2's bad state not
+            saved = torch.load(out / "last.pt", weights_only=False)
+            assert (saved["state"]["epoch"], saved["state"]["step"]) == (1, 5)
 
 
 def _hessian_problem():
@@ -3324,6 +3933,59 @@ def test_train_hutchinson_trace_holds_the_exact_trace_within_its_standard_error(
     for seed in range(5):
         mean, se = train.hutchinson_trace(hvp, flat, torch.Generator().manual_seed(seed), 300)
         assert 0 < se and abs(mean - true) < 4 * se, (seed, mean, se, true)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_train_sharpness_is_of_the_mean_loss_over_its_batches_with_eval_mode_bn(training):
+    """sharpness(): lambda_max (the eigenvalue of largest magnitude) and the Hutchinson trace of the Hessian of
+    the MEAN loss over all --sharpness-batches batches, BN normalising with its running statistics (eval mode);
+    the model's mode, buffers and weights and the global RNG are left as they were. The reference: the loss
+    written out by hand on the same augmented batches (drawn as sharpness() draws them: its own generator seeded
+    with --seed, a permutation, then the crops in order), its exact Hessian in float64, that matrix's eigenvalues
+    and trace."""
+    n, side, batches_n, size = 24, 4, 3, 8
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    loader = train.DeviceLoader(images, torch.arange(n) % 3, None, "cifar10", torch.device("cpu"), channels_last=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, 6), torch.nn.BatchNorm1d(6),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    bn = model[2]
+    with torch.no_grad():   # running statistics far from any batch's: train-mode BN gives another Hessian
+        bn.weight.uniform_(0.5, 2.0), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.3, 3.0)
+        bn.num_batches_tracked.fill_(7)
+    model.train(training)
+    before = copy.deepcopy(model.state_dict())
+    rng_state = torch.get_rng_state()
+    args = types.SimpleNamespace(seed=3, sharpness_batches=batches_n, sharpness_batch_size=size, sharpness_iters=50,
+                                 cutout=False)
+    got = train.sharpness(model, loader, args)
+    assert model.training == training and torch.equal(torch.get_rng_state(), rng_state)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+    rng = torch.Generator().manual_seed(3)
+    idx = torch.randperm(n, generator=rng)[:batches_n * size]
+    batches = [loader.train_batch(i, rng, False)[:2] for i in idx.split(size)]
+    params = [p.detach().double() for p in model.parameters()]
+    flat = torch.cat([p.flatten() for p in params])
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+
+    def loss_at(w, some):   # mean cross-entropy over the images of `some`, BN with the running statistics
+        chunks = torch.split(w, [p.numel() for p in params])
+        w1, b1, gamma, beta, w2, b2 = (c.view_as(p) for c, p in zip(chunks, params))
+        total = sum(len(y) for _, y in some)
+        summed = 0
+        for x, y in some:
+            h = (x.double().flatten(1) @ w1.T + b1 - mean) / torch.sqrt(var + bn.eps) * gamma + beta
+            summed = summed + torch.nn.functional.cross_entropy(torch.tanh(h) @ w2.T + b2, y, reduction="sum")
+        return summed / total
+
+    exact = torch.autograd.functional.hessian(lambda w: loss_at(w, batches), flat)
+    spectrum = torch.linalg.eigvalsh(exact)
+    by_size = spectrum[spectrum.abs().argsort(descending=True)]
+    assert abs(by_size[1]) < 0.8 * abs(by_size[0])   # a gap power iteration resolves
+    assert got["lambda_max"] == pytest.approx(float(by_size[0]), rel=1e-2)
+    assert 0 < got["trace_se"] and abs(got["trace"] - float(exact.trace())) < 4 * got["trace_se"]
 
 
 FAULT_POINTS = {   # where a SIGKILL lands, and at which call of the patched function

@@ -1407,6 +1407,7 @@ def should_stop(r, stop_requested, logged):
 def stop_early(r, stop_requested):
     """Checkpoint where the loop stopped. --max-steps returns None; Ctrl-C exits 130 (a stopped run)."""
     read_counts(r, r.state["totals"], f"at step {r.state['step'] - 1}")   # never checkpoint a diverged state
+    sync_buffers(r.model)   # every rank resumes from rank 0's file: the ranks' mean BN statistics, as an epoch's end
     r.folder.save(r.folder.last, snapshot(r))
     why = "Ctrl-C" if stop_requested.is_set() else f"--max-steps {r.args.max_steps}"
     r.say(f"{chr(10) if sys.stdout.isatty() else ''}stopped at step {r.state['step']} ({why}); continue with the "
