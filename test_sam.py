@@ -3269,12 +3269,19 @@ def _ddp_worker(rank, port, runs, out):
         batches.setdefault(r.folder.path.name, []).append((x.clone(), y.clone()))
         return x, y, flipped, mask_progress
     train.next_batch = recording
+    sam_state, finish = {}, train.finish
+
+    def recording_finish(r):   # this rank's own SAM state (FriendlySAM's EMA) at the end of each run
+        sam_state[r.folder.path.name] = copy.deepcopy(r.opt.state_dict()["sam"]["state"])
+        return finish(r)
+    train.finish = recording_finish
     for k, argv in enumerate(runs):
         args = train.parse_settings(argv)
         train.train(args, argv, rank, 2, torch.device("cpu"))
         if rank == 0:   # its last.pt as this run left it (a resumed run writes over it)
             shutil.copy(Path(args.out) / "last.pt", out / f"run{k}.pt")
-    torch.save({"points": points, "weights": weights, "batches": batches}, out / f"rank{rank}.pt")
+    torch.save({"points": points, "weights": weights, "batches": batches, "sam_state": sam_state},
+               out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -3306,14 +3313,19 @@ def _ddp_reference(model, batches, sync, args):
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """Two gloo processes (one spawn): the quadratic, then train.py with m-sharpness, with --sync-ascent, and the
-    m-sharpness run stopped by --max-steps 1 and resumed."""
+    m-sharpness run stopped by --max-steps 1 and resumed; then FriendlySAM over 2 epochs with the ratio statistics
+    and persistence every step, uninterrupted and stopped at the end of epoch 1's steps (--max-steps 2, with
+    step 1 in the open steps.csv interval) and resumed."""
     root = tmp_path_factory.mktemp("ddp")
+    friendly = ["--variant", "friendlysam", "--epochs", "2", "--log-every", "2", "--stats-every", "1", "--persist-from", "0"]
     runs = {name: _tiny_run(root, *DDP_RUN, "--out", str(root / name), *extra) for name, extra in (
-        ("msharp", []), ("sync", ["--sync-ascent"]), ("stopped", ["--max-steps", "1"]))}
+        ("msharp", []), ("sync", ["--sync-ascent"]), ("stopped", ["--max-steps", "1"]), ("friendly", friendly),
+        ("friendly-stopped", [*friendly, "--max-steps", "2"]))}
     args = train.parse_settings(runs["msharp"])
     data = train.load_images(args)   # decoded and cached here, once: the ranks read the cache
     import torch.multiprocessing as mp
-    order = [runs["msharp"], runs["sync"], runs["stopped"], runs["stopped"][:-2] + ["--resume"]]
+    order = [runs["msharp"], runs["sync"], runs["stopped"], runs["stopped"][:-2] + ["--resume"], runs["friendly"],
+             runs["friendly-stopped"], runs["friendly-stopped"][:-2] + ["--resume"]]
     mp.spawn(_ddp_worker, args=(_free_port(), order, root), nprocs=2, join=True)
     # the global batches of the single-process run: its permutation, then train_batch on all of idx
     loader = train.DeviceLoader(*train.make_splits(args, data)[0], args.dataset, torch.device("cpu"), False)
@@ -3387,12 +3399,56 @@ def test_ddp_run_steps_and_averages_bn_statistics_as_the_formula(ddp_runs, run, 
 
 
 def test_ddp_a_mid_epoch_checkpoint_holds_the_ranks_mean_bn_statistics(ddp_runs):
-    # --max-steps 1 checkpoints after step 1: rank 0 writes it, and every rank resumes from it, so it holds the mean
-    # of the ranks' running statistics, as the end of an epoch does; the resumed run ends as the uninterrupted one
+    # --max-steps 1 checkpoints after step 1: rank 0 writes it, and its model holds the mean of the ranks' running
+    # statistics, as the end of an epoch does (each rank resumes its own); the resumed run ends as the uninterrupted one
     w, buffers = ddp_runs.reference[False][0]
     _assert_run_is_reference(ddp_runs.root / "run2.pt", ddp_runs.model, w, buffers)
     w, buffers = ddp_runs.reference[False][-1]
     _assert_run_is_reference(ddp_runs.root / "run3.pt", ddp_runs.model, w, buffers)
+
+
+@pytest.mark.parametrize("whole, resumed", [("msharp", "stopped"), ("friendly", "friendly-stopped")])
+def test_ddp_resume_continues_each_ranks_own_state(ddp_runs, whole, resumed):
+    # rank 0 writes the checkpoint, but each rank resumes its own: its Counts sums (epochs.csv's train loss and
+    # accuracy, the steps.csv interval the stop cut), its BN running statistics, its SAM state (FriendlySAM's EMA
+    # of its own g) and its ratio statistics (persistence of its own B1 set). On one machine the resumed run is
+    # the uninterrupted one bit for bit: the same sums, added in the same order, on the same numbers.
+    a, b = ddp_runs.root / whole, ddp_runs.root / resumed
+    assert (a / "steps.csv").read_bytes() == (b / "steps.csv").read_bytes()
+    timing = ("seconds", "images_per_sec")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(a / "epochs.csv")] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in _rows(b / "epochs.csv")]
+    assert (a / "final.json").read_text() == (b / "final.json").read_text()
+    _assert_same_dicts(*(torch.load(run / "last.pt", weights_only=False)["model"] for run in (a, b)))
+    for rank in ddp_runs.ranks:   # each rank's own SAM state at the end
+        _assert_same_dicts(rank["sam_state"][whole], rank["sam_state"][resumed])
+    if whole == "friendly":   # the ranks' EMAs differ (each of its own g): rank 0's in rank 1's place would show
+        m = [[s["friendly_m"] for s in rank["sam_state"][whole].values()] for rank in ddp_runs.ranks]
+        assert len(m[0]) == len(list(ddp_runs.model.parameters())) and _relative_error(m[1], m[0]) > 0.01
+        stop = torch.load(ddp_runs.root / "run5.pt", weights_only=False)["state"]
+        assert stop["step"] == 2 and stop["interval"].any()   # the stop left step 1 in the interval
+
+
+def _assert_same_dicts(x, y):
+    """Dicts of tensors, or of such dicts, bit for bit."""
+    assert x.keys() == y.keys()
+    for k in x:
+        if isinstance(x[k], dict):
+            _assert_same_dicts(x[k], y[k])
+        else:
+            assert_same([x[k]], [y[k]])
+
+
+def test_ddp_resume_on_another_number_of_ranks_is_refused(ddp_runs, tmp_path):
+    # each rank's share of the batch is its own sharpness sample and its state is its own: a run trained on two
+    # ranks continues on two; a finished one may still measure its sharpness on one
+    run = tmp_path / "run"
+    shutil.copytree(ddp_runs.root / "friendly-stopped", run)
+    shutil.copy(ddp_runs.root / "run5.pt", run / "last.pt")   # as --max-steps 2 left it
+    (run / "final.json").unlink()
+    argv = _tiny_run(ddp_runs.root, *DDP_RUN, "--out", str(run), "--variant", "friendlysam", "--epochs", "2",
+                     "--log-every", "2", "--stats-every", "1", "--persist-from", "0", "--resume")
+    _fails(argv, r"--resume with 1 process, but the run trains on 2: .*torchrun --nproc_per_node 2 train.py")
 
 
 @pytest.mark.parametrize("argv, message", [

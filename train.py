@@ -734,6 +734,15 @@ class SAMOverRanks(SAM):
         return bool(flag.item())
 
 
+def copy_to_cpu(obj):
+    """A copy of obj (dicts and lists of tensors) on the CPU: sent between ranks, kept apart from the live state."""
+    if isinstance(obj, dict):
+        return {k: copy_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [copy_to_cpu(v) for v in obj]
+    return obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else obj
+
+
 def sync_buffers(model):
     """Average BN running statistics over ranks (each saw its own shard) and check that the weights agree."""
     if not dist.is_initialized():
@@ -952,7 +961,7 @@ class RunFolder:
             except OSError:
                 break   # not empty: something else is in it now
 
-    def check(self, args):
+    def check(self, args, world):
         """Checks the folder, writing nothing; returns the checkpoint to resume from (None for a fresh run)."""
         run, finished, checkpointed = ((self.path / name).exists() for name in ("config.json", "final.json", "last.pt"))
         if not run:
@@ -973,15 +982,21 @@ class RunFolder:
         if not args.resume:
             fail(f"{self.path} already holds a{' finished' if finished else 'n unfinished'} run; pass --resume "
                  f"to continue it or --overwrite to delete it and start again (or choose another --out)")
-        return self.checkpoint(args)
+        return self.checkpoint(args, world)
 
-    def checkpoint(self, args):
+    def checkpoint(self, args, world):
         saved = json.loads((self.path / "config.json").read_text())
         config = vars(args)
         changed = changed_settings(saved, config, SESSION_SETTINGS | (END_SETTINGS if self.end_open() else set()))
         if changed:
             fail("--resume with different settings: " + ", ".join(
                 f"--{k.replace('_', '-')} {config[k]!r} (run: {saved[k]!r})" for k in changed))
+        runs_on = saved.get("world_size", world)
+        if runs_on != world and self.final() is None:   # a finished run measures its sharpness on any number
+            launcher = f"torchrun --nproc_per_node {runs_on}" if runs_on > 1 else "python"
+            fail(f"--resume with {world} process{'es' if world > 1 else ''}, but the run trains on {runs_on}: each rank "
+                 f"ascends on its own share of the batch (m-sharpness) and resumes its own state, so it continues on "
+                 f"{runs_on} only ({launcher} train.py ... --resume)")
         try:
             checkpoint = torch.load(self.last, map_location="cpu", weights_only=False)
             step = checkpoint["state"]["step"]
@@ -1232,7 +1247,7 @@ def set_up(args, argv, folder, rank, world, device):
     if folder.writer:
         folder.claim()
     barrier()   # rank 0 holds the folder before any rank reads it
-    checkpoint = folder.check(args)
+    checkpoint = folder.check(args, world)
     if checkpoint is not None and folder.final() is not None and not (args.sharpness and folder.end_open()):
         return None   # finished, and nothing left to measure (a finished run without sharpness resumes to its end)
     data = load_images(args)
@@ -1295,24 +1310,48 @@ def start_state(r, checkpoint):
                    best_val_acc=-math.inf, best_epoch=0, test_at_best=[math.nan, math.nan, []],
                    test_last=[math.nan, math.nan, []])
     if checkpoint is not None:
-        r.model.load_state_dict(checkpoint["model"])
-        r.opt.load_state_dict(checkpoint["optimizer"])
+        # each rank continues from its own part (rank_parts) over rank 0's; a checkpoint without one (one process,
+        # an older train.py) or from another number of ranks (a finished run measured) gives every rank rank 0's
+        ranks = checkpoint.get("ranks") or []
+        own = ranks[r.rank] if len(ranks) == r.world else {}
+        part = lambda key: {**checkpoint[key], **own[key]} if key in own else checkpoint[key]
+        r.model.load_state_dict(part("model"))
+        r.opt.load_state_dict(part("optimizer"))
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if r.device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], r.device)
         r.generator.set_state(checkpoint["rng"]["loader"])
-        r.state = {k: v.to(r.device) if torch.is_tensor(v) else v for k, v in checkpoint["state"].items()}
+        r.state = {k: v.to(r.device) if torch.is_tensor(v) else v for k, v in part("state").items()}
         r.say(f"resuming {r.folder.path} at epoch {r.state['epoch'] + r.state['pos'] / r.steps_per_epoch:.2f}, "
               f"step {r.state['step']}")
     resumed = checkpoint is not None
     r.folder.open_logs(r.state["step"] - 1 if resumed else None, r.state["epoch"] if resumed else None)
 
 
-def snapshot(r):
-    return {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "state": r.state,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None,
-                    "loader": r.generator.get_state()}}
+def rank_parts(r):
+    """Under torchrun, what each rank holds of its own, by rank, on rank 0 (None elsewhere and with one process).
+    Each rank's g and g' are its own (m-sharpness), and so is what it keeps of them: SAM's per-parameter state
+    (FriendlySAM's EMA, LookSAM's g_v, SSAM's mask, SGDHESS's diagonal), the ratio statistics, the Counts sums
+    not yet summed over ranks, and the BN running statistics of its shard. Keyed as the checkpoint's parts they
+    replace on resume; the rest (weights, momentum, counters, RNGs) is alike on every rank."""
+    if r.world == 1:
+        return None
+    opt = r.opt.state_dict()
+    own = {"model": {name: b for name, b in r.model.named_buffers() if b.is_floating_point()},
+           "optimizer": {"sam": opt["sam"], "ratio_stats": opt["ratio_stats"]},
+           "state": {"totals": r.state["totals"], "interval": r.state["interval"]}}
+    gathered = [None] * r.world if r.rank == 0 else None
+    dist.gather_object(copy_to_cpu(own), gathered, dst=0)
+    return gathered
+
+
+def snapshot(r, ranks):
+    """The checkpoint: rank 0's state, and with several ranks each rank's own part (rank_parts)."""
+    checkpoint = {"model": r.model.state_dict(), "optimizer": r.opt.state_dict(), "state": r.state,
+                  "rng": {"torch": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None,
+                          "loader": r.generator.get_state()}}
+    return checkpoint if ranks is None else {**checkpoint, "ranks": ranks}
 
 
 def run_epoch(r, stop_requested):
@@ -1407,8 +1446,9 @@ def should_stop(r, stop_requested, logged):
 def stop_early(r, stop_requested):
     """Checkpoint where the loop stopped. --max-steps returns None; Ctrl-C exits 130 (a stopped run)."""
     read_counts(r, r.state["totals"], f"at step {r.state['step'] - 1}")   # never checkpoint a diverged state
-    sync_buffers(r.model)   # every rank resumes from rank 0's file: the ranks' mean BN statistics, as an epoch's end
-    r.folder.save(r.folder.last, snapshot(r))
+    ranks = rank_parts(r)   # each rank's own BN statistics, resumed as they were, before the mean below
+    sync_buffers(r.model)   # the checkpoint's model holds the ranks' mean BN statistics, as at an epoch's end
+    r.folder.save(r.folder.last, snapshot(r, ranks))
     why = "Ctrl-C" if stop_requested.is_set() else f"--max-steps {r.args.max_steps}"
     r.say(f"{chr(10) if sys.stdout.isatty() else ''}stopped at step {r.state['step']} ({why}); continue with the "
           "same command and --resume")
@@ -1443,7 +1483,7 @@ def end_epoch(r):
     if best:
         state.update(best_val_acc=val_acc, best_epoch=epoch + 1, test_at_best=[test_loss, test_acc, test_per_class])
         r.folder.save(r.folder.best, {"model": r.model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc})
-    r.folder.save(r.folder.last, snapshot(r))
+    r.folder.save(r.folder.last, snapshot(r, rank_parts(r)))
     test_shown = f"test {test_loss:.4f} {test_acc:.2f}%" if tested else "test -"
     r.say(f"{ERASE_LINE if sys.stdout.isatty() else ''}epoch {epoch + 1}/{args.epochs}  train "
           f"{train.loss_sum / train.seen:.4f} {100 * train.correct / train.seen:.2f}%  val {val_loss:.4f} "
