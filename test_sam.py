@@ -3254,14 +3254,38 @@ def _rank_quadratic(rank):
     return lambda t, point, which: [hh * p + bb for hh, p, bb in zip(h, point, b)]
 
 
+def _ddp_cnn_batch():
+    """A fixed batch of 8 images of 3 classes for the small CNN, and its weights (build_model's, seed 0)."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    return torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 3, (8,), generator=gen), train.MODELS["cnn"](3, 1.0)
+
+
+def _ddp_eval_splits():
+    """Splits of 1 image (fewer than the ranks: rank 1's share is empty) and of 5 (shares of 3 and 2), 3 classes."""
+    gen = torch.Generator().manual_seed(4)
+    return [(torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8), torch.randint(0, 3, (n,), generator=gen))
+            for n in (1, 5)]
+
+
 def _ddp_worker(rank, port, runs, out):
-    """One of two gloo ranks: SAMOverRanks on its own quadratic, then train.py's runs, recording its batches."""
+    """One of two gloo ranks: SAMOverRanks on its own quadratic, SSAM-D's mask refresh in a --sync-ascent step and
+    evaluate on small splits, then train.py's runs, recording its batches."""
     torch.set_num_threads(1)   # two ranks on a shared CPU
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     params = make_params()
     opt = train.SAMOverRanks(params, train.averaging_over_ranks(torch.optim.SGD), rho=RHO, lr=LR, momentum=MOM,
                              weight_decay=WD)
     points, weights = drive(opt, params, _rank_quadratic(rank), 3)
+    x, y, model = _ddp_cnn_batch()
+    ssamd = train.SAMOverRanks(model.parameters(), train.averaging_over_ranks(torch.optim.SGD), variant="ssamd", lr=LR)
+    alive = [m.clone() for m in ssamd._masks(list(model.parameters()))]   # the random mask drawn at first use
+    train.train_step(model, ssamd, x.chunk(2)[rank], y.chunk(2)[rank], train.StepSettings(sync_ascent=True),
+                     mask_progress=0.0)
+    masks = {"alive": alive, "refreshed": [ssamd.state[p]["mask"].clone() for p in model.parameters()]}
+    model = _ddp_cnn_batch()[2]   # fresh weights and BN statistics, alike on both ranks
+    evaluated = [train.evaluate(model, train.DeviceLoader(*split, None, "cifar10", torch.device("cpu"), False),
+                                train.StepSettings(), rank, 2) for split in _ddp_eval_splits()]
     batches, next_batch = {}, train.next_batch
 
     def recording(r, i):
@@ -3280,8 +3304,8 @@ def _ddp_worker(rank, port, runs, out):
         train.train(args, argv, rank, 2, torch.device("cpu"))
         if rank == 0:   # its last.pt as this run left it (a resumed run writes over it)
             shutil.copy(Path(args.out) / "last.pt", out / f"run{k}.pt")
-    torch.save({"points": points, "weights": weights, "batches": batches, "sam_state": sam_state},
-               out / f"rank{rank}.pt")
+    torch.save({"points": points, "weights": weights, "batches": batches, "sam_state": sam_state, "masks": masks,
+                "evaluated": evaluated}, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -3336,7 +3360,7 @@ def ddp_runs(tmp_path_factory):
                for i in range(steps)]
     torch.manual_seed(args.seed)   # build_model's weights, which rank 0 broadcasts
     model = train.MODELS["cnn"](len(data["classes"]), 1.0)
-    return types.SimpleNamespace(root=root, batches=batches, model=model,
+    return types.SimpleNamespace(root=root, batches=batches, model=model, splits=train.make_splits(args, data),
                                  ranks=[torch.load(root / f"rank{r}.pt") for r in (0, 1)],
                                  reference={sync: _ddp_reference(model, batches, sync, args) for sync in (False, True)})
 
@@ -3396,6 +3420,67 @@ def test_ddp_run_steps_and_averages_bn_statistics_as_the_formula(ddp_runs, run, 
     other = ddp_runs.reference[not sync][-1][0]   # the two ascents end far apart: the test tells them apart
     start = [p.detach().double() for p in ddp_runs.model.parameters()]
     assert _relative_error([a - s for a, s in zip(other, start)], [a - s for a, s in zip(w, start)]) > 0.1
+
+
+def _flat_bool(masks):
+    return torch.cat([m.flatten() for m in masks])
+
+
+def test_ddp_sync_ascent_refreshes_ssamds_mask_from_the_averaged_gradient(ddp_runs):
+    # --sync-ascent: every rank ascends along mean_r g_r, so SSAM-D's refresh ranks |mean_r g_r|, as one process on the
+    # whole batch would: it keeps the n_keep live entries with the largest of it (death rate drop_rate at progress 0),
+    # then grows n_live - n_keep among the dead. Ranking each rank's own |g_r| instead leaves 60 % of the kept set off.
+    x, y, model = _ddp_cnn_batch()
+    model, names = model.double(), [n for n, _ in model.named_parameters()]
+
+    def grad(xs, ys):   # the train-mode forward of pass 1 on one rank's half
+        ws = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, dict(zip(names, ws)), (xs.double(),)), ys)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, ws)])
+    g = sum(grad(xs, ys) for xs, ys in zip(x.chunk(2), y.chunk(2))) / 2
+    alive = _flat_bool(ddp_runs.ranks[0]["masks"]["alive"])
+    n_live = round((1 - VARIANTS["ssamd"]["sparsity"]) * len(alive))
+    n_keep = round(n_live * (1 - sam.FLAGS["drop_rate"]))
+    expected = torch.zeros_like(alive)
+    expected[g.abs().masked_fill(~alive, -1.0).topk(n_keep).indices] = True
+    for rank in ddp_runs.ranks:
+        assert torch.equal(_flat_bool(rank["masks"]["alive"]), alive)
+        mask = _flat_bool(rank["masks"]["refreshed"])
+        assert int((mask & ~alive).sum()) == n_live - n_keep
+        assert int(((mask & alive) ^ expected).sum()) <= 0.001 * n_keep   # float32 against float64 at the threshold
+
+
+def test_ddp_logs_and_evaluation_count_every_ranks_images_once(ddp_runs):
+    # steps.csv: each step's loss and accuracy over both ranks' 12 images at that step's w (pass 1, BN with each half's
+    # batch statistics); epochs.csv: train loss and accuracy over all 48; val and test (and final.json's per-class
+    # accuracy): one process's evaluate of last.pt's model, which the ranks scored in contiguous shares
+    model = copy.deepcopy(ddp_runs.model).double()
+    names = [n for n, _ in model.named_parameters()]
+    steps = [[p.detach().double() for p in model.parameters()]] + [w for w, _ in ddp_runs.reference[False][:-1]]
+    sums = []   # (loss sum, correct) of each step's two halves
+    for w, (x, y) in zip(steps, ddp_runs.batches):
+        logits = [torch.func.functional_call(model, dict(zip(names, w)), (xs.double(),)) for xs in x.chunk(2)]
+        sums.append([sum(float(torch.nn.functional.cross_entropy(z, ys, reduction="sum")) for z, ys in zip(logits, y.chunk(2))),
+                     sum(int((z.argmax(1) == ys).sum()) for z, ys in zip(logits, y.chunk(2)))])
+    run = ddp_runs.root / "msharp"
+    rows, (epoch,) = _rows(run / "steps.csv"), _rows(run / "epochs.csv")
+    assert [(float(r["loss"]), float(r["acc"])) for r in rows] == [
+        (pytest.approx(loss / 24, rel=1e-4), pytest.approx(100 * hit / 24)) for loss, hit in sums]
+    assert float(epoch["train_loss"]) == pytest.approx(sum(loss for loss, _ in sums) / 48, rel=1e-4)
+    assert float(epoch["train_acc"]) == pytest.approx(100 * sum(hit for _, hit in sums) / 48)
+    trained = copy.deepcopy(ddp_runs.model)
+    trained.load_state_dict(torch.load(run / "last.pt", weights_only=False)["model"])
+    val, test = (train.evaluate(trained, train.DeviceLoader(*split, "cifar10", torch.device("cpu"), False),
+                                train.StepSettings()) for split in ddp_runs.splits[1:])
+    final = json.loads((run / "final.json").read_text())
+    assert [float(epoch[k]) for k in ("val_loss", "val_acc", "test_loss", "test_acc")] == pytest.approx(
+        [*val[:2], *test[:2]], rel=1e-6)
+    assert final["test_acc_per_class_last"] == test[2]
+    for split, *scored in zip(_ddp_eval_splits(), *(rank["evaluated"] for rank in ddp_runs.ranks)):
+        loss, acc, per_class = train.evaluate(_ddp_cnn_batch()[2], train.DeviceLoader(*split, None, "cifar10",
+                                              torch.device("cpu"), False), train.StepSettings())
+        for got in scored:   # 1 image: rank 1's share is empty, and its collective still matches rank 0's
+            np.testing.assert_allclose([got[0], got[1], *got[2]], [loss, acc, *per_class], rtol=1e-6)
 
 
 def test_ddp_a_mid_epoch_checkpoint_holds_the_ranks_mean_bn_statistics(ddp_runs):

@@ -1146,10 +1146,10 @@ def train_step(model, opt, x, y, settings, flipped=None, mask_progress=None):
         (losses.masked_fill(s.tail[y], 0.0).sum() / len(y)).backward(retain_graph=True)
         opt.stash_clean_grad()
     s.perturbed_loss(losses, y).backward(create_graph=opt.create_graph)
+    if s.sync_ascent and not opt.single_pass:   # before the mask: SSAM-D's refresh ranks |g|, the all-reduced one
+        all_reduce_([p.grad for p in model.parameters() if p.grad is not None], average=True)
     if mask_progress is not None:
         opt.update_mask(mask_progress)
-    if s.sync_ascent and not opt.single_pass:
-        all_reduce_([p.grad for p in model.parameters() if p.grad is not None], average=True)
     opt.first_step(zero_grad=True)
     if opt.perturbed:   # not single_pass: a one-pass step has moved the step count on, and with it single_pass
         if s.freeze_bn:   # BN normalises with this batch's statistics but leaves the running ones alone
