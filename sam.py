@@ -304,13 +304,11 @@ class SAM(torch.optim.Optimizer):
         if f["descent"] in ("hessian", "hessian-exact") and not all(g.requires_grad for x in parts for g in x.grads):
             raise ValueError("sgdhess needs the first backward with create_graph=True (see opt.create_graph)")
         if f["descent"] == "hessian-exact":
-            with torch.enable_grad():
-                hg = [torch.autograd.grad(x.grads, x.params, [g.detach() for g in x.grads], retain_graph=True)
-                      for x in parts]
+            hg = self._hvp(parts, [[g.detach() for g in x.grads] for x in parts])
             return [torch._foreach_add(x.grads, h, alpha=x.group["rho"]) for x, h in zip(parts, hg)]
         if f["descent"] == "hessian":
-            return [torch._foreach_addcmul(x.grads, self._hessian_diagonal(x), x.grads, value=x.group["rho"])
-                    for x in parts]
+            return [torch._foreach_addcmul(x.grads, h, x.grads, value=x.group["rho"])
+                    for x, h in zip(parts, self._hessian_diagonal(parts))]
         if f["looksam_k"] > 1:
             gv = [[self.state[p].get("looksam_gv", torch.zeros_like(p)) for p in x.params] for x in parts]
             ratio = _global_norm([x.grads for x in parts], 2) / (_global_norm(gv, 2) + f["norm_eps"])
@@ -510,16 +508,22 @@ class SAM(torch.optim.Optimizer):
     def _asam_t(self, part):
         return torch._foreach_add(torch._foreach_abs(part.params), part.group["asam_eta"])
 
-    def _hessian_diagonal(self, part):
+    def _hessian_diagonal(self, parts):
         """SGDHESS (origin 1.15): |H z| for one Rademacher probe z, conv kernels averaged over their spatial
         dims, refreshed every hessian_every steps."""
-        if self._step % self.flags["hessian_every"] == 0 or "hess_d" not in self.state[part.params[0]]:
-            probes = [torch.randint_like(p, 2) * 2 - 1 for p in part.params]
-            with torch.enable_grad():
-                hz = torch.autograd.grad(part.grads, part.params, grad_outputs=probes, retain_graph=True)
-            self._set_state_list(part, "hess_d", [h.abs().mean(dim=(2, 3), keepdim=True).expand_as(h)
-                                                  if h.dim() == 4 else h.abs() for h in hz])
-        return self._state_list(part, "hess_d")
+        if self._step % self.flags["hessian_every"] == 0 or any("hess_d" not in self.state[x.params[0]] for x in parts):
+            hz = self._hvp(parts, [[torch.randint_like(p, 2) * 2 - 1 for p in x.params] for x in parts])
+            for part, h_part in zip(parts, hz):
+                self._set_state_list(part, "hess_d", [h.abs().mean(dim=(2, 3), keepdim=True).expand_as(h)
+                                                      if h.dim() == 4 else h.abs() for h in h_part])
+        return [self._state_list(x, "hess_d") for x in parts]
+
+    def _hvp(self, parts, vectors):
+        """H v over all parts at once: a product per part would drop the Hessian's blocks between them."""
+        with torch.enable_grad():
+            hv = iter(torch.autograd.grad([g for x in parts for g in x.grads], [p for x in parts for p in x.params],
+                                          [v for part_v in vectors for v in part_v], retain_graph=True))
+        return [[next(hv) for _ in x.params] for x in parts]
 
     def _masks(self, params):
         """Sparse SAM masks (bool), built over all trainable parameters at first use: SSAM-D at random with

@@ -436,6 +436,19 @@ def test_samme134_is_two_sided_leftovers_included():
     assert got == pytest.approx([6.0, 0.25, -6.0, -1.0, 2 * gp[4]], rel=1e-12)
 
 
+def test_gsam_projects_over_all_groups_and_after_a_bin_rule():
+    params = make_params()
+    opt = SAM([{"params": params[:1]}, {"params": params[1:]}], torch.optim.SGD, variant="gsam", rho=RHO, lr=LR,
+              momentum=MOM, weight_decay=WD)
+    _, got = drive(opt, params, synthetic, 2)
+    _, weights = reference_run("gsam", make_params(), synthetic, 2)   # <g,g'> and ||g'|| of the whole vector
+    assert_lists_close(got, weights)
+    # the order bin rule, then GSAM: d = samme1's d - alpha (g - (<g,g'>/||g'||^2) g')
+    g, gp = torch.tensor([0.5, 1.0, -1.0, 2.0], dtype=DT), torch.tensor([2.0, 0.5, 1.5, -0.5], dtype=DT)
+    d = DIRECTIONS["samme1"](g, gp, checkpoints(g, gp), 2.0) - 0.4 * (g - (g @ gp) / (gp @ gp) * gp)
+    assert one_step_direction("samme1", g.tolist(), gp.tolist(), gsam_alpha=0.4) == pytest.approx(d.tolist(), rel=1e-12)
+
+
 def test_checkpoint_edges_follow_the_strict_inequalities():
     # r exactly 1, -1, 0 and nan are in no checkpoint (B0); g = -1e-8 exactly gives r = +-inf, which
     # lands in the |r| > 1 checkpoints (origin section 0)
@@ -469,6 +482,25 @@ def test_cpu_buckets_equal_torch_bucketize_at_and_beside_every_edge(dtype):
     got = sam._bucketize(r, edges)
     assert got.dtype == torch.int32 and torch.equal(got, expected)
     assert set(got.tolist()) == set(range(13))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_r_exactly_one_minus_one_and_zero_are_leftovers_in_low_precision_weights(dtype):
+    # g + ratio_eps rounds to g in float32 for |g| >= 0.25: g' = +-g gives r exactly +-1 (B0), and the edges of
+    # r's own dtype (nextafter in float32) put the r just above 1 in B1 and the one just below in B2
+    half = torch.tensor(0.5, dtype=dtype)
+    up, down = (float(torch.nextafter(half, torch.tensor(x, dtype=dtype))) for x in (1.0, 0.0))
+    g = [0.25, 0.5, 1.0, 2.0, 0.5, 0.5, 0.5]
+    gp = [0.25, 0.5, -1.0, -2.0, 0.0, up, down]
+    params = [torch.zeros(7, dtype=dtype, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, variant="samme1", rho=RHO, lr=1.0, stats_every=1)
+    set_grads(params, [torch.tensor(g, dtype=dtype)])
+    opt.first_step(zero_grad=True)
+    set_grads(params, [torch.tensor(gp, dtype=dtype)])
+    opt.second_step(zero_grad=True)
+    s = opt.stats
+    assert [s[f"ckpt{k}"] for k in range(5)] == pytest.approx([500 / 7, 100 / 7, 100 / 7, 0.0, 0.0])
+    assert (-params[0].detach()).tolist() == gp[:5] + [2 * up, down]    # samme1: c g' on B1 only
 
 
 def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets(monkeypatch):
@@ -543,15 +575,51 @@ def test_per_group_rho_uses_the_global_norm():
     assert_lists_close([snap(params)], [SGDRef().step(w, gp)])
 
 
-def test_per_group_condition_with_one_bin_rule():
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_per_group_condition_with_one_bin_rule(warmup):
+    params = make_params()   # the warm-up rises from 1 to each group's own c
+    opt = SAM([{"params": params[:1]}, {"params": params[1:], "condition": 3.0}], torch.optim.SGD,
+              variant="samme1", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, condition_warmup=warmup)
+    _, got = drive(opt, params, synthetic, 3)
+    _, a = reference_run("samme1", make_params(), synthetic, 3, condition=2.0, condition_warmup=warmup)
+    _, b = reference_run("samme1", make_params(), synthetic, 3, condition=3.0, condition_warmup=warmup)
+    assert_lists_close([w[:1] for w in got], [w[:1] for w in a])
+    assert_lists_close([w[1:] for w in got], [w[1:] for w in b])
+
+
+@pytest.mark.parametrize("flags,name", [(dict(bin_scale=VARIANTS["samme134"]["bin_scale"]), "samme134"),
+                                        (dict(sam_bins="14"), "samckpt14"), (dict(combine="magnitude"), "sammagnitude"),
+                                        (dict(combine="direction"), "samdirection")])
+def test_a_bin_rule_or_combine_of_one_group_acts_on_that_group_only(flags, name):
+    # the first group (whose values opt.flags holds) is plain SAM; the ascent is the one global rho g/||g||
+    # and synthetic g ignores w, so each tensor steps as its own group's preset reference
     params = make_params()
-    opt = SAM([{"params": params[:1], "condition": 3.0}, {"params": params[1:]}], torch.optim.SGD,
-              variant="samme1", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
-    _, got = drive(opt, params, synthetic, 1)
-    _, a = reference_run("samme1", make_params(), synthetic, 1, condition=3.0)
-    _, b = reference_run("samme1", make_params(), synthetic, 1, condition=2.0)
-    assert_lists_close([got[0][:1]], [a[0][:1]])
-    assert_lists_close([got[0][1:]], [b[0][1:]])
+    opt = SAM([{"params": params[:1]}, {"params": params[1:], **flags}], torch.optim.SGD, rho=RHO, lr=LR,
+              momentum=MOM, weight_decay=WD)
+    _, got = drive(opt, params, synthetic, 2)
+    _, plain = reference_run("sam", make_params(), synthetic, 2)
+    _, rule = reference_run(name, make_params(), synthetic, 2)
+    assert_lists_close([w[:1] for w in got], [w[:1] for w in plain])
+    assert_lists_close([w[1:] for w in got], [w[1:] for w in rule])
+
+
+@pytest.mark.parametrize("flags,groups", [
+    (dict(), [dict(), dict(adaptive=True, asam_eta=0.01), dict(adaptive=True)]),
+    (dict(normalize=False), [dict(rho=0.05), dict(rho=0.3), dict(rho=0.2, adaptive=True)]),
+])
+def test_per_group_rho_and_adaptive_climb_as_the_formula(flags, groups):
+    # e = rho_i T_i^2 g/||T g|| (USAM: rho_i T_i^2 g), T_i = |w| + asam_eta_i in ASAM groups and 1 in the others,
+    # the norm over all groups; the first group, whose values opt.flags holds, is plain
+    params = make_params()
+    w = snap(params)
+    opt = SAM([{"params": [p], **grp} for p, grp in zip(params, groups)], torch.optim.SGD, rho=RHO, lr=LR, **flags)
+    g, _ = synthetic_pair(0)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)
+    T = [x.abs() + grp.get("asam_eta", 0.0) if grp.get("adaptive") else torch.ones_like(x) for x, grp in zip(w, groups)]
+    scale = 1 / (norm([t * x for t, x in zip(T, g)]) + NORM_EPS) if flags.get("normalize", True) else 1.0
+    e = [grp.get("rho", RHO) * scale * t * t * x for grp, t, x in zip(groups, T, g)]
+    assert_lists_close([snap(params)], [[x + y for x, y in zip(w, e)]])
 
 
 def test_sparse_sam_update_mask_keeps_the_live_count_and_the_largest_gradients():
@@ -684,6 +752,31 @@ def test_sgdhess_without_create_graph_raises():
     sum((p ** 3).sum() for p in params).backward()
     with pytest.raises(ValueError, match="create_graph"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("name", ["sgdhess", "sgdhess-exact"])
+def test_sgdhess_over_two_groups_takes_the_whole_hessian_and_each_groups_rho(name):
+    # H z and H g couple the groups: a product per group (per part) would drop the blocks between them
+    A = _hess_problem()
+    params = make_params(seed=2, shapes=HESS_SHAPES)
+    opt = SAM([{"params": params[:2]}, {"params": params[2:], "rho": 0.1}], torch.optim.SGD, variant=name, rho=0.5,
+              lr=LR)
+    w = snap(params)
+    torch.manual_seed(0)
+    theta = torch.cat([p.flatten() for p in params])
+    (0.5 * theta @ A @ theta).backward(create_graph=True)
+    opt.first_step(zero_grad=True)
+    theta = torch.cat([x.flatten() for x in w])
+    g, rhos = split(A @ theta, HESS_SHAPES), (0.5, 0.5, 0.1)
+    if name == "sgdhess":   # d = (1 + rho_i |H z|) g, z drawn in the order of the parameters
+        torch.manual_seed(0)
+        z = torch.cat([(torch.randint_like(x, 2) * 2 - 1).flatten() for x in w])
+        hz = split((A @ z).abs(), HESS_SHAPES)
+        D = [h.mean(dim=(2, 3), keepdim=True).expand_as(h) if h.dim() == 4 else h for h in hz]
+        d = [(1 + r * dd) * x for r, dd, x in zip(rhos, D, g)]
+    else:                   # d = g + rho_i H g
+        d = [x + r * y for r, x, y in zip(rhos, g, split(A @ A @ theta, HESS_SHAPES))]
+    assert_lists_close([snap(params)], [SGDRef(momentum=0.0, weight_decay=0.0).step(w, d)])
 
 
 # ------------------------------------------------------------------ a tiny MLP with autograd at w + e
@@ -896,11 +989,13 @@ def test_ratio_statistics_match_a_reference_count(name, eps):
         assert s["ckpt0"] > 0 and all(s[f"ckpt{k}"] > 0 for k in range(1, 5))
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_persistence_counts_match_reference_sets(every):
-    # the running intersection is updated on every step from persist_from, whatever stats_every is
+@pytest.mark.parametrize("every,groups", [(1, 1), (2, 1), (1, 2)])
+def test_persistence_counts_match_reference_sets(every, groups):
+    # the running intersection is updated on every step from persist_from, whatever stats_every is; its counts
+    # sum over the param groups
     params = make_params()
-    opt = SAM(params, torch.optim.SGD, persist_from=1, rho=RHO, lr=LR, stats_every=every)
+    opt = SAM([{"params": params[:1]}, {"params": params[1:]}] if groups == 2 else params, torch.optim.SGD,
+              persist_from=1, rho=RHO, lr=LR, stats_every=every)
     at_t0 = running = None
     for t in range(5):
         w, g, gp, s = synthetic_step(opt, params, t)
@@ -946,6 +1041,42 @@ def test_stats_every_zero_never_computes_statistics():
     drive(opt, params, synthetic, 2)
     s = opt.stats
     assert math.isnan(s["ckpt1"]) and math.isnan(s["grad_norm"]) and s["skipped"] == 0
+
+
+def test_fine_bins_of_r_above_one_match_a_reference_count_over_a_spread_of_ratios():
+    # the synthetic pairs put r at a few fixed values; here r spreads over (0.5, 30) so every fine edge is tested
+    gen = torch.Generator().manual_seed(4)
+    g = [torch.randn(600, generator=gen, dtype=DT)]
+    gp = [g[0] * torch.exp(torch.rand(600, generator=gen, dtype=DT) * math.log(60) - math.log(2))]
+    params = [torch.zeros(600, dtype=DT, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, stats_every=1)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)
+    set_grads(params, gp)
+    opt.second_step(zero_grad=True)
+    ref, _ = reference_stats([torch.zeros(600, dtype=DT)], g, gp)
+    assert all(ref[k] > 2 for k in sam.FINE_NAMES)
+    assert {k: opt.stats[k] for k in ref if k != "weight_norm"} == pytest.approx(
+        {k: v for k, v in ref.items() if k != "weight_norm"}, rel=1e-12)
+
+
+def test_statistics_of_a_one_pass_step_are_the_norms_of_g_d_and_w():
+    # LookSAM between refreshes has no g': shares, fine bins and cos are NaN; ||g||, ||d|| and ||w|| are measured,
+    # d = g + alpha ||g||/||g_v|| g_v with g_v from the last refresh
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, rho=RHO, lr=LR, stats_every=1)
+    synthetic_step(opt, params, 0)
+    g0, gp0 = synthetic_pair(0)
+    gv = [y - dot(g0, gp0) / dot(g0, g0) * x for x, y in zip(g0, gp0)]
+    w, g = snap(params), synthetic(1, None, "g")
+    set_grads(params, g)
+    assert opt.single_pass
+    opt.first_step(zero_grad=True)
+    s = opt.stats
+    d = [x + 0.7 * norm(g) / norm(gv) * v for x, v in zip(g, gv)]
+    assert s["step"] == 1 and all(math.isnan(s[k]) for k in ("ckpt1", "r1_1.2", "perturbed_grad_norm", "cos", "mag_up"))
+    assert [s["grad_norm"], s["direction_norm"], s["weight_norm"]] == pytest.approx(
+        [float(norm(g)), float(norm(d)), float(norm(w))], rel=1e-12)
 
 
 # ------------------------------------------------------------------ state_dict and schedulers
@@ -1047,6 +1178,7 @@ def test_unknown_variant_lists_the_valid_names():
     (dict(rho=-0.1), ValueError, "rho"),
     (dict(normalize=False, p=math.inf), ValueError, "normalize"),
     (dict(variant="fishersam", adaptive=True), ValueError, "adaptive"),
+    (dict(variant="fishersam", p=3.0), ValueError, "fisher_eta"), (dict(variant="sgd", looksam_k=2), ValueError, "descent"),
     (dict(variant="samme1", combine="magnitude"), ValueError, "combine"),
     (dict(variant="looksam", gsam_alpha=0.4), ValueError, "LookSAM|looksam"),
     (dict(variant="looksam", sam_bins="1"), ValueError, "LookSAM|looksam"),
@@ -1253,6 +1385,36 @@ def test_a_skipped_step_leaves_the_base_optimizer_untouched_and_no_flag_means_da
     assert not torch.isfinite(loose[0]).all() and not opt.last_step_skipped
 
 
+@pytest.mark.parametrize("which", ["g", "gp"])
+def test_a_nonfinite_gradient_in_the_last_part_alone_skips_the_step(which):
+    # three parts: group 0, and group 1 over float64 and float32; the NaN is in the float32 part only
+    params = make_params()
+    params[2] = params[2].detach().float().requires_grad_()
+    opt = SAM([{"params": params[:1]}, {"params": params[1:]}], torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
+
+    def grads(t, point, kind):
+        return [x.to(p.dtype) for x, p in zip(synthetic(t, point, kind), params)]
+    drive(opt, params, grads, 1)
+    w = snap(params)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        drive(opt, params, lambda t, point, kind: _poison(grads(t, point, kind), 2, math.nan) if kind == which
+              else grads(t, point, kind), 1)
+    assert opt.last_step_skipped and opt.stats["skipped"] == 1
+    assert_same(snap(params), w)
+
+
+def test_skip_nonfinite_false_steps_and_measures_as_the_default_on_finite_gradients():
+    runs = []
+    for skip in (True, False):
+        params = make_params()
+        opt = SAM(params, torch.optim.SGD, variant="samme1", rho=RHO, lr=LR, momentum=MOM, stats_every=1,
+                  skip_nonfinite=skip)
+        stats = [synthetic_step(opt, params, t)[3] for t in range(2)]
+        runs.append((snap(params), [{k: None if math.isnan(v) else v for k, v in x.items()} for x in stats]))
+    assert_same(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and runs[1][1][-1]["direction_norm"] > 0
+
+
 # ------------------------------------------------------------------ a contributor's rule, the audit's fixes, davda54 users
 @pytest.mark.parametrize("name", ["sam", "usam", "ssamd", "samme1", "gsam"])   # the last two keep a copy of g
 def test_scaling_the_grads_in_place_equals_the_out_of_place_ascent(name):
@@ -1340,13 +1502,21 @@ def test_base_optimizer_is_fused_and_steps_as_torchs_default_one(base, kw):
 
 def test_load_state_dict_takes_davda54_layout_with_a_warning():
     params = make_params()
-    theirs = torch.optim.Optimizer(params, dict(rho=0.2, adaptive=False, lr=0.3, momentum=0.5))
+    theirs = torch.optim.Optimizer([{"params": params[:1]}, {"params": params[1:], "rho": 0.4, "lr": 0.6}],
+                                   dict(rho=0.2, adaptive=False, lr=0.3, momentum=0.5))
     theirs.state[params[0]]["old_p"] = params[0].detach().clone()
-    opt = SAM(make_params(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    mine = make_params()
+    opt = SAM([{"params": mine[:1]}, {"params": mine[1:]}], torch.optim.SGD, lr=0.1, momentum=0.9)
     with pytest.warns(UserWarning, match="davda54"):
         opt.load_state_dict(theirs.state_dict())
     assert opt.param_groups[0]["rho"] == 0.2 and opt.param_groups[0]["lr"] == 0.3
     assert opt.param_groups[0]["momentum"] == 0.5 and not opt.base_optimizer.state
+    points, got = drive(opt, mine, synthetic, 2)   # each group steps with its own loaded rho, lr and momentum
+    for part, rho, lr in ((slice(0, 1), 0.2, 0.3), (slice(1, 3), 0.4, 0.6)):
+        ref_points, ref = reference_run("sam", make_params(), synthetic, 2, rho=rho,
+                                        base=SGDRef(lr=lr, momentum=0.5, weight_decay=0.0))
+        assert_lists_close([x[part] for x in points], [x[part] for x in ref_points])
+        assert_lists_close([x[part] for x in got], [x[part] for x in ref])
 
 
 def test_state_dict_keeps_the_skipped_count():
@@ -1407,7 +1577,8 @@ def test_second_step_error_puts_the_weights_back_to_w_first():
 
 def test_step_closure_warns_once_when_gradients_are_already_there():
     params = mlp_params()
-    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    unused = torch.zeros(3, dtype=DT, requires_grad=True)   # never gets a gradient: any gradient present warns
+    opt = SAM(params + [unused], torch.optim.SGD, rho=RHO, lr=LR)
     x, y = mlp_data(0)
     mlp_loss(params, x, y).backward()      # davda54's README pattern: backward, then step(closure)
     with pytest.warns(RuntimeWarning, match="already present"):
