@@ -3713,6 +3713,8 @@ def test_ddp_resume_on_another_number_of_ranks_is_refused(ddp_runs, tmp_path):
     (["--dataset", "svhn"], "invalid choice: 'svhn'"),
     (["--rho", "-0.1"], "rho must be"),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--subset", "0"], "--subset: must be >= 1"),
+    (["--rho", "0.05", "--rho-min", "0.1"], "--rho-min must not exceed --rho"),
     (["--data-dir", "missing.tar.gz"], "--data-dir"),
 ])
 def test_train_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, argv, message):
@@ -4373,3 +4375,237 @@ def test_readme_line_counts_match_the_files():
     assert {"sam.py", "train.py", "toy.py", "plots.py", "reproduce.py"} <= set(claimed)
     for name, lines in claimed.items():
         assert len((REPO / name).read_text().splitlines()) == int(lines), name
+
+
+# ------------------------------------------------------------------ train.py: data, splits, logs and settings
+def test_train_cache_is_rebuilt_when_an_image_changes_in_place_and_when_it_is_damaged(tmp_path, capsys):
+    """The cache is keyed on each file's size and modification time: an image rewritten with the same size (at a
+    new time) or with another size (its old time put back) is decoded afresh, never read from the stale cache; an
+    unreadable cache is rebuilt."""
+    args = train.parse_settings(_tiny_run(tmp_path))
+    train.load_images(args)
+    image = tmp_path / "images" / "train" / "class0" / "0.png"
+
+    def loaded(pixels):   # the image is among the training images train.py loads now
+        images = train.load_images(args)["train"][0]
+        return bool((images == torch.from_numpy(pixels).permute(2, 0, 1)).flatten(1).all(1).any())
+
+    def rewrite(pixels, kind, mtime_ns):
+        Image.fromarray(pixels).save(image, format=kind)
+        os.utime(image, ns=(mtime_ns, mtime_ns))
+        return image.stat().st_size
+
+    rng, then = np.random.default_rng(1), image.stat().st_mtime_ns
+    a, b, c = (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3))
+    size = rewrite(a, "BMP", then + 10**9)   # uncompressed: a and b take the same number of bytes
+    assert loaded(a)
+    assert rewrite(b, "BMP", then + 2 * 10**9) == size and loaded(b)      # same size, a new time
+    assert rewrite(c, "PNG", then + 2 * 10**9) != size and loaded(c)      # another size, the same time
+    cache = tmp_path / "cache" / "images.uint8.pt"
+    cache.write_bytes(cache.read_bytes()[:1000])   # cut short
+    capsys.readouterr()
+    assert loaded(c) and "rebuilding the unreadable cache" in capsys.readouterr().err
+
+
+def test_train_an_archive_and_its_folder_load_alike_whatever_the_member_order(tmp_path):
+    """Classes are numbered by sorted name (as ImageFolder) and images come in sorted path order, so a .tar.gz with
+    its members in any order loads as the folder it unpacks to, fingerprint included: a run resumes from either."""
+    names = ["zebra", "ant", "moth", "bee", "yak", "crab", "eel", "gnu"]   # made in this order, not sorted
+    root, rng = tmp_path / "images", np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    files = sorted(root.rglob("*.png"))
+    archive = tmp_path / "shuffled.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in np.random.default_rng(1).permutation(len(files)):
+            tar.add(files[i], arcname=str(files[i].relative_to(tmp_path)))
+    folder, packed = (train.load_images(train.parse_settings(["--data-dir", str(d), "--cache-dir", str(tmp_path / "cache")]))
+                      for d in (root, archive))
+    assert folder["classes"] == packed["classes"] == sorted(names)
+    for split in ("train", "test"):   # the reference: read here in path order, labelled by the sorted names
+        ref = [f for f in files if f.relative_to(root).parts[0] == split]
+        x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in ref])
+        y = torch.tensor([sorted(names).index(f.parent.name) for f in ref])
+        for data in (folder, packed):
+            assert torch.equal(data[split][0], x) and torch.equal(data[split][1], y)
+    assert folder["fingerprint"] == packed["fingerprint"]
+
+
+def test_train_a_tar_cut_at_a_member_header_is_damaged_not_shorter(tmp_path):
+    """tarfile stops quietly at a zeroed header: read_archive must see the members after it and refuse the archive,
+    never train on the images before it."""
+    images = _image_folder(tmp_path / "images")
+    path = tmp_path / "images.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(images, arcname="images")
+    with tarfile.open(path) as tar:
+        middle = tar.getmembers()[len(tar.getmembers()) // 2].offset
+    data = bytearray(path.read_bytes())
+    data[middle:middle + 512] = bytes(512)
+    path.write_bytes(bytes(data))
+    argv = ["--model", "cnn", "--data-dir", str(path), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--out", str(tmp_path / "run")]
+    _fails(argv, re.escape(str(path)) + " is damaged or truncated")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("cache/*"))
+
+
+def test_train_fingerprint_changes_with_any_pixel_label_or_class_name():
+    gen = torch.Generator().manual_seed(0)
+    data = {split: (torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8, generator=gen), torch.arange(n) % 2)
+            for split, n in (("train", 6), ("test", 4))}
+    data["classes"] = ["cat", "dog"]
+    fingerprint = train.with_fingerprint(data)["fingerprint"]
+    assert train.with_fingerprint(copy.deepcopy(data))["fingerprint"] == fingerprint
+    others = [{**data, "classes": ["dog", "cat"]}]
+    for split in ("train", "test"):
+        for part in (0, 1):   # a pixel, a label
+            other = copy.deepcopy(data)
+            other[split][part].view(-1)[-1] += 1
+            others.append(other)
+    assert all(train.with_fingerprint(other)["fingerprint"] != fingerprint for other in others)
+
+
+def test_train_split_is_the_same_for_every_seed_and_subset_counts_after_the_long_tail():
+    """The val split, --subset and --imbalance draw with SPLIT_SEED (every seed trains on the same images), the
+    label noise with --seed; --subset N takes about N images of the long-tailed pool, a share of each class."""
+    labels = torch.arange(10).repeat(100)
+    images = torch.arange(1000).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)   # pixel = index
+    data = dict(train=(images, labels), test=(images[:10], labels[:10]), classes=[f"c{k}" for k in range(10)])
+
+    def split(*argv):
+        (x_train, _, flipped), (x_val, _, _), _ = train.make_splits(train.parse_settings(["--data-dir", "x", *argv]), data)
+        return x_train[:, 0, 0, 0], x_val[:, 0, 0, 0], flipped
+    one, two = (split("--label-noise", "0.2", "--seed", seed) for seed in ("1", "2"))
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1]) and not torch.equal(one[2], two[2])
+    assert torch.equal(one[2], split("--label-noise", "0.2", "--seed", "1")[2])
+    kept = [int(100 * 10 ** (-c / 9)) for c in range(10)]   # --imbalance 10: n_max * factor^(-c/(C-1))
+    train_idx, val_idx, _ = split("--imbalance", "10", "--subset", "200")
+    assert torch.bincount(labels[torch.cat([train_idx, val_idx])], minlength=10).tolist() == \
+        [round(200 / sum(kept) * k) for k in kept]
+
+
+def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a_bad_one(tmp_path):
+    columns, good = ["step", "loss"], [f"{k},0.{k}" for k in range(6)]
+    cases = {   # the rows on disk -> the rows kept with the checkpoint's step 4
+        "whole": (good, good[:5]),
+        "NUL bytes": (good[:2] + ["2,\0\0\0"] + good[2:], good[:2]),   # a crash's zeros, whole rows after them
+        "too few fields": (good[:3] + ["3"] + good[3:], good[:3]),
+        "too many fields": (good[:3] + ["3,0.3,0.3"] + good[3:], good[:3]),
+        "no number": (good[:1] + ["x,0.1", ",0.1"] + good[1:], good[:1]),
+        "nan": (good[:2] + ["nan,0.2"] + good[2:], good[:2]),
+    }
+    path = tmp_path / "steps.csv"
+    for case, (rows, kept) in cases.items():
+        path.write_text("".join(line + "\n" for line in ["step,loss"] + rows) + "3,0.")   # the last row cut
+        log = train.CsvLog(path, columns, "step", last=4)
+        log.write({"step": 5, "loss": 0.5})
+        log.file.close()
+        assert path.read_text() == "".join(line + "\n" for line in ["step,loss"] + kept + ["5,0.5"]), case
+    train.CsvLog(path, columns, "step").file.close()   # a fresh run
+    assert path.read_text() == "step,loss\n"
+    assert [train.format_value(v) for v in (None, 7, 10**9, 0.1 + 0.2, 1 / 3, -2.5e-12, math.nan)] == \
+        ["", "7", "1000000000", "0.3", "0.33333333", "-2.5e-12", "nan"]
+
+
+def test_train_changed_settings_are_the_keys_both_configs_hold_with_other_values():
+    saved = {"lr": 0.1, "seed": 1, "out": "a", "gone": 3}   # "gone": an older train.py's, "new": a newer one's
+    assert train.changed_settings(saved, {"lr": 0.2, "seed": 1, "out": "b", "new": 5}) == ["lr"]
+    assert train.changed_settings(saved, {"lr": 0.2, "seed": 2}, ignore={"lr"}) == ["seed"]
+
+
+def test_train_resume_refuses_another_seed_length_or_split(tmp_path, finished_and_stopped):
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    before = (tmp_path / "run" / "steps.csv").read_bytes()
+    for flag, value, was in (("--seed", "7", "42"), ("--epochs", "4", "3"), ("--val-fraction", "0.2", "0.1"),
+                             ("--subset", "60", "None")):
+        _fails(argv + ["--resume", flag, value], rf"different settings: {flag} {value} \(run: {was}\)")
+    assert (tmp_path / "run" / "steps.csv").read_bytes() == before
+
+
+def test_train_default_folder_names_tell_the_runs_apart():
+    variants = [[], ["--seed", "1"], ["--subset", "500"], ["--label-noise", "0.2"], ["--imbalance", "10"],
+                ["--epochs", "7"], ["--variant", "usam"], ["--rho", "0.2"], ["--dataset", "cifar100"], ["--model", "cnn"]]
+    names = [train.parse_settings(["--data-dir", "x", *v]).out for v in variants]
+    assert len(set(names)) == len(names) and all(n.startswith("runs/") for n in names)
+    assert train.parse_settings(["--out", "mine"]).out == "mine"
+
+
+def test_train_epoch_rows_divide_the_epochs_summed_counts(tmp_path, monkeypatch):
+    """epochs.csv's training columns divide the epoch's summed Counts: the loss and accuracy by the images seen, the
+    clean accuracy by the clean images, the memorised noise by the flipped ones; steps.csv's each step's own."""
+    step, calls = train.train_step, []
+
+    def known(*args):   # the run trains as it would; its counts are replaced by known ones
+        step(*args)
+        k = len(calls)
+        calls.append((1.5 + k, 5 + k % 3, 12, 4 + k % 2, 9, k % 3, 3))   # Counts' fields in order
+        return train.Counts(*(torch.tensor(float(v), dtype=DT) for v in calls[-1]))
+    monkeypatch.setattr(train, "train_step", known)
+    out = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--label-noise", "0.2", "--out", str(out)))
+    steps, epochs = _rows(out / "steps.csv"), _rows(out / "epochs.csv")
+    assert len(calls) == len(steps) == 3 * STEPS and len(epochs) == 3
+    for row, (loss, correct, seen, *_) in zip(steps, calls):
+        assert [float(row["loss"]), float(row["acc"])] == pytest.approx([loss / seen, 100 * correct / seen], rel=1e-7)
+    for e, row in enumerate(epochs):
+        loss, correct, seen, clean_correct, clean_seen, noisy_fit, noisy_seen = map(sum, zip(*calls[e * STEPS:(e + 1) * STEPS]))
+        assert [float(row[k]) for k in ("train_loss", "train_acc", "clean_train_acc", "noisy_train_acc")] == pytest.approx(
+            [loss / seen, 100 * correct / seen, 100 * clean_correct / clean_seen, 100 * noisy_fit / noisy_seen], rel=1e-7)
+        assert float(row["images_per_sec"]) * float(row["seconds"]) == pytest.approx(seen, rel=1e-6)
+
+
+def test_train_sharpness_every_n_epochs_measures_those_epochs_models(tmp_path):
+    out = tmp_path / "run"
+    argv = _tiny_run(tmp_path, "--epochs", "4", "--sharpness-every", "2", "--sharpness-batches", "2",
+                     "--sharpness-batch-size", "6", "--sharpness-iters", "5", "--out", str(out))
+    train.main(argv)
+    rows = _rows(out / "sharpness.csv")
+    assert [int(r["epoch"]) for r in rows] == [2, 4]
+    args = train.parse_settings(argv)   # epoch 4's row: the sharpness of last.pt's model, measured again here
+    loader = train.DeviceLoader(*train.make_splits(args, train.load_images(args))[0], "cifar10", torch.device("cpu"), False)
+    model = train.MODELS["cnn"](3, 1.0)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=False)["model"])
+    again = train.sharpness(model, loader, args)
+    assert {k: float(rows[1][k]) for k in again} == pytest.approx(again, rel=1e-6)
+
+
+def test_train_overwrite_deletes_the_temporary_files_of_a_killed_write(tmp_path, finished_and_stopped):
+    run = tmp_path / "run"
+    shutil.copytree(finished_and_stopped / "stopped", run)
+    (run / "last.pt.12345.tmp").write_bytes(b"half a checkpoint")   # a checkpoint's write cut by a kill
+    (run / "notes.tmp").write_text("mine")
+    train.main(_tiny_run(tmp_path, "--epochs", "1", "--out", str(run), "--overwrite"))
+    assert not (run / "last.pt.12345.tmp").exists() and (run / "notes.tmp").read_text() == "mine"
+
+
+def test_train_config_records_the_flags_the_optimizer_runs_with():
+    """config.json's sam_flags (what plots.py and reproduce.py read) are the optimizer's: the command line's over the
+    preset's (asam's rho 2.0 here) over sam.FLAGS."""
+    argv = ["--variant", "asam", "--rho", "0.5", "--looksam-k", "3", "--data-dir", "x"]
+    args = train.parse_settings(argv)
+    opt = train.build_optimizer(args, torch.nn.Linear(2, 2), 10, 1)
+    config = train.run_config(args, argv, torch.device("cpu"), 1, None)
+    assert config["sam_flags"] == {k: opt.flags[k] for k in config["sam_flags"]} and set(config["sam_flags"]) == set(sam.FLAGS)
+    assert (config["sam_flags"]["rho"], config["sam_flags"]["adaptive"], config["sam_flags"]["looksam_k"]) == (0.5, True, 3)
+
+
+def test_train_resume_of_a_folder_without_a_run_is_refused_not_started_afresh(tmp_path):
+    for out in (tmp_path / "typo", tmp_path / "empty"):   # a mistyped --out, an empty folder
+        if out.name == "empty":
+            out.mkdir()
+        _fails(_tiny_run(tmp_path, "--out", str(out), "--resume"), "--resume: .* holds no run; drop --resume")
+    assert not (tmp_path / "typo").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_train_resume_with_a_log_missing_its_last_column_is_refused(tmp_path, finished_and_stopped):
+    """A log of a train.py that had not yet added the last column (a prefix of today's header) is another train.py's:
+    refused with every row kept, never cut to nothing for its rows' field count."""
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    epochs = tmp_path / "run" / "epochs.csv"
+    older = "".join(line.rsplit(",", 1)[0] + "\n" for line in epochs.read_text().splitlines())
+    epochs.write_text(older)
+    _fails(argv + ["--resume"], "epochs.csv has another train.py's columns")
+    assert epochs.read_text() == older
