@@ -3593,10 +3593,6 @@ def test_ddp_run_steps_and_averages_bn_statistics_as_the_formula(ddp_runs, run, 
     assert _relative_error([a - s for a, s in zip(other, start)], [a - s for a, s in zip(w, start)]) > 0.1
 
 
-def _flat_bool(masks):
-    return torch.cat([m.flatten() for m in masks])
-
-
 def test_ddp_sync_ascent_refreshes_ssamds_mask_from_the_averaged_gradient(ddp_runs):
     # --sync-ascent: every rank ascends along mean_r g_r, so SSAM-D's refresh ranks |mean_r g_r|, as one process on the
     # whole batch would: it keeps the n_keep live entries with the largest of it (death rate drop_rate at progress 0),
@@ -3609,14 +3605,14 @@ def test_ddp_sync_ascent_refreshes_ssamds_mask_from_the_averaged_gradient(ddp_ru
         loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, dict(zip(names, ws)), (xs.double(),)), ys)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, ws)])
     g = sum(grad(xs, ys) for xs, ys in zip(x.chunk(2), y.chunk(2))) / 2
-    alive = _flat_bool(ddp_runs.ranks[0]["masks"]["alive"])
+    alive = sam._flat(ddp_runs.ranks[0]["masks"]["alive"])
     n_live = round((1 - VARIANTS["ssamd"]["sparsity"]) * len(alive))
     n_keep = round(n_live * (1 - sam.FLAGS["drop_rate"]))
     expected = torch.zeros_like(alive)
     expected[g.abs().masked_fill(~alive, -1.0).topk(n_keep).indices] = True
     for rank in ddp_runs.ranks:
-        assert torch.equal(_flat_bool(rank["masks"]["alive"]), alive)
-        mask = _flat_bool(rank["masks"]["refreshed"])
+        assert torch.equal(sam._flat(rank["masks"]["alive"]), alive)
+        mask = sam._flat(rank["masks"]["refreshed"])
         assert int((mask & ~alive).sum()) == n_live - n_keep
         assert int(((mask & alive) ^ expected).sum()) <= 0.001 * n_keep   # float32 against float64 at the threshold
 
@@ -3675,24 +3671,14 @@ def test_ddp_resume_continues_each_ranks_own_state(ddp_runs, whole, resumed):
     assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(a / "epochs.csv")] == \
         [{k: v for k, v in r.items() if k not in timing} for r in _rows(b / "epochs.csv")]
     assert (a / "final.json").read_text() == (b / "final.json").read_text()
-    _assert_same_dicts(*(torch.load(run / "last.pt", weights_only=False)["model"] for run in (a, b)))
+    assert_state_dicts_equal(*(torch.load(run / "last.pt", weights_only=False)["model"] for run in (a, b)))
     for rank in ddp_runs.ranks:   # each rank's own SAM state at the end
-        _assert_same_dicts(rank["sam_state"][whole], rank["sam_state"][resumed])
+        assert_state_dicts_equal(rank["sam_state"][whole], rank["sam_state"][resumed])
     if whole == "friendly":   # the ranks' EMAs differ (each of its own g): rank 0's in rank 1's place would show
         m = [[s["friendly_m"] for s in rank["sam_state"][whole].values()] for rank in ddp_runs.ranks]
         assert len(m[0]) == len(list(ddp_runs.model.parameters())) and _relative_error(m[1], m[0]) > 0.01
         stop = torch.load(ddp_runs.root / "run5.pt", weights_only=False)["state"]
         assert stop["step"] == 2 and stop["interval"].any()   # the stop left step 1 in the interval
-
-
-def _assert_same_dicts(x, y):
-    """Dicts of tensors, or of such dicts, bit for bit."""
-    assert x.keys() == y.keys()
-    for k in x:
-        if isinstance(x[k], dict):
-            _assert_same_dicts(x[k], y[k])
-        else:
-            assert_same([x[k]], [y[k]])
 
 
 def test_ddp_resume_on_another_number_of_ranks_is_refused(ddp_runs, tmp_path):

@@ -734,15 +734,6 @@ class SAMOverRanks(SAM):
         return bool(flag.item())
 
 
-def copy_to_cpu(obj):
-    """A copy of obj (dicts and lists of tensors) on the CPU: sent between ranks, kept apart from the live state."""
-    if isinstance(obj, dict):
-        return {k: copy_to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [copy_to_cpu(v) for v in obj]
-    return obj.detach().to("cpu", copy=True) if torch.is_tensor(obj) else obj
-
-
 def sync_buffers(model):
     """Average BN running statistics over ranks (each saw its own shard) and check that the weights agree."""
     if not dist.is_initialized():
@@ -1341,7 +1332,7 @@ def rank_parts(r):
            "optimizer": {"sam": opt["sam"], "ratio_stats": opt["ratio_stats"]},
            "state": {"totals": r.state["totals"], "interval": r.state["interval"]}}
     gathered = [None] * r.world if r.rank == 0 else None
-    dist.gather_object(copy_to_cpu(own), gathered, dst=0)
+    dist.gather_object(sam._to_device(own, torch.device("cpu")), gathered, dst=0)   # pickled: rank 0 gets copies
     return gathered
 
 
