@@ -8,7 +8,7 @@
 
 Each run is results/<group>/<label>-s<seed>/, a train.py run folder. Runs whose final.json exists are
 skipped (or resumed to measure the sharpness their row now asks for, on their best-val checkpoint), runs
-with a last.pt are resumed, runs with a config.json but no last.pt are started again, so the same command
+that diverged (diverged.txt) are counted as diverged and never run again, runs with a last.pt are resumed, runs with a config.json but no last.pt are started again, so the same command
 continues where a stopped call left off. A finished or cut folder made with other settings than its row's
 command (a new setting, an edited row) is reported as stale and left alone. Groups run in priority order.
 """
@@ -380,11 +380,11 @@ def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
 
 
 def decision(out, sharpness_wanted=False):
-    """What the runner does with a run folder: skip, measure (a finished run without the sharpness its row asks
-    for: train.py --resume measures its best-val checkpoint), resume, overwrite (a start that left no
-    checkpoint) or start."""
+    """What the runner does with a run folder: skip, diverged (a result: never run again), measure (a finished run
+    without the sharpness its row asks for: train.py --resume measures its best-val checkpoint), resume, overwrite
+    (a start that left no checkpoint) or start."""
     if (out / "diverged.txt").exists():
-        return "skip"
+        return "diverged"
     if (out / "final.json").exists():
         unmeasured = json.loads((out / "final.json").read_text()).get("sharpness") is None
         return "measure" if sharpness_wanted and unmeasured else "skip"
@@ -501,13 +501,13 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
             missing.setdefault(run.variant, []).append(f"{run.group}/{run.out.name}")
             continue
         action = decision(run.out, wants_sharpness(run))
-        changed = [] if action in ("overwrite", "start") else stale(run, end_open=action != "skip")
+        changed = [] if action in ("overwrite", "start") else stale(run, end_open=action not in ("skip", "diverged"))
         if changed:   # left as it is: it holds another experiment's results, which nothing here may delete
             counts["stale"] += 1
             print(f"stale: {run.group}/{run.out.name} was run with other settings ({'; '.join(changed)}); "
                   "move it out of results/ and run again to redo it", flush=True)
-        elif action == "skip":
-            counts["skipped"] += 1
+        elif action in ("skip", "diverged"):   # a diverged run counts as diverged in every call, not only its own
+            counts["skipped" if action == "skip" else "diverged"] += 1
         else:
             todo.append((run, action))
     for variant, names in missing.items():

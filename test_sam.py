@@ -2958,7 +2958,7 @@ sys.exit(f"train.py: the training loss is nan at step 7; stopping ({out / 'last.
 def test_reproduce_never_reruns_a_diverged_run(tmp_path, monkeypatch):
     """A job that stops with train.py's divergence message is a result: counted as diverged, its last line kept in
     diverged.txt. The next call leaves that folder alone (it holds last.pt, so it would otherwise be resumed, and
-    diverge again): nothing launched, the folder byte for byte as it was, counted with the skipped runs."""
+    diverge again): nothing launched, the folder byte for byte as it was, counted as diverged in every call."""
     import reproduce
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)   # launch runs ROOT/train.py: the fake above
     (tmp_path / "train.py").write_text(FAKE_TRAIN_DIVERGES)
@@ -2977,9 +2977,10 @@ def test_reproduce_never_reruns_a_diverged_run(tmp_path, monkeypatch):
     assert set(before) == {"config.json", "last.pt", "diverged.txt", "train.log"}
     assert not reproduce.stale(run, end_open=True)   # not stale: only diverged.txt keeps it from being resumed
 
+    assert reproduce.decision(out) == "diverged"
     for _ in range(2):
         counts = reproduce.execute([run], jobs=1, deadline=None, grace=1)
-        assert counts == dict(done=0, diverged=0, incomplete=0, failed=0, skipped=1, stale=0)
+        assert counts == dict(done=0, diverged=1, incomplete=0, failed=0, skipped=0, stale=0)
     assert len((tmp_path / "launched.txt").read_text().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -3960,6 +3961,20 @@ def _fails(argv, match):
     with pytest.raises(SystemExit) as stop:
         train.main(argv)
     assert stop.value.code not in (0, None) and re.search(match, str(stop.value.code)), stop.value.code
+
+
+def test_train_resume_of_a_finished_run_returns_its_final_json_and_says_so_once_over_ranks(tmp_path, capsys,
+                                                                                        finished_and_stopped):
+    run = tmp_path / "run"
+    shutil.copytree(finished_and_stopped / "done", run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    argv = _tiny_run(finished_and_stopped, "--out", str(run), "--resume")
+    capsys.readouterr()
+    for rank in (0, 1):   # as each of two torchrun ranks: the folder is rank 0's to report
+        final = train.train(train.parse_settings(argv), argv, rank, 2, torch.device("cpu"))
+        assert final == json.loads((run / "final.json").read_text())
+    assert capsys.readouterr().out == f"{run} is finished; nothing to resume\n"
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def test_train_never_deletes_a_folder_it_did_not_write(tmp_path, finished_and_stopped):

@@ -1558,7 +1558,8 @@ def train(args, argv, rank, world, device):
     try:
         r = set_up(args, argv, folder, rank, world, device)
         if r is None:
-            print(f"{folder.path} is finished; nothing to resume")
+            if rank == 0:
+                print(f"{folder.path} is finished; nothing to resume")
             return json.loads((folder.path / "final.json").read_text())
         with ctrl_c_stops_the_run() as stop_requested:
             while r.state["epoch"] < args.epochs:
