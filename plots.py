@@ -13,6 +13,7 @@ left out of the final-accuracy table; runs that cannot be read are skipped with 
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -54,9 +55,11 @@ class Skip(Exception):
 # ----------------------------------------------------------------------------- reading
 def read_csv(path):
     """Columns of a CSV as float arrays (empty cells: NaN). A run still being written may end in a
-    cut-off line: rows whose field count differs from the header's are dropped."""
+    cut-off line: a last line without its newline (cut inside its last cell, it has every field) and rows whose
+    field count differs from the header's are dropped."""
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    rows = list(csv.reader(io.StringIO(text[:text.rfind("\n") + 1])))   # past the last newline: not written whole
     if not rows:
         return {}
     header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]

@@ -1998,6 +1998,39 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
+def rewrite_column(folder, table, name, values):
+    """Set one column of a made run's steps.csv or epochs.csv, row by row (values: one per row, None: empty)."""
+    lines = (folder / f"{table}.csv").read_text().splitlines()
+    at = lines[0].split(",").index(name)
+    rows = [line.split(",") for line in lines[1:]]
+    for row, value in zip(rows, values):
+        row[at] = "" if value is None else str(value)
+    (folder / f"{table}.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+
+
+def kept_figures(monkeypatch):
+    """The figures plots.py draws, by name, kept open instead of saved, so that a test can read what they plot
+    (close them with plots.plt.close)."""
+    figures = {}
+
+    def keep(fig, out, name):
+        figures[name] = fig
+        return os.path.join(out, f"{name}.png")
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def band_edges(ax, i):
+    """{x: (lower, upper)} of the i-th band (fill_between) drawn in ax."""
+    xy = ax.collections[i].get_paths()[0].vertices
+    return {x: (xy[xy[:, 0] == x, 1].min(), xy[xy[:, 0] == x, 1].max()) for x in np.unique(xy[:, 0])}
+
+
+def epochs_column(folder, col):
+    """{epoch: value} of one column of a made run's epochs.csv, read with the csv module."""
+    return {float(row["epoch"]): float(row[col]) for row in _rows(folder / "epochs.csv")}
+
+
 def test_plots_writes_every_figure_and_correct_tables(tmp_path, capsys):
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -2024,6 +2057,40 @@ def test_plots_writes_every_figure_and_correct_tables(tmp_path, capsys):
         expected_lam = f"{np.mean(lam):.4g} ± {np.std(lam, ddof=1):.2g}"
         row = next(line for line in table.splitlines() if f"| {variant} |" in line)
         assert f"| 3 | {expected_acc} |" in row and expected_lam in row, row
+
+
+def test_plots_results_table_gives_every_column_over_the_finished_seeds(tmp_path):
+    """tables.md's row of a group: each of its five columns is the mean ± sample std over the finished seeds of its
+    own final.json field (a run still going is left out), computed here with statistics."""
+    import statistics
+    finals = []
+    for seed in (0, 1, 2):
+        final = make_run(tmp_path, f"sam_s{seed}", "sam", seed)
+        final.update(test_acc_last=60.0 + 3 * seed ** 2, sharpness=dict(final["sharpness"], trace=100.0 + 7 * seed))
+        update_json(tmp_path / f"sam_s{seed}" / "final.json", **final)
+        finals.append(final)
+    make_run(tmp_path, "sam_s5", "sam", 5, final=False)
+    table = plots.results_table(plots.group_runs(plots.load_runs(str(tmp_path))[0]))
+    header, _, row = ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines())
+    fields = {"test acc (best val)": lambda f: f["test_acc_best"], "test acc (last)": lambda f: f["test_acc_last"],
+              "test loss (last)": lambda f: f["test_loss_last"], "lambda_max": lambda f: f["sharpness"]["lambda_max"],
+              "trace": lambda f: f["sharpness"]["trace"]}
+    assert row[header.index("seeds")] == "3"
+    for column, field in fields.items():
+        xs = [field(f) for f in finals]
+        assert row[header.index(column)] == f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}", column
+    assert len({row[header.index(column)] for column in fields}) == len(fields)   # five different columns
+
+
+def test_plots_mean_std_over_the_finite_values():
+    """A cell of the tables: mean ± sample std of the finite values (a NaN or a missing value is no seed), one
+    value alone without a spread, none at all a dash."""
+    import statistics
+    finite = [61.5, 63.0, 58.25]
+    assert plots.mean_std([61.5, math.nan, None, 63.0, math.inf, 58.25]) == \
+        f"{statistics.mean(finite):.4g} ± {statistics.stdev(finite):.2g}"
+    assert plots.mean_std([math.nan, 58.25, None]) == "58.25"
+    assert plots.mean_std([None, math.nan]) == "–" and plots.mean_std([]) == "–"
 
 
 def test_plots_averages_only_seeds_of_the_same_settings(tmp_path):
@@ -2063,12 +2130,112 @@ def test_plots_reads_cut_csv_and_averages_seeds(tmp_path):
     assert list(xs) == [0, 2] and np.allclose(means, [50.5, 52.5])
 
 
+def test_plots_drops_a_last_line_cut_inside_its_last_cell(tmp_path):
+    """A line being written can be cut inside its last cell and still have every field: without its newline it is
+    not whole (as train.py's CsvLog counts it on --resume), so it is dropped, not read with its number cut short."""
+    make_run(tmp_path, "run", "sam", 0, final=False)
+    path = tmp_path / "run" / "steps.csv"
+    whole = path.read_text()
+    row = whole.splitlines()[-1].split(",")
+    row[STEP_COLS.index("step")], row[STEP_COLS.index("persist_running")] = "30", "166"
+    assert len(",".join(row)[:-2].split(",")) == len(STEP_COLS)   # the next step's row, cut after the 1 of 166
+    with io.StringIO(whole) as f:
+        written = list(csv.DictReader(f))
+    for tail in (",".join(row)[:-2], "35,3,0.1\n"):   # then a line short of fields, even with its newline
+        path.write_text(whole + tail)
+        steps = plots.load_run(str(tmp_path / "run"))["steps"]
+        for name in ("step", "persist_running"):
+            assert list(steps[name]) == [float(r[name]) for r in written], (name, tail)
+
+
+def test_plots_reads_an_empty_csv_cell_as_a_missing_value(tmp_path):
+    """train.py writes an empty cell where it measured nothing (test accuracy between --test-every epochs,
+    clean_train_acc without label noise): a missing value, so that epoch leaves the seed mean, not a 0 in it."""
+    import statistics
+    for seed in (0, 1):
+        make_run(tmp_path, f"r{seed}", "sam", seed)
+    accs = epochs_column(tmp_path / "r1", "test_acc")
+    rewrite_column(tmp_path / "r1", "epochs", "test_acc", [accs[0], None, accs[2]])   # not tested at epoch 1
+    per_epoch = {}
+    for seed in (0, 1):
+        for row in _rows(tmp_path / f"r{seed}" / "epochs.csv"):
+            per_epoch.setdefault(float(row["epoch"]), []).append(row["test_acc"])
+    tested = sorted(e for e, accs in per_epoch.items() if "" not in accs)
+    runs, _ = plots.load_runs(str(tmp_path))
+    xs, means, _ = plots.seed_mean(runs, "epochs", "epoch", "test_acc")
+    assert list(xs) == tested == [0, 2]
+    assert np.allclose(means, [statistics.mean(float(a) for a in per_epoch[e]) for e in tested])
+    assert plots.values(runs, "clean_train_acc") == [] and plots.cell(runs, "clean_train_acc") == "–"
+
+
+def test_plots_curves_draw_the_mean_over_seeds_with_a_band_of_one_sample_std(tmp_path, monkeypatch):
+    """Each curve is the mean over seeds at each epoch, its band +- one sample std (ddof=1), checked against
+    statistics on the epochs.csv rows of three seeds whose mean and median differ; with loss_scale "log" only the
+    loss panels are on a log scale."""
+    import statistics
+    for seed in (0, 1, 3):
+        make_run(tmp_path, f"sam_s{seed}", "sam", seed)
+    groups = plots.group_runs(plots.load_runs(str(tmp_path))[0])
+    figures = kept_figures(monkeypatch)
+    plots.plot_curves(groups, str(tmp_path))
+    plots.plot_curves(groups, str(tmp_path), "fits", "fits", "log")
+    panels = ("train_acc", "test_acc", "train_loss", "test_loss")
+    for ax, col in zip(figures["curves"].axes, panels):
+        per_epoch = {}
+        for seed in (0, 1, 3):
+            for epoch, value in epochs_column(tmp_path / f"sam_s{seed}", col).items():
+                per_epoch.setdefault(epoch, []).append(value)
+        epochs = sorted(per_epoch)
+        line, edges = ax.lines[0], band_edges(ax, 0)
+        assert line.get_label() == "sam"   # one group: named by its variant
+        assert list(line.get_xdata()) == epochs
+        assert np.allclose(line.get_ydata(), [statistics.mean(per_epoch[e]) for e in epochs]), col
+        for e in epochs:
+            mean, std = statistics.mean(per_epoch[e]), statistics.stdev(per_epoch[e])
+            assert edges[e] == pytest.approx((mean - std, mean + std)), col
+    first = [epochs_column(tmp_path / f"sam_s{seed}", "test_acc")[0] for seed in (0, 1, 3)]
+    assert statistics.mean(first) != statistics.median(first)   # a median over seeds would not pass
+    assert [ax.get_yscale() for ax in figures["fits"].axes] == ["linear", "linear", "log", "log"]
+    for fig in figures.values():
+        plots.plt.close(fig)
+
+
 def test_plots_bad_paths(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         plots.main([str(tmp_path / "missing")])
     assert err.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert plots.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     assert "no usable run folders" in capsys.readouterr().err
+
+
+def test_plots_toy_tables_from_toys_csvs(tmp_path, monkeypatch):
+    """--toy: tables.md adds toy.py's matrix sensing losses after steps 1 to 4 of each rho (Table III of seed 004)
+    and where each variant ends on each landscape, every number from its own column of the CSVs."""
+    (tmp_path / "runs").mkdir()
+    make_run(tmp_path / "runs", "sam_s0", "sam", 0)
+    toy_dir = tmp_path / "toy"
+    toy_dir.mkdir()
+    sensing = [(rho, step, 10.0 / (step + 1) + rho, 10.5 / (step + 1) + 2 * rho) for rho in (0.01, 0.5)
+               for step in range(7)]
+    with open(toy_dir / "sensing_rho.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("rho", "step", "sam", "usam")] + sensing)
+    ends = [dict(variant="sgd", landscape="two_basins", x=-1.0, y=0.5, loss=-0.3, basin="sharp", lambda_max=8.0),
+            dict(variant="sam", landscape="two_basins", x=1.4962, y=-0.4974, loss=4.2e-6, basin="flat", lambda_max=0.4)]
+    with open(toy_dir / "landscape_ends.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["variant", "landscape", "x", "y", "loss", "basin", "lambda_max"])
+        writer.writeheader()
+        writer.writerows(ends)
+    figures = kept_figures(monkeypatch)   # drawn, not saved: this test reads tables.md only
+    assert plots.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--toy", str(toy_dir)]) == 0
+    for fig in figures.values():
+        plots.plt.close(fig)
+    text = (tmp_path / "out" / "tables.md").read_text()
+    rows = [line for line in text.splitlines() if line.count("|") == 5 and line[2].isdigit()]
+    assert rows == [f"| {rho:g} | {step} | {sam_loss:.4g} | {usam_loss:.4g} |"
+                    for rho, step, sam_loss, usam_loss in sensing if 1 <= step <= 4]
+    for end in ends:
+        assert f"| {end['landscape']} | {end['variant']} | ({end['x']:.2f}, {end['y']:.2f}) | {end['basin']} " \
+               f"| {end['loss']:.4f} | {end['lambda_max']:.3f} |" in text
 
 
 def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
@@ -2132,6 +2299,42 @@ def test_plots_verdicts_and_derived_metrics_by_hand():
     assert metric["overlap_late"] == pytest.approx(41.0)
 
 
+def test_plots_verdict_within_the_spread_either_way_cant_tell():
+    """The stated rule at its edges: a difference inside the combined std reads "can't tell" whichever its sign
+    (only beyond the std on the wrong side "does not hold"), and '~' holds up to the spread or 25% inclusive."""
+    import statistics
+
+    def rule(ours, op, reference):   # RULE, written out with statistics
+        if isinstance(reference, (int, float)):
+            diff, spread = statistics.mean(ours) - reference, statistics.stdev(ours)
+            tolerance = 0.25 * abs(reference)
+        else:
+            diff, tolerance = statistics.mean(ours) - statistics.mean(reference), 0.0
+            spread = math.hypot(statistics.stdev(ours), statistics.stdev(reference))
+        if op == "~":
+            return "holds" if abs(diff) <= max(spread, tolerance) else "does not hold"
+        diff = diff if op == ">" else -diff
+        return "holds" if diff > spread else "does not hold" if diff < -spread else "can't tell"
+    cases = [([1.0, 3.0], "<", [1.0, 1.0]), ([1.0, 3.0], ">", [2.5, 2.5]), ([50.0, 58.0], "<", 51.0),
+             ([50.0, 58.0], ">", 57.0), ([50.0, 58.0], ">", 62.0), ([1.0, 3.0], "<", [-1.0, -1.0]),
+             ([40.0, 50.0], "~", 36.0), ([39.0, 41.0, 43.0], "~", [39.0, 39.0, 39.0]), ([40.0, 50.0], "~", 35.0)]
+    got = [plots.verdict(*case) for case in cases]
+    assert got == [rule(*case) for case in cases]
+    assert got == ["can't tell", "can't tell", "can't tell", "can't tell", "does not hold", "does not hold",
+                   "holds", "holds", "does not hold"]   # 0.25 * 36 = 9 = 45 - 36; hypot(2, 0) = 2 = 41 - 39
+
+
+def test_plots_ckpt1_min_takes_every_step_after_the_first_tenth():
+    """Claim 1's "B1 above 60% throughout": the lowest B1 share once the first tenth of the logged steps (the ramp
+    from step 0) is over, the dip on the first step after it included."""
+    n = 30   # its first tenth: steps 0, 1 and 2
+    for dip_at, lowest in ((2, 70.0), (3, 40.0), (29, 40.0)):
+        ckpt1 = np.full(n, 70.0)
+        ckpt1[0], ckpt1[dip_at] = 20.0, 40.0
+        run = dict(final={}, steps=dict(step=np.arange(n, dtype=float), ckpt1=ckpt1))
+        assert plots.METRICS["ckpt1_min"][1](run) == min(ckpt1[n // 10:]) == lowest, dip_at
+
+
 def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     """reproduce.py's folder layout -> results.md: mean ± std over seeds per row, the verdict by the stated rule."""
     import reproduce
@@ -2184,6 +2387,41 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     assert plots.verdict([3.0, 3.2], ">", [1.0, 1.2]) == "holds"
     assert plots.verdict([1.0, 1.2], ">", [3.0, 3.2]) == "does not hold"
     assert plots.verdict([40.0, 44.0], "~", 40.0) == "holds" and plots.verdict([5.0], ">", 1.0) == "can't tell (n < 2)"
+
+
+def test_plots_results_md_counts_diverged_seeds_and_leaves_running_ones_out(tmp_path):
+    """A row's n counts its finished seeds and names the diverged ones (reproduce.py's diverged.txt, kept even
+    with no CSV rows), "ran on" names where both ran; a seed still going is in neither. The final train accuracy
+    is each finished seed's last epoch (not its best), averaged over those seeds."""
+    import statistics
+    train_acc = {("sgd", 0): [60.0, 85.0, 80.0], ("sgd", 1): [62.0, 90.0, 84.5], ("sam", 0): [50.0, 70.0, 66.0],
+                 ("sam", 1): [52.0, 75.0, 71.0], ("sam", 2): [10.0, 20.0, 30.0]}
+    for (variant, seed), accs in train_acc.items():
+        running = (variant, seed) == ("sam", 2)
+        folder = tmp_path / "core" / f"{variant}-s{seed}"
+        folder.parent.mkdir(exist_ok=True)
+        make_run(folder.parent, folder.name, variant, seed, final=not running)
+        update_json(folder / "config.json", device="NVIDIA H100 80GB HBM3" if running else "cpu")
+        rewrite_column(folder, "epochs", "train_acc", accs)
+    make_run(tmp_path / "core", "sgd-s2", "sgd", 2, final=False)   # diverged before its first logged row
+    update_json(tmp_path / "core" / "sgd-s2" / "config.json", device="NVIDIA A100-SXM4-80GB")
+    for table in ("steps", "epochs"):
+        path = tmp_path / "core" / "sgd-s2" / f"{table}.csv"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+    (tmp_path / "core" / "sgd-s2" / "diverged.txt").write_text("loss is nan at step 3\n")
+    runs, skipped = plots.load_runs(str(tmp_path))
+    assert not skipped
+    core = plots.results_md(str(tmp_path), runs).split("\n## 0. ")[1].split("\n## ")[0]   # the core group's table
+    lines = core.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| row | n |")).strip("|").split("|")]
+    sgd, sam = ([c.strip() for c in next(line for line in lines if line.startswith(f"| {v} |")).strip("|").split("|")]
+                for v in ("sgd", "sam"))
+    assert sgd[header.index("n")] == "2 (+1 diverged)" and sam[header.index("n")] == "2"
+    assert sgd[header.index("ran on")] == "A100-SXM4-80GB, cpu" and sam[header.index("ran on")] == "cpu"
+    column = header.index("final train acc (%)")
+    for variant, row in (("sgd", sgd), ("sam", sam)):
+        last = [train_acc[variant, seed][-1] for seed in (0, 1)]
+        assert row[column] == f"{statistics.mean(last):.4g} ± {statistics.stdev(last):.2g}", variant
 
 
 def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
@@ -2327,6 +2565,41 @@ def test_plots_claims_1_and_3_in_every_candidate_setting(tmp_path, monkeypatch):
     assert png_size(paths[0]) == tuple(round(x * plots.DPI) for x in plots.SHARES_BY_SETTING)
 
 
+def test_plots_shares_by_setting_against_training_done_over_finished_seeds(tmp_path, monkeypatch):
+    """The selection's SAM runs per candidate against the share of training done (100 * step / the last step,
+    so candidates of different lengths line up), each line the mean over the finished seeds; a seed still going
+    is in neither the figure nor the n of results.md's table."""
+    import reproduce
+    import statistics
+    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n, "--epochs", "3"] for n in ("short", "long")})
+    (tmp_path / "setting.json").write_text(json.dumps(dict(name="short", args=reproduce.CANDIDATES["short"], rule="r")))
+    mag_up = {"short": [[55, 60, 62, 70, 80, 90], [51, 58, 61, 73, 81, 86], [5, 5, 5, 5, 5, 5]],   # seed 2: going
+              "long": [[40, 45, 50, 52, 58, 61], [45, 46, 47, 58, 59, 62], [30, 5, 5, 5, 5, 5]]}
+    stretch = {"short": 1, "long": 4}   # steps 0..25 and 0..100
+    for name, seeds in mag_up.items():
+        root = tmp_path / "select" / name
+        root.mkdir(parents=True)
+        for seed, column in enumerate(seeds):
+            make_run(root, f"sam-s{seed}", "sam", seed, final=seed < 2)
+            update_json(root / f"sam-s{seed}" / "config.json", subset=name)
+            rewrite_column(root / f"sam-s{seed}", "steps", "mag_up", column)
+            rewrite_column(root / f"sam-s{seed}", "steps", "step", [5 * k * stretch[name] for k in range(6)])
+    (tmp_path / "core").mkdir()   # results.md is written once a claims row has run
+    make_run(tmp_path / "core", "sgd-s0", "sgd", 0)
+    runs, _ = plots.load_runs(str(tmp_path))
+    text = plots.results_md(str(tmp_path), runs)
+    assert "| short | 2 |" in text and "| long | 2 |" in text
+    figures = kept_figures(monkeypatch)
+    plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
+    ax = figures["shares_by_setting"].axes[4]   # mag_up
+    assert [line.get_label() for line in ax.lines] == ["short", "long"]
+    for line, (name, seeds) in zip(ax.lines, mag_up.items()):
+        assert list(line.get_xdata()) == [0, 20, 40, 60, 80, 100]
+        assert np.allclose(line.get_ydata(), [statistics.mean(s[k] for s in seeds[:2]) for k in range(6)]), name
+    for fig in figures.values():
+        plots.plt.close(fig)
+
+
 def test_plots_persistence_above_chance_matches_the_definition(tmp_path):
     """If B1 were drawn afresh each step with its share, the t0 set's overlap with step t's B1 would be that share and
     the running intersection k steps on the product of the k shares since t0: results.md's two "above chance"
@@ -2378,6 +2651,40 @@ def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_pat
     assert plots.label("2,500 images, 100 epochs", rows) == "2,500 images, 100 epochs"
     paths = plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
     assert [os.path.basename(p) for p in paths] == ["ckpt_shares.png", "ckpt1_bins.png", "persistence.png", "mag_up.png"]
+
+
+def test_plots_persistence_and_bins_figures_plot_what_they_name(tmp_path, monkeypatch):
+    """Persistence: the overlap in % of each run's own t0 set, averaged over seeds (t0 sets differ in size), at the
+    steps every seed tracks; the running-intersection panel opens 2 steps before the earliest t0 and shows 60
+    steps. Fine bins: one panel per group for the first three groups, one line per r > 1 bin."""
+    import statistics
+    tracked = {0: (10, 1000, [None, None, 700, 650, 600, 640]), 1: (5, 500, [None, 500, 400, 420, 300, 310])}
+    for seed, (t0, size, overlap) in tracked.items():
+        make_run(tmp_path, f"sam_s{seed}", "sam", seed)
+        steps = [5 * k for k in range(6)]
+        rewrite_column(tmp_path / f"sam_s{seed}", "steps", "persist_t0", [size if s >= t0 else None for s in steps])
+        rewrite_column(tmp_path / f"sam_s{seed}", "steps", "persist_overlap", overlap)
+    for variant in ("asam", "usam", "sgd"):
+        make_run(tmp_path, f"{variant}_s0", variant, 0)
+    groups = plots.group_runs(plots.load_runs(str(tmp_path))[0])
+    figures = kept_figures(monkeypatch)
+    sam_only = {key: runs for key, runs in groups.items() if key[2] == "sam"}
+    plots.plot_persistence(sam_only, str(tmp_path))
+    axes = figures["persistence"].axes
+    both = [s for s in range(0, 30, 5) if all(s >= t0 for t0, _, _ in tracked.values())]
+    line = axes[0].lines[0]
+    assert list(line.get_xdata()) == both == [10, 15, 20, 25]
+    assert np.allclose(line.get_ydata(), [statistics.mean(100 * overlap[s // 5] / size for _, size, overlap
+                                                          in tracked.values()) for s in both])
+    earliest = min(t0 for t0, _, _ in tracked.values())
+    assert axes[1].get_xlim() == (earliest - 2, earliest + 60)
+    plots.plot_ckpt1_bins(groups, str(tmp_path))
+    axes = figures["ckpt1_bins"].axes
+    first = list(groups)[:3]
+    assert [ax.get_title() for ax in axes] == [plots.label(key, groups) for key in first] == ["asam", "sam", "sgd"]
+    assert [len(ax.lines) for ax in axes] == [len(sam.FINE_NAMES)] * 3
+    for fig in figures.values():
+        plots.plt.close(fig)
 
 
 def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its_sgd_and_sam(tmp_path):
