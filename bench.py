@@ -168,7 +168,8 @@ def bench_optimizer_on(model_name, args, device, measure):
                                    "base SGD step alone, fused": base_step("fused")}, args.repeats, 3, lambda fn: fn())
     loop = seconds["davda54 loop"]
     rows = [(f"{name} [ms]", f"{1000 * s:.2f}", "") for name, s in seconds.items()]
-    rows.append(("SAM / loop", f"{seconds['sam.SAM'] / loop:.2f}", f"<= {OPTIMIZER_TARGETS.get(model_name, '')}"))
+    target = f"<= {OPTIMIZER_TARGETS[model_name]}" if model_name in OPTIMIZER_TARGETS else ""   # none set: none shown
+    rows.append(("SAM / loop", f"{seconds['sam.SAM'] / loop:.2f}", target))
     rows.append(("SAM stats every step / loop", f"{seconds['sam.SAM, stats every step'] / loop:.2f}",
                  "<= 1.0" if model_name == "pyramidnet110" else ""))
     rows.append(("samme1 / loop", f"{seconds['sam.SAM samme1 (buckets r every step)'] / loop:.2f}", ""))

@@ -8,9 +8,10 @@
 
 Each run is results/<group>/<label>-s<seed>/, a train.py run folder. Runs whose final.json exists are
 skipped (or resumed to measure the sharpness their row now asks for, on their best-val checkpoint), runs
-that diverged (diverged.txt) are counted as diverged and never run again, runs with a last.pt are resumed, runs with a config.json but no last.pt are started again, so the same command
-continues where a stopped call left off. A finished or cut folder made with other settings than its row's
-command (a new setting, an edited row) is reported as stale and left alone. Groups run in priority order.
+that diverged (diverged.txt) are counted as diverged and never run again, runs with a last.pt are resumed,
+runs with a config.json but no last.pt are started again, so the same command continues where a stopped call
+left off. A finished or cut folder made with other settings than its row's command (a new setting, an edited
+row) is reported as stale and left alone. Groups run in priority order.
 """
 import argparse
 import json

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -519,6 +520,119 @@ def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets(monkeypat
     assert_same(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[0][1][-1]["ckpt1"] > 0
     assert sam._bucketize.__name__ == "_bucketize"   # the plain form was swapped in for its own steps only
+
+
+def test_bench_times_the_configurations_in_turn_after_their_warmup_and_reports_medians():
+    """interleaved_medians: every configuration's warm-up calls first, then one timed call of each in turn, repeats
+    times (so that a load change hits all of them), and per configuration the median of its own times."""
+    import bench
+    times = {"a": [5.0, 1.0, 3.0, 2.0, 100.0], "b": [0.5, 0.7, 0.1, 0.9, 0.2], "c": [4.0, 4.0, 9.0, 4.0, 1.0]}
+    calls = []
+    configs = {name: (lambda name=name: calls.append(name)) for name in times}
+    served = {name: iter(t) for name, t in times.items()}
+
+    def measure(fn):   # the scripted time of this configuration's next timed call
+        fn()
+        return next(served[calls[-1]])
+    medians = bench.interleaved_medians(configs, repeats=5, warmup=2, measure=measure)
+    assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 5
+    assert medians == {name: sorted(t)[len(t) // 2] for name, t in times.items()} == {"a": 3.0, "b": 0.5, "c": 4.0}
+    served = iter([1.0, 10.0, 3.0, 30.0, 5.0, 50.0, 7.0, 70.0])   # a, b, a, b, ...
+    even = bench.interleaved_medians({"a": lambda: None, "b": lambda: None}, 4, 0, lambda fn: next(served))
+    assert even == {"a": (3 + 5) / 2, "b": (30 + 50) / 2}   # an even count: the mean of the middle two
+
+
+def test_bench_cpu_timer_measures_the_call_in_seconds():
+    import bench
+    seconds = bench.timer(torch.device("cpu"))(lambda: time.sleep(0.05))
+    assert 0.05 <= seconds < 1.0
+
+
+def test_bench_loop_sam_is_davda54s_sam_step():
+    """The loop the optimizer benchmark times sam.SAM against is SAM: first_step moves every tensor to
+    w + rho g / ||g|| (one norm over all of them), second_step puts w back and takes the base step with g' there."""
+    import bench
+    torch.manual_seed(0)
+    params = [torch.randn(shape, requires_grad=True) for shape in ((4, 3), (5,), (2,))]
+    w = [p.detach().clone().double() for p in params]
+    g, gp = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
+    norm = math.sqrt(sum(float((x.double() ** 2).sum()) for x in g))
+    rho, lr = 0.05, 0.1
+    opt = bench.LoopSAM(params, torch.optim.SGD, rho=rho, lr=lr)
+    for p, x in zip(params, g):
+        p.grad = x.clone()
+    opt.first_step(zero_grad=True)
+    for p, w0, x in zip(params, w, g):
+        assert torch.allclose(p.detach().double(), w0 + rho * x.double() / norm, atol=1e-6) and p.grad is None
+    for p, x in zip(params, gp):
+        p.grad = x.clone()
+    opt.second_step()
+    for p, w0, x in zip(params, w, gp):
+        assert torch.allclose(p.detach().double(), w0 - lr * x.double(), atol=1e-6)
+
+
+def test_bench_held_bytes_counts_each_buffer_once_and_leaves_out_the_parameters():
+    """held_bytes: the storages an optimizer object keeps, in its attributes, dicts and lists, each storage once
+    (views of one buffer too), without the parameters and gradients it is given, its base optimizer or param_groups."""
+    import bench
+    param, buffer = torch.zeros(7), torch.zeros(10)
+    opt = types.SimpleNamespace(
+        buffer=buffer, view=buffer[2:5], state={param: {"old_p": torch.zeros(3, dtype=torch.float64)}},
+        parts=[param, [buffer.view(2, 5), torch.zeros(4, dtype=torch.int32)]],
+        base_optimizer=types.SimpleNamespace(momentum=torch.zeros(100)), param_groups=[{"params": [torch.zeros(100)]}])
+    assert bench.held_bytes(opt, exclude=[param]) == 10 * 4 + 3 * 8 + 4 * 4
+    assert bench.held_bytes(opt, exclude=[]) == 10 * 4 + 3 * 8 + 4 * 4 + 7 * 4
+
+
+def test_bench_prints_each_ratio_from_its_medians(monkeypatch, capsys):
+    """Each benchmark's rows: milliseconds per configuration (1000 x its median seconds), images per second (images
+    per epoch / seconds) and the ratios, each the one its label names; a SAM step is timed as first_step plus
+    second_step; buffers held in parameter sizes (4 bytes each). The medians are given here, so the figures are
+    checked against their definitions, not against a timing."""
+    import bench
+    seconds, step_calls = {}, {}
+
+    def medians(configs, repeats, warmup, measure):   # distinct seconds per configuration, in the order given
+        given = {name: 0.001 * (i + 2) ** 1.5 for i, name in enumerate(configs)}
+        if "davda54 loop" in configs:   # the optimizer benchmark: its configurations time themselves
+            step_calls.update({name: fn() for name, fn in configs.items()})
+        seconds.update(given)
+        return given
+    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    monkeypatch.setattr(bench, "timer", lambda device: lambda fn: fn() or 0.25)   # 0.25 s a timed call
+    held = lambda opt, exclude: 6 * sum(p.numel() for p in opt.param_groups[0]["params"])   # 6 bytes a parameter
+    monkeypatch.setattr(bench, "held_bytes", held)
+    bench.main(["--only", "optimizer", "data", "step", "--device", "cpu", "--optimizer-models", "cnn",
+                "--data-images", "256"])
+    shown, targets = {}, {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  "):
+            label, value, *target = re.split(r"\s{2,}", line.strip())
+            shown[label], targets[label] = float(value.replace(",", "")), " ".join(target)
+    for name, s in seconds.items():
+        if name in ("device loader", "DataLoader, PIL, 2 workers"):
+            assert shown[f"{name} [img/s]"] == round(256 / s)
+        else:
+            assert shown[f"{name} [ms]"] == pytest.approx(1000 * s, abs=0.051)
+    ratios = {"SAM / loop": ("sam.SAM", "davda54 loop"),
+              "SAM stats every step / loop": ("sam.SAM, stats every step", "davda54 loop"),
+              "samme1 / loop": ("sam.SAM samme1 (buckets r every step)", "davda54 loop"),
+              "stats every step: branch-free buckets / torch.bucketize": (
+                  "sam.SAM, stats every step", "sam.SAM, stats every step, torch.bucketize"),
+              "device loader / DataLoader": ("DataLoader, PIL, 2 workers", "device loader"),   # a rate: the inverse
+              "SAM / SGD": ("SAM, stats off", "SGD"),
+              "SAM without the host read / SGD": ("SAM, stats off, no host read (skip_nonfinite=False)", "SGD"),
+              "stats every step / off": ("SAM, stats every step", "SAM, stats off")}
+    for label, (over, under) in ratios.items():
+        assert shown[label] == pytest.approx(seconds[over] / seconds[under], abs=0.051), label
+    # the targets; the cnn has no optimizer target, so none is shown (not a bare "<=")
+    assert {label: t for label, t in targets.items() if t} == {
+        "device loader / DataLoader": ">= 10", "SAM / SGD": "<= 2.10", "stats every step / off": "<= 1.05"}
+    for name in ("sam.SAM", "sam.SAM, stats every step"):   # 6 bytes a parameter: 1.5 float32 parameters
+        assert shown[f"{name}: buffers held between steps [x params]"] == 1.5
+    # a SAM configuration times first_step and second_step (0.25 s each here), a base step alone once
+    assert step_calls == {name: 0.25 if name.startswith("base SGD") else 0.5 for name in step_calls}
+    assert len(step_calls) == 7
 
 
 # ------------------------------------------------------------------ ascent geometries
@@ -3090,6 +3204,34 @@ def test_reproduce_rule_takes_a_candidate_exactly_at_the_fit_margin():
     assert reproduce.FIT_MARGIN == 2.0 and reproduce.rule_choice(table) == "edge"
 
 
+def test_reproduce_rule_reads_every_finished_seed_and_counts_the_fewer_optimizer(tmp_path, monkeypatch):
+    """A candidate with more seeds (SELECT_SEEDS) is read over every one finished, for both optimizers; its seed count
+    is the fewer of SGD's and SAM's finished runs, so three SGD seeds beside two of SAM's are not yet eligible, however
+    large their gain."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("five", "lopsided")})
+    monkeypatch.setattr(reproduce, "SELECT_SEEDS", {"five": (0, 1, 2, 3, 4)})
+    # candidate: optimizer: (final train acc, best val acc) per seed
+    made = {"five": {"sgd": [(95, 60), (96, 61), (97, 62), (98, 70), (99, 71)],
+                     "sam": [(50, 63), (50, 64), (50, 65), (50, 66), (50, 80)]},
+            "lopsided": {"sgd": [(99, 50)] * 3, "sam": [(50, 70)] * 2}}
+    for name, optimizers in made.items():
+        for variant, seeds in optimizers.items():
+            for seed, (train_acc, val) in enumerate(seeds):
+                out = tmp_path / "select" / name / f"{variant}-s{seed}"
+                out.mkdir(parents=True)
+                (out / "final.json").write_text(json.dumps({"best_val_acc": val}))
+                (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{train_acc}\n")
+    table = reproduce.candidate_table(tmp_path)
+    five = made["five"]
+    sgd_val, sam_val = (np.mean([v for _, v in five[o]]) for o in ("sgd", "sam"))   # 64.8 and 67.6: every seed
+    assert table["five"]["seeds"] == 5 and table["five"]["sgd_train_acc"] == pytest.approx(97.0)
+    assert (table["five"]["sgd_val_acc"], table["five"]["sam_val_acc"]) == pytest.approx((sgd_val, sam_val))
+    assert table["five"]["gain"] == pytest.approx(sam_val - sgd_val) and sam_val - sgd_val == pytest.approx(2.8)
+    assert table["lopsided"]["seeds"] == 2 and table["lopsided"]["gain"] == pytest.approx(20.0)
+    assert reproduce.rule_choice(table) == "five"   # lopsided fits best and gains most, on 2 SAM seeds
+
+
 def test_reproduce_leaves_a_folder_made_with_other_settings_alone(tmp_path, monkeypatch, capsys):
     """A finished folder counts as its row's result only if it was run with what the row's command gives now:
     a new setting (another --lr) or a changed preset (sam_flags) makes it stale: reported, not run, not touched."""
@@ -3246,6 +3388,113 @@ def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stal
     assert launched == [("r-s0", "resume")] and "stale 0" in capsys.readouterr().out
 
 
+def _one_row_claims(tmp_path, monkeypatch):
+    """reproduce.main's claims in tmp_path: one group g of one row r (seed 0), no decoding, pytest's signal handlers."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: None)
+    monkeypatch.setattr(reproduce, "stop_on_signals", lambda: None)   # leave pytest's signal handlers alone
+    (tmp_path / "results" / "g").mkdir(parents=True)
+    setting = {"name": "x", "args": ["--model", "cnn", "--epochs", "3"]}
+    (tmp_path / "results" / "setting.json").write_text(json.dumps(setting))
+    groups = [reproduce.Group("g", "c", [reproduce.Row("r", "sgd", [], (0,))])]
+    monkeypatch.setattr(reproduce, "claims", lambda setting: groups)
+    return reproduce
+
+
+def test_reproduce_exits_non_zero_when_a_job_fails(tmp_path, monkeypatch, capsys):
+    """A job that ends with an error (not a signal, not a divergence) is failed, and the runner exits with 1; one that
+    ends with 0 before its final.json (cut) is incomplete, to resume, and the runner exits with 0."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    launched, code = [], {}
+    ended = _fake_launch(launched)
+
+    def launch(run, action, threads):
+        proc, log = ended(run, action, threads)
+        proc.returncode = code["rc"]
+        return proc, log
+    monkeypatch.setattr(reproduce, "launch", launch)
+    for rc, outcome, exit_code in ((1, "failed", 1), (0, "incomplete", 0)):
+        code["rc"] = rc
+        assert reproduce.main(["claims"]) == exit_code
+        printed = capsys.readouterr().out
+        assert f"{outcome}: g/r-s0 (" in printed and f"{outcome} 1" in printed.splitlines()[-1]
+    assert launched == [("r-s0", "start")] * 2
+
+
+def test_reproduce_deadline_counts_the_decoding_before_the_jobs(tmp_path, monkeypatch, capsys):
+    """--deadline counts from the runner's start, the decoding of the images included: a decoding that ends after
+    deadline - grace leaves every job unstarted (incomplete); the same call with a quick decoding launches it."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
+    deadline, grace = 2.0, 1.0
+    for decoding, started in ((deadline - grace + 0.3, []), (0.0, [("r-s0", "start")])):
+        monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: time.sleep(decoding))
+        assert reproduce.main(["claims", "--deadline", str(deadline), "--grace", str(grace)]) == 0
+        assert launched == started and "incomplete 1" in capsys.readouterr().out.splitlines()[-1]
+
+
+FAKE_TRAIN_RECORDS = r'''
+import os, sys
+from pathlib import Path
+with open(Path(__file__).parent / "launched.txt", "a") as f:   # a job that ends at once, its folder as it was
+    f.write(os.environ["OMP_NUM_THREADS"] + " " + " ".join(sys.argv[1:]) + "\n")
+'''
+
+
+def test_reproduce_launches_each_folder_with_the_flags_of_its_state(tmp_path, monkeypatch, capsys):
+    """Each folder state gets its train.py flags: none for a new run, --overwrite for a start that left only config.json
+    (even one made with other settings: it holds no result), --resume for a cut run (one made before its row asked for
+    the sharpness too) and for a finished run without the sharpness its row asks for; a finished, measured run is
+    skipped. The dry run prints each command with its action, and launches nothing. A job that ends without finishing
+    what it was launched for (no final.json, or still no sharpness) is incomplete, not done. A variant this sam.py
+    lacks is left out with a note."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)   # launch runs ROOT/train.py: the fake above
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_RECORDS)
+    sharp = ["--sharpness", "--sharpness-batches", "2", "--sharpness-iters", "5"]
+
+    def args(out, *extra):
+        return ["--variant", "sgd", "--model", "cnn", "--epochs", "3", "--data-dir", "nowhere", "--device", "cpu",
+                *extra, "--out", str(out)]
+
+    def config(argv):
+        return json.dumps(train.run_config(train.parse_settings(argv), argv, torch.device("cpu"), 1, None))
+    names = ("new", "crashed", "cut", "unmeasured", "measured")
+    outs = {name: tmp_path / "results" / "g" / f"{name}-s0" for name in names}
+    saved = {"crashed": (args(outs["crashed"], "--lr", "0.05"), []), "cut": (args(outs["cut"]), ["last.pt"]),
+             "unmeasured": (args(outs["unmeasured"]), ["final.json"]), "measured": (args(outs["measured"], *sharp),
+                                                                                    ["final.json"])}
+    for name, (argv, files) in saved.items():   # config.json as train.py wrote it, for the command given here
+        outs[name].mkdir(parents=True)
+        (outs[name] / "config.json").write_text(config(argv))
+        for file in files:
+            (outs[name] / file).write_text(json.dumps({"best_val_acc": 50.0, "sharpness": (
+                dict(lambda_max=1.0) if name == "measured" else None)}))
+    runs = [reproduce.Run("g", name, 0, "sgd", args(out, *sharp), out) for name, out in outs.items()]
+    runs.append(reproduce.Run("g", "odd", 0, "no-such-preset", ["--variant", "no-such-preset"], tmp_path / "odd-s0"))
+    before = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    wanted = {"new": "start", "crashed": "overwrite", "cut": "resume", "unmeasured": "measure"}
+    flags = {"start": [], "overwrite": ["--overwrite"], "resume": ["--resume"], "measure": ["--resume"]}
+
+    counts = reproduce.execute(runs, jobs=2, deadline=None, grace=1, dry_run=True)
+    assert counts == dict(done=0, diverged=0, incomplete=0, failed=0, skipped=1, stale=0)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "note: variant 'no-such-preset' is not in this sam.py; left out: g/odd-s0"
+    commands = [re.fullmatch(r"\[(\w+)\] python train\.py (.*)", line).groups() for line in printed[1:]]
+    assert [(action, shlex.split(command)) for action, command in commands] == \
+        [(wanted[run.label], run.args) for run in runs if run.label in wanted]
+    assert not (tmp_path / "launched.txt").exists()
+
+    counts = reproduce.execute(runs, jobs=2, deadline=None, grace=1, threads=3)
+    assert counts == dict(done=0, diverged=0, incomplete=4, failed=0, skipped=1, stale=0)
+    launched = sorted(line.split() for line in (tmp_path / "launched.txt").read_text().splitlines())
+    assert launched == sorted(["3", *run.args, *flags[wanted[run.label]]] for run in runs if run.label in wanted)
+    assert {p: p.read_bytes() for p in before} == before   # the fake job changed nothing
+
+
 FAKE_TRAIN_DIVERGES = r'''
 import shutil, sys
 from pathlib import Path
@@ -3342,6 +3591,18 @@ def test_reproduce_deadline_asks_jobs_to_stop_grace_seconds_early_then_kills(tmp
     assert max(events["stubborn", "alive"]) >= stubborn_sigint + grace - 0.25
     assert ("stubborn", "checkpointed") not in events and deadline - 0.2 <= ended < deadline + 1.5   # killed by then
     assert [pid for pid in _pids() if str(tmp_path).encode() in _cmdline(pid)] == []   # both ended
+
+
+def test_reproduce_counts_a_job_the_deadline_stops_before_train_py_handles_sigint_as_incomplete(tmp_path, monkeypatch):
+    """A job that the deadline's SIGINT reaches before train.py catches it (a job still importing) ends by the signal,
+    returncode -SIGINT: stopped, to start again (incomplete), not failed."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    (tmp_path / "train.py").write_text("import time\ntime.sleep(20)\n")   # Python's own SIGINT handling: it ends
+    out = tmp_path / "results" / "g" / "r-s0"
+    run = reproduce.Run("g", "r", 0, "sgd", ["--out", str(out)], out)
+    counts = reproduce.execute([run], jobs=1, deadline=1.0, grace=0.5)
+    assert counts == dict(done=0, diverged=0, incomplete=1, failed=0, skipped=0, stale=0)
 
 
 def _pids():
