@@ -463,6 +463,11 @@ def finish(run, proc, log):
     return "incomplete" if proc.returncode in (0, 130, -signal.SIGINT, -signal.SIGKILL) else "failed"
 
 
+def usable_cores():
+    """The cores this process may run on (a container's or a batch job's share), else all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def signal_job(proc, signum):
     try:
         os.killpg(proc.pid, signum)
@@ -491,8 +496,8 @@ def stop_jobs(running, grace):
 
 
 def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None):
-    """Run train.py jobs `jobs` at a time, each on `threads` threads (default cores / jobs); at deadline - grace stop them
-    (stop_jobs). Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM through main), it stops
+    """Run train.py jobs `jobs` at a time, each on `threads` threads (default: the usable cores over the jobs that run
+    at once); at deadline - grace stop them (stop_jobs). Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM through main), it stops
     the jobs the same way, files their logs and raises KeyboardInterrupt."""
     import sam
     counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0, stale=0)
@@ -518,7 +523,7 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
             print(f"[{action}] python train.py {shlex.join(run.args)}")
         return counts
     start, running, began = start or time.monotonic(), [], {}
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, usable_cores() // max(1, min(jobs, len(todo))))   # 2 runs, 12 jobs: half the cores each
     try:
         while todo or running:
             if deadline and time.monotonic() - start > deadline - grace:
@@ -663,7 +668,7 @@ def main(argv=None):
     parser.add_argument("outfile", nargs="?", help="pack: the .tar.gz to write")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train.py processes at a time; they split the CPU cores (OMP_NUM_THREADS)")
-    parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs); set it when other runs "
+    parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs run at once); set it when other runs "
                         "share the machine: on 2 cores a job on 2 threads beside another run took 3.5x as long as on 1")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=DATA_DIR)
@@ -678,6 +683,9 @@ def main(argv=None):
     if args.jobs < 1 or (args.threads is not None and args.threads < 1) or (
             args.deadline is not None and not args.deadline > 0) or not args.grace >= 0:
         parser.error("--jobs and --threads must be >= 1, --deadline > 0 and --grace >= 0")
+    if args.deadline is not None and args.deadline <= args.grace:
+        parser.error(f"--deadline {args.deadline:g} leaves no time to run: the jobs are stopped at --deadline minus "
+                     f"--grace ({args.grace:g} s); give a longer deadline or a shorter --grace")
     if args.stage == "pack":
         if not args.outfile:
             parser.error("pack needs OUTFILE")

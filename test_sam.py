@@ -3077,6 +3077,15 @@ def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     assert stop.value.code == 2 and "--jobs and --threads must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--deadline", "30"], ["--deadline", "20", "--grace", "25"]])
+def test_reproduce_refuses_a_deadline_within_the_grace(argv, capsys):
+    # the jobs get SIGINT at deadline - grace: such a call would start nothing and count every run incomplete
+    import reproduce
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["claims", "--dry-run", *argv])
+    assert stop.value.code == 2 and "leaves no time to run" in capsys.readouterr().err
+
+
 def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
     import tarfile
     import reproduce
@@ -3127,11 +3136,13 @@ def test_reproduce_measures_the_sharpness_a_row_adds_to_its_finished_runs(tmp_pa
     assert json.loads((out / "final.json").read_text()) == final
 
 
-@pytest.mark.parametrize("jobs,asked,threads", [(1, None, 16), (4, None, 4), (5, None, 3), (32, None, 1), (1, 1, 1), (2, 3, 3)])
-def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, capsys, jobs, asked, threads):
-    """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); many jobs share them;
-    --threads sets the count where other runs share the machine. Each job's line gives its own time, then the
-    runner's."""
+@pytest.mark.parametrize("jobs,n_runs,asked,threads", [(1, 2, None, 16), (4, 8, None, 4), (5, 8, None, 3),
+                                                      (32, 40, None, 1), (12, 2, None, 8), (1, 2, 1, 1), (2, 2, 3, 3)])
+def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, capsys, jobs, n_runs, asked, threads):
+    """One job on a CPU gets every core (one thread ran it at half speed on 2 cores); the jobs that run at once
+    share them (2 runs left for 12 jobs: 8 threads each); the cores are those this process may use (16 of the
+    machine's 64 here); --threads sets the count where other runs share the machine. Each job's line gives its own
+    time, then the runner's."""
     import reproduce
     seen = []
 
@@ -3143,12 +3154,13 @@ def test_reproduce_splits_the_cpu_cores_among_its_jobs(tmp_path, monkeypatch, ca
         def poll(self):
             return 0
     monkeypatch.setattr(reproduce.subprocess, "Popen", Finished)
-    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
-    runs = [reproduce.Run("g", f"r{i}", 0, "sgd", [], tmp_path / "results" / "g" / f"r{i}-s0") for i in range(2)]
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(reproduce.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    runs = [reproduce.Run("g", f"r{i}", 0, "sgd", [], tmp_path / "results" / "g" / f"r{i}-s0") for i in range(n_runs)]
     reproduce.execute(runs, jobs=jobs, deadline=None, grace=1, threads=asked, start=time.monotonic() - 500)
-    assert seen == [str(threads)] * 2
+    assert seen == [str(threads)] * n_runs
     finished = [line for line in capsys.readouterr().out.splitlines() if line.endswith("since this runner started)")]
-    assert [line.split(" (")[0] for line in finished] == ["incomplete: g/r0-s0", "incomplete: g/r1-s0"]   # no final.json
+    assert [line.split(" (")[0] for line in finished] == [f"incomplete: g/r{i}-s0" for i in range(n_runs)]   # no final.json
     for line in finished:
         own, since_start = (float(x) for x in re.fullmatch(r".*\((\d+) s; (\d+) s since this runner started\)", line).groups())
         assert own < 5 and 500 <= since_start < 505
