@@ -4402,6 +4402,19 @@ def test_train_passes_label_smoothing_and_freeze_bn_stats_to_its_steps(tmp_path)
     assert counts == {"e0": {1}, "both": {2}}
 
 
+def test_train_autocasts_to_bf16_only_where_asked(tmp_path, monkeypatch):
+    # --dtype auto on a CPU and --dtype fp32 train in full precision, --dtype bf16 under bf16 autocast
+    step, seen = train.train_step, []
+
+    def watched(model, opt, x, y, settings, *rest):
+        seen.append((settings.autocast_dtype, settings.device_type))
+        return step(model, opt, x, y, settings, *rest)
+    monkeypatch.setattr(train, "train_step", watched)
+    for name in ("auto", "bf16", "fp32"):
+        train.main(_tiny_run(tmp_path, "--dtype", name, "--max-steps", "1", "--out", str(tmp_path / name)))
+    assert seen == [(None, "cpu"), (torch.bfloat16, "cpu"), (None, "cpu")]
+
+
 def test_train_builds_the_optimizer_the_command_line_asks_for():
     model = torch.nn.Linear(3, 2)
     args = train.parse_settings(["--data-dir", "x", "--variant", "saner", "--lr", "0.3", "--momentum", "0.8", "--nesterov",
@@ -4414,6 +4427,92 @@ def test_train_builds_the_optimizer_the_command_line_asks_for():
     args = train.parse_settings(["--data-dir", "x", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05"])
     opt = train.build_optimizer(args, model, steps_per_epoch=10, world=1)
     assert type(opt.base_optimizer) is torch.optim.AdamW and opt.base_optimizer.param_groups[0]["weight_decay"] == 0.05
+
+
+def _conv(cin, cout, k):
+    return cin * cout * k * k
+
+
+def _pooled_shape(model):
+    """The shape of the feature map a model's global average pooling gets from one 32x32 image."""
+    shapes = []
+    pool = next(m for m in model.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d))
+    pool.register_forward_hook(lambda m, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    return shapes[0]
+
+
+def test_train_models_have_their_papers_widths_strides_and_shortcuts():
+    """Parameter counts written out from each architecture's definition (3x3 stem, no max-pool, BN with a weight
+    and a bias, one linear head) and the feature map each pools: ResNet-18 (kuangliu's 11.17M: 64-128-256-512, 1x1
+    conv + BN projections where the shape changes, 4x4 at the end), WRN-28-10 (Zagoruyko & Komodakis' 36.5M:
+    pre-activation, 160-320-640, 1x1 conv projections, 8x8), PyramidNet-110 alpha 48 (Han et al.'s 1.7M: block k of
+    54 has round(16 + 48 k / 54) channels, weightless shortcuts, 8x8) and the 24k CNN."""
+    resnet, cin = _conv(3, 64, 3) + 2 * 64, 64
+    for p in (64, 128, 256, 512):
+        for _ in range(2):
+            resnet += _conv(cin, p, 3) + _conv(p, p, 3) + 4 * p + (_conv(cin, p, 1) + 2 * p if cin != p else 0)
+            cin = p
+    wrn, cin = _conv(3, 16, 3), 16
+    for cout in (160, 320, 640):
+        for _ in range(4):
+            wrn += 2 * cin + _conv(cin, cout, 3) + 2 * cout + _conv(cout, cout, 3)
+            wrn += _conv(cin, cout, 1) if cin != cout else 0
+            cin = cout
+    pyramid, cin = _conv(3, 16, 3) + 2 * 16, 16
+    for k in range(1, 55):
+        d = round(16 + 48 * k / 54)
+        pyramid += 2 * cin + _conv(cin, d, 3) + 2 * d + _conv(d, d, 3) + 2 * d
+        cin = d
+    expected = {"resnet18": (resnet + 512 * 10 + 10, (1, 512, 4, 4)),
+                "wrn28-10": (wrn + 2 * 640 + 640 * 10 + 10, (1, 640, 8, 8)),
+                "pyramidnet110": (pyramid + 2 * 64 + 64 * 10 + 10, (1, 64, 8, 8)),
+                "cnn": (_conv(3, 16, 3) + _conv(16, 32, 3) + _conv(32, 64, 3) + 2 * (16 + 32 + 64) + 650,
+                        (1, 64, 8, 8))}
+    for name, (count, shape) in expected.items():
+        model = train.MODELS[name](10, 1.0)
+        assert sum(p.numel() for p in model.parameters()) == count, name
+        assert _pooled_shape(model) == shape, name
+    # ResNet-50: bottlenecks of 4x expansion, a projection already at the first block; --width scales every stage
+    assert _pooled_shape(train.MODELS["resnet50"](10, 1.0)) == (1, 2048, 4, 4)
+    assert _pooled_shape(train.MODELS["resnet18"](10, 0.5)) == (1, 256, 4, 4)
+    assert _pooled_shape(train.MODELS["wrn16-8"](10, 1.0)) == (1, 512, 8, 8)
+    assert train.MODELS["pyramidnet272"](10, 1.0)[-1].in_features == 4 * (16 + 200)   # bottleneck, alpha 200
+
+
+def _bn_by_hand(t, bn):
+    """Eval-mode BatchNorm2d written out."""
+    shape = (1, -1, 1, 1)
+    return (t - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps) * bn.weight.view(shape) \
+        + bn.bias.view(shape)
+
+
+def test_train_wide_and_pyramid_blocks_add_their_shortcuts_as_the_papers_do():
+    """WRN's pre-activation block: o = relu(bn1(x)), conv2(relu(bn2(conv1(o)))) plus a 1x1 conv of o where the shape
+    changes, else x itself. PyramidNet's: bn-conv-bn-relu-conv-bn with no ReLU after the last BN, plus the input
+    average-pooled 2x2 on a stride and zero-padded with the new channels after its own."""
+    torch.manual_seed(0)
+    conv = torch.nn.functional.conv2d
+    x = torch.randn(2, 4, 6, 6)
+    for cout, stride in ((6, 2), (4, 1)):
+        block = train.WideBlock(4, cout, stride).eval()
+        with torch.no_grad():
+            for bn in (block.bn1, block.bn2):
+                bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+        o = torch.relu(_bn_by_hand(x, block.bn1))
+        y = conv(torch.relu(_bn_by_hand(conv(o, block.conv1.weight, stride=stride, padding=1), block.bn2)),
+                 block.conv2.weight, padding=1)
+        shortcut = conv(o, block.shortcut.weight, stride=stride) if cout != 4 else x
+        assert torch.allclose(block(x), y + shortcut, atol=1e-5), (cout, stride)
+    for stride in (2, 1):
+        block = train.PyramidBlock(4, 6, stride, bottleneck=False).eval()
+        exit_bn = block.body[-1]
+        with torch.no_grad():   # the body's output is then exit_bn's bias alone, some of it negative
+            exit_bn.weight.zero_(), exit_bn.bias.copy_(torch.tensor([-1.0, 2.0, -0.5, 0.3, -2.0, 1.0]))
+        pooled = x.view(2, 4, 3, 2, 3, 2).mean((3, 5)) if stride == 2 else x
+        shortcut = torch.cat([pooled, torch.zeros(2, 2, *pooled.shape[2:])], 1)
+        assert torch.allclose(block(x), exit_bn.bias.view(1, -1, 1, 1) + shortcut, atol=1e-6), stride
 
 
 def test_train_evaluation_and_hutchinson_by_hand():
@@ -4449,6 +4548,15 @@ def test_train_schedules_match_their_formulas():
     group = {"lr": None, "rho": 0.2}
     train.set_schedule(types.SimpleNamespace(param_groups=[group]), args, 0.2, 50, total, per_epoch)
     assert group == pytest.approx({"lr": 0.4 * cosine[50], "rho": 0.05 + 0.15 * cosine[50]})   # GSAM: rho follows lr
+
+
+def test_train_warm_up_of_a_fractional_number_of_steps_never_passes_the_peak_lr():
+    # --warmup-epochs 0.5 of 5 steps: a linear ramp (s + 1) / 2.5 that stops at the peak 1 (step 2's was 1.2, an lr
+    # 20% above --lr), then the cosine over the 97.5 steps after the warm-up
+    args = train.parse_settings(["--data-dir", "x", "--warmup-epochs", "0.5"])
+    got = [train.lr_factor(args, step, 100, 5) for step in range(100)]
+    cosine = [0.5 * (1 + math.cos(math.pi * (s - 2.5) / 97.5)) for s in range(3, 100)]
+    assert got == pytest.approx([0.4, 0.8, 1.0] + cosine)
 
 
 def test_train_splits_come_from_the_training_images_at_random_per_class():
@@ -4508,6 +4616,39 @@ def test_train_augmentation_is_a_padded_crop_a_mirror_and_a_cutout():
                 assert len(at) == 16 or at[0] == 0 or at[-1] == 31
             sizes.append(len(rows))
     assert 0.35 < len(sizes) / n < 0.65 and sizes.count(16) > len(sizes) / 3
+
+
+def test_train_cutout_centres_are_any_pixel_row_and_column_drawn_apart():
+    # DeVries & Taylor's cutout: the square's centre is any pixel of the image, its row and column drawn on their own
+    # for every image (the square clipped at the border); read back from each hole: 8 rows above its first one, or
+    # 7 below its last where the top border clipped it
+    n = 2048
+    loader = train.DeviceLoader(torch.full((n, 3, 32, 32), 128, dtype=torch.uint8), torch.zeros(n, dtype=torch.long),
+                                None, "cifar10", torch.device("cpu"), channels_last=False)
+    x, _, _ = loader.train_batch(torch.arange(n), torch.Generator().manual_seed(0), cutout=True)
+    holes = x[:, 0] == 0   # the grey image and the padding normalise to nonzero values
+    holes = holes[holes.flatten(1).any(1)]
+    centres = []
+    for axis in (2, 1):   # rows, then columns
+        lines = holes.any(axis)
+        first, last = lines.float().argmax(1), 31 - lines.flip(1).float().argmax(1)
+        centres.append(torch.where(first > 0, first + 8, last - 7))
+    cy, cx = centres
+    assert 0.45 < len(holes) / n < 0.55
+    for c in (cy, cx):
+        counts = torch.bincount(c, minlength=32)
+        assert len(counts) == 32 and counts.min() > 0.5 * len(c) / 32 and counts.max() < 1.5 * len(c) / 32
+    assert float((cy == cx).double().mean()) < 2 / 32   # independent: about 1 in 32 on the diagonal
+
+
+def test_train_normalises_each_dataset_with_its_published_mean_and_std():
+    # (pixel / 255 - mean) / std per channel, evaluation batches as training ones; CIFAR-100's published constants
+    cifar100 = [torch.tensor(v).view(1, 3, 1, 1) for v in ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))]
+    images = torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for dataset, (mean, std) in (("cifar10", (CIFAR10_MEAN, CIFAR10_STD)), ("cifar100", cifar100)):
+        loader = train.DeviceLoader(images, torch.zeros(5, dtype=torch.long), None, dataset, torch.device("cpu"), False)
+        (x, _), = loader.batches(5)
+        assert torch.allclose(x, (images / 255 - mean) / std, atol=1e-5), dataset
 
 
 # ------------------------------------------------------------------ train.py: reliability (issue 8)
@@ -4830,6 +4971,14 @@ def test_train_hutchinson_trace_holds_the_exact_trace_within_its_standard_error(
         assert 0 < se and abs(mean - true) < 4 * se, (seed, mean, se, true)
 
 
+def test_train_hutchinson_takes_min_probes_before_trusting_its_spread():
+    # z.Hz is 2 x 6 for every Rademacher z when H = 2 I: no spread after 2 probes, yet it takes min_probes = 10
+    calls = []
+    mean, se = train.hutchinson_trace(lambda z: (calls.append(1), 2 * z)[1], torch.zeros(6, dtype=DT),
+                                      torch.Generator().manual_seed(0), max_probes=100)
+    assert len(calls) == 10 and (mean, se) == (12.0, 0.0)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_train_sharpness_is_of_the_mean_loss_over_its_batches_with_eval_mode_bn(training):
     """sharpness(): lambda_max (the eigenvalue of largest magnitude) and the Hutchinson trace of the Hessian of
@@ -4881,6 +5030,59 @@ def test_train_sharpness_is_of_the_mean_loss_over_its_batches_with_eval_mode_bn(
     assert abs(by_size[1]) < 0.8 * abs(by_size[0])   # a gap power iteration resolves
     assert got["lambda_max"] == pytest.approx(float(by_size[0]), rel=1e-2)
     assert 0 < got["trace_se"] and abs(got["trace"] - float(exact.trace())) < 4 * got["trace_se"]
+
+
+def test_train_sharpness_top5_pos_mean_is_the_mean_of_the_positive_top_5_of_each_batch(monkeypatch):
+    # origin 3: the 5 eigenvalues of largest magnitude of each batch's Hessian, the mean of the positive ones among
+    # them all; lambda_max: one eigenvalue of the mean loss over all batches (known values stand in for them here)
+    asked = []
+
+    def known(hvp, like, k, rng, max_iter, tol=1e-3):
+        asked.append(k)
+        return [7.0] if k == 1 else [2.0 * len(asked), -3.0, 1.0, -0.5, 0.25, 9.0][:k]
+    monkeypatch.setattr(train, "top_eigenvalues", known)
+    loader = train.DeviceLoader(torch.randint(0, 256, (12, 3, 2, 2), dtype=torch.uint8), torch.arange(12) % 3, None,
+                                "cifar10", torch.device("cpu"), channels_last=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    args = types.SimpleNamespace(seed=0, sharpness_batches=3, sharpness_batch_size=4, sharpness_iters=3, cutout=False)
+    got = train.sharpness(model, loader, args)
+    assert asked == [5, 5, 5, 1] and got["lambda_max"] == 7.0
+    assert got["top5_pos_mean"] == pytest.approx((2 + 4 + 6 + 3 * (1 + 0.25)) / 9)
+
+
+def test_train_sharpness_batches_are_augmented_as_training_is_cutout_included(monkeypatch):
+    # the Hessians are of --sharpness-batches batches of the training split augmented as training is (crop, mirror
+    # and --cutout), drawn by a generator of their own seeded with --seed: a permutation, then the batches in order
+    seen, hvp = [], train.hessian_vector_product
+    monkeypatch.setattr(train, "hessian_vector_product",
+                        lambda model, batches, params, v: (seen.append(batches), hvp(model, batches, params, v))[1])
+    images = torch.randint(1, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = train.DeviceLoader(images, torch.arange(12) % 3, None, "cifar10", torch.device("cpu"), channels_last=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    args = types.SimpleNamespace(seed=4, sharpness_batches=2, sharpness_batch_size=6, sharpness_iters=2, cutout=True)
+    train.sharpness(model, loader, args)
+    rng = torch.Generator().manual_seed(4)
+    expected = [loader.train_batch(i, rng, True)[:2] for i in torch.randperm(12, generator=rng).split(6)]
+    assert any((x == 0).any() for x, _ in expected)   # a cutout hole: the only zeros after normalisation
+    every = next(batches for batches in seen if len(batches) == 2)
+    for got, want in zip([seen[0][0], *every], [expected[0], *expected]):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_train_final_sharpness_is_best_pts_on_the_augmented_training_split(tmp_path):
+    # final.json's sharpness: best.pt's model (epoch 1 at --lr 0.005, not the last) on the training split's batches
+    out = tmp_path / "run"
+    argv = _tiny_run(tmp_path, "--lr", "0.005", "--sharpness", "--sharpness-batches", "2", "--sharpness-batch-size",
+                     "6", "--sharpness-iters", "5", "--out", str(out))
+    final = train.main(argv)
+    args = train.parse_settings(argv)
+    loader = train.DeviceLoader(*train.make_splits(args, train.load_images(args))[0], "cifar10", torch.device("cpu"),
+                                False)
+    model = train.MODELS["cnn"](3, 1.0)
+    saved = torch.load(out / "best.pt", weights_only=False)
+    model.load_state_dict(saved["model"])
+    assert saved["epoch"] == final["best_epoch"] == 1
+    assert final["sharpness"] == pytest.approx(train.sharpness(model, loader, args), rel=1e-6)
 
 
 FAULT_POINTS = {   # where a SIGKILL lands, and at which call of the patched function
@@ -5068,6 +5270,15 @@ def test_train_split_is_the_same_for_every_seed_and_subset_counts_after_the_long
         [round(200 / sum(kept) * k) for k in kept]
 
 
+def test_train_long_tail_keeps_a_random_share_of_each_class():
+    # CIFAR-LT (Cao et al.): each class's kept images drawn at random from it, not its first ones
+    labels = torch.arange(10).repeat(100)
+    kept = train.long_tailed(torch.arange(1000), labels, 10.0, torch.Generator().manual_seed(0))
+    for c in range(1, 10):
+        mine = kept[labels[kept] == c]
+        assert not torch.equal(mine, torch.nonzero(labels == c).flatten()[:len(mine)]), c
+
+
 def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a_bad_one(tmp_path):
     columns, good = ["step", "loss"], [f"{k},0.{k}" for k in range(6)]
     cases = {   # the rows on disk -> the rows kept with the checkpoint's step 4
@@ -5136,6 +5347,43 @@ def test_train_epoch_rows_divide_the_epochs_summed_counts(tmp_path, monkeypatch)
         assert [float(row[k]) for k in ("train_loss", "train_acc", "clean_train_acc", "noisy_train_acc")] == pytest.approx(
             [loss / seen, 100 * correct / seen, 100 * clean_correct / clean_seen, 100 * noisy_fit / noisy_seen], rel=1e-7)
         assert float(row["images_per_sec"]) * float(row["seconds"]) == pytest.approx(seen, rel=1e-6)
+
+
+def test_train_steps_rows_sum_the_counts_of_their_log_every_steps(tmp_path, monkeypatch):
+    """--log-every 2: a steps.csv row at steps 0, 2, 4, ...; its loss and accuracy divide the Counts summed over the
+    steps since the row before, its epoch is the epochs done with that step ((step + 1) / 5 steps), its lr the
+    cosine of its step."""
+    step, calls = train.train_step, []
+
+    def known(*args):   # the run trains as it would; its counts are replaced by known ones
+        step(*args)
+        k = len(calls)
+        calls.append((1.5 + k, 5 + k % 3, 12, 12, 12, 0, 0))
+        return train.Counts(*(torch.tensor(float(v), dtype=DT) for v in calls[-1]))
+    monkeypatch.setattr(train, "train_step", known)
+    out = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--log-every", "2", "--out", str(out)))
+    rows, total = _rows(out / "steps.csv"), 3 * STEPS
+    assert [int(r["step"]) for r in rows] == list(range(0, total, 2))
+    for before, row in zip([-1] + [int(r["step"]) for r in rows], rows):
+        s = int(row["step"])
+        loss, correct, seen = (sum(c[j] for c in calls[before + 1:s + 1]) for j in range(3))
+        assert [float(row[k]) for k in ("loss", "acc", "epoch", "lr")] == pytest.approx(
+            [loss / seen, 100 * correct / seen, (s + 1) / STEPS, 0.1 * 0.5 * (1 + math.cos(math.pi * s / total))],
+            rel=1e-7), s
+
+
+def test_train_steps_rows_hold_the_statistics_of_their_own_step(tmp_path, monkeypatch):
+    """A steps.csv row's statistics columns are opt.stats (sam.py's, by name) of the row's own step: with
+    --log-every 2 sam.py measures them every 2nd step (stats_every), the steps the loop logs."""
+    read, got = train.mean_stats, []
+    monkeypatch.setattr(train, "mean_stats", lambda opt: (got.append(opt.stats), read(opt))[1])
+    out = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--log-every", "2", "--out", str(out)))
+    rows, columns = _rows(out / "steps.csv"), train.STEP_COLUMNS[6:]
+    assert [int(s["step"]) for s in got] == [int(r["step"]) for r in rows] == list(range(0, 3 * STEPS, 2))
+    for stats, row in zip(got, rows):
+        assert [float(row[k]) for k in columns] == pytest.approx([stats[k] for k in columns], rel=1e-6, nan_ok=True)
 
 
 def test_train_sharpness_every_n_epochs_measures_those_epochs_models(tmp_path):

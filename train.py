@@ -648,8 +648,8 @@ def build_optimizer(args, model, steps_per_epoch, world):
 def lr_factor(args, step, total_steps, steps_per_epoch):
     """The schedule as a factor of --lr at a step: warm-up, then cosine / step / multistep / constant."""
     warmup = args.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
+    if step < warmup:   # a fractional warm-up's last step would pass the peak
+        return min((step + 1) / warmup, 1.0)
     t = (step - warmup) / max(total_steps - warmup, 1)   # fraction of training after warm-up
     if args.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
