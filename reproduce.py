@@ -497,8 +497,8 @@ def stop_jobs(running, grace):
 
 def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None):
     """Run train.py jobs `jobs` at a time, each on `threads` threads (default: the usable cores over the jobs that run
-    at once); at deadline - grace stop them (stop_jobs). Returns the count of each outcome. Interrupted (Ctrl-C, or SIGTERM through main), it stops
-    the jobs the same way, files their logs and raises KeyboardInterrupt."""
+    at once); at deadline - grace stop them (stop_jobs). Returns the count of each outcome. Interrupted (Ctrl-C,
+    or SIGTERM through main), it stops the jobs the same way, files their logs and raises KeyboardInterrupt."""
     import sam
     counts = dict(done=0, diverged=0, incomplete=0, failed=0, skipped=0, stale=0)
     todo, missing = [], {}
@@ -668,8 +668,9 @@ def main(argv=None):
     parser.add_argument("outfile", nargs="?", help="pack: the .tar.gz to write")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train.py processes at a time; they split the CPU cores (OMP_NUM_THREADS)")
-    parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs run at once); set it when other runs "
-                        "share the machine: on 2 cores a job on 2 threads beside another run took 3.5x as long as on 1")
+    parser.add_argument("--threads", type=int, help="threads per job (default: cores / jobs run at once); set it "
+                        "when other runs share the machine: on 2 cores a job on 2 threads beside another run took "
+                        "3.5x as long as on 1")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--deadline", type=float, help="seconds: stop launching, checkpoint and end by then")
