@@ -2058,6 +2058,204 @@ def test_toy_checkpoints_writes_figure_and_csv(tmp_path):
     assert ratios[0] > 1 and 0 < ratios[1] < 1 and ratios[2] < -1 and -1 < ratios[3] < 0
 
 
+def test_sensing_toy_redraws_u_star_measurements_loss_and_init_from_its_generator():
+    """Sensing(d, r, seed) draws from one generator, in this order: U* (d x r standard Gaussian, columns scaled to unit
+    norm), m = 5dr full Gaussian A_i (kept as the upper triangle of A_i + A_i^T: N(0, 1) on the diagonal, N(0, 2) off
+    it), then init() = 0.7 G / sqrt(d); f(U) = 1/(4m) sum_i (<A_i, U U^T> - <A_i, U* U*^T>)^2. Redrawn by hand, with
+    each symmetric (A_i + A_i^T) / 2 built in full."""
+    for d, r, seed in ((6, 2, 0), (5, 1, 3)):
+        prob = toy.Sensing(d, r, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        u = torch.randn(d, r, generator=gen, dtype=torch.float64)
+        u = u / u.square().sum(0).sqrt()
+        m = 5 * d * r
+        z = torch.randn(m, d * (d + 1) // 2, generator=gen, dtype=torch.float64)
+        sym = torch.zeros(m, d, d, dtype=torch.float64)
+        k = 0
+        for j in range(d):
+            for l in range(j, d):   # (A_jl + A_lj) / 2 ~ N(0, 2) / 2 off the diagonal
+                sym[:, j, l] = sym[:, l, j] = z[:, k] if j == l else z[:, k] * math.sqrt(2) / 2
+                k += 1
+        U0 = 0.7 * torch.randn(d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+        assert torch.allclose(prob.init(), U0, rtol=0, atol=1e-15)
+        assert torch.allclose(prob.x_star, u @ u.T, rtol=0, atol=1e-14)
+        b = (sym * (u @ u.T)).sum((1, 2))
+        other = torch.randn(d, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        for U in (U0, other, torch.cat([u, torch.zeros(d, d - r, dtype=torch.float64)], 1)):
+            expected = ((sym * (U @ U.T)).sum((1, 2)) - b).square().sum() / (4 * m)
+            assert prob.loss(U).item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-24), (d, U)
+
+
+def test_sensing_toy_figure_draws_the_4_iterate_means_and_usam_clipped_at_1e6(tmp_path, monkeypatch):
+    """sensing.png: left, each rho's SAM and USAM loss per step (USAM above 1e6 or not finite drawn at 1e6), then GD;
+    middle, the long run's loss averaged over iterates t..t+3 at x = t; right, lambda_max where it is finite."""
+    close = toy.plt.close
+    kept = []
+    monkeypatch.setattr(toy.plt, "close", kept.append)
+    steps = 3
+    rows = [dict(rho=rho, step=t, sam=1.0 / (t + 1) + rho, usam=[2.0, 5e5, 3e6, math.inf][t] * (1 + rho))
+            for rho in toy.RHOS for t in range(steps + 1)]
+    gd = [1.5, 0.7, 0.3, 0.2]
+    long_rows, losses = [], {}
+    for i, variant in enumerate(("sgd", "sam", "usam")):
+        losses[variant] = [(i + 1) * 2.0 ** -t * (3 if t % 2 else 1) for t in range(9)]
+        long_rows += [dict(variant=variant, step=t, loss=loss, lambda_max=t + i if t % 4 == 0 else math.nan)
+                      for t, loss in enumerate(losses[variant])]
+    toy._plot_sensing(str(tmp_path / "sensing.png"), rows, gd, long_rows, steps)
+    (fig,) = kept
+    ax1, ax2, ax3 = fig.axes
+    for i, rho in enumerate(toy.RHOS):
+        sam_line, usam_line = ax1.lines[2 * i], ax1.lines[2 * i + 1]
+        assert list(sam_line.get_ydata()) == pytest.approx([1.0 / (t + 1) + rho for t in range(4)])
+        assert list(usam_line.get_ydata()) == pytest.approx([2.0 * (1 + rho), 5e5 * (1 + rho), 1e6, 1e6])
+    assert list(ax1.lines[8].get_ydata()) == gd
+    for i, variant in enumerate(("sgd", "sam", "usam")):
+        x = losses[variant]
+        assert list(ax2.lines[i].get_xdata()) == list(range(6))
+        assert list(ax2.lines[i].get_ydata()) == pytest.approx([sum(x[t:t + 4]) / 4 for t in range(6)], rel=1e-12)
+        assert list(ax3.lines[i].get_xdata()) == [0, 4, 8]
+        assert list(ax3.lines[i].get_ydata()) == [i, 4 + i, 8 + i]
+    close(fig)
+
+
+def _sparse_reference(land, variant, steps):
+    """SSAM-F or SSAM-D on a landscape through sam.py's mask API: at steps 0, 10, 20, ... the mask is rebuilt at
+    progress t / steps, SSAM-F's from the Fisher of the first 16 per-example losses (of the full loss where the
+    landscape has no examples), SSAM-D's from the full gradient; torch's global generator seeded 0 first."""
+    torch.manual_seed(0)
+    w = torch.tensor(land.start, dtype=torch.float64, requires_grad=True)
+    opt = SAM([w], torch.optim.SGD, variant=variant, rho=land.rho, lr=land.lr, stats_every=0)
+    path = [w.detach().clone()]
+    for t in range(steps):
+        if t % 10 == 0:
+            if variant == "ssamf":
+                losses = [land.samples(w)[i] for i in range(16)] if land.samples is not None else [land.loss(w)]
+                for loss in losses:
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.accumulate_fisher()
+            else:
+                opt.zero_grad()
+                land.loss(w).backward()
+            opt.update_mask(t / steps)
+            opt.zero_grad()
+        land.loss(w).backward()
+        opt.first_step(zero_grad=True)
+        land.loss(w).backward()
+        opt.second_step(zero_grad=True)
+        path.append(w.detach().clone())
+    return torch.stack(path)
+
+
+def test_toy_sparse_trajectories_rebuild_the_mask_every_10_steps_from_16_examples():
+    two_basins, _, logistic = toy.landscapes()
+    # two quadratics whose larger-gradient coordinate changes as they descend, so that the mask does too:
+    # y's gradient leads at the start and x's from step 3 on; its examples' Fisher picks y from the first 16
+    # examples (x from the first 8 or from all 20)
+    switch = toy.Landscape("switch", lambda w: (0.5 * w[0] ** 2 + 2 * w[1] ** 2) / 2, (1.0, 1.0), lr=0.2, rho=0.05,
+                           steps=31, box=None, where=None)
+    weights = torch.tensor([[1.0, 0.0]] * 8 + [[0.0, 9.0]] * 8 + [[100.0, 0.0]] * 4, dtype=torch.float64)
+    examples = toy.Landscape("examples", lambda w: (weights * w * w).sum(-1).mean() / 2, (1.0, 1.0), lr=0.02,
+                             rho=0.05, steps=31, box=None, where=None, samples=lambda w: (weights * w * w).sum(-1) / 2)
+    for land, variant, steps in ((logistic, "ssamf", 31), (two_basins, "ssamf", 31), (two_basins, "ssamd", 31),
+                                 (logistic, "ssamd", 31), (switch, "ssamf", 31), (switch, "ssamd", 31),
+                                 (examples, "ssamf", 12)):
+        expected = _sparse_reference(land, variant, steps)
+        assert torch.allclose(toy.trajectory(land, variant, steps=steps), expected, rtol=0, atol=1e-12), \
+            (land.name, variant)
+
+
+def test_toy_endpoint_reports_the_last_iterate_its_basin_loss_and_curvature():
+    two_basins, hyperbola, _ = toy.landscapes()
+    sharp_bottom, flat_bottom = [-1.0, 0.5], [1.5, -0.5]
+    for path, basin, loss, curvature in (([sharp_bottom, [0.2, 0.1], flat_bottom], "flat", 0.0, 0.4),
+                                         ([flat_bottom, [0.2, 0.1], sharp_bottom], "sharp", -0.3, 8.0)):
+        end = toy.endpoint(two_basins, torch.tensor(path, dtype=torch.float64))
+        assert end == dict(landscape="two_basins", x=path[-1][0], y=path[-1][1], loss=pytest.approx(loss, abs=1e-12),
+                           basin=basin, lambda_max=pytest.approx(curvature, rel=1e-10))
+    # basin: the lower of 8/2 |w - (-1, 0.5)|^2 - 0.3 and 0.4/2 |w - (1.5, -0.5)|^2, also near where they meet
+    for x in torch.linspace(-2.0, 1.0, 61, dtype=torch.float64).tolist():
+        for y in (-0.5, 0.0, 0.5, 1.5):
+            sharp = 4 * ((x + 1) ** 2 + (y - 0.5) ** 2) - 0.3
+            flat = 0.2 * ((x - 1.5) ** 2 + (y + 0.5) ** 2)
+            if abs(sharp - flat) > 1e-9:
+                w = torch.tensor([x, y], dtype=torch.float64)
+                assert two_basins.where(w) == ("sharp" if sharp < flat else "flat"), (x, y)
+                assert toy.two_basins(w).item() == pytest.approx(min(sharp, flat), rel=1e-12, abs=1e-12)
+    # hyperbola: at (2, 0.5), on xy = 1, lambda_max = x^2 + y^2 = 4.25; x and y rounded to 4 places
+    end = toy.endpoint(hyperbola, torch.tensor([[1.0, 1.0], [2.000012, 0.5]], dtype=torch.float64))
+    assert (end["x"], end["y"], end["basin"]) == (2.0, 0.5, "xy=1 at x=2.00")
+    assert end["lambda_max"] == pytest.approx(4.25, rel=1e-4)
+
+
+def test_toy_checkpoints_csv_follows_the_formulas_and_the_readme_ratios(tmp_path):
+    """checkpoints.csv: g = f'(w) = w^3 - w, w + e with e = 0.5 sign(g), g' = f'(w + e), ratio g'/g; the README
+    quotes r = +6.1, +0.26, -3.4 and -0.70 for checkpoints 1 to 4."""
+    toy.checkpoints(str(tmp_path))
+    toy.plt.close("all")
+    with open(tmp_path / "checkpoints.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["checkpoint", "w", "w_plus_e", "g", "g_perturbed", "ratio"]
+    assert [int(row["checkpoint"]) for row in rows] == [1, 2, 3, 4]
+    for row, quoted in zip(rows, ("+6.1", "+0.26", "-3.4", "-0.70")):
+        w = float(row["w"])
+        g = w ** 3 - w
+        we = w + 0.5 * (1 if g > 0 else -1)
+        gp = we ** 3 - we
+        for name, value in (("w_plus_e", we), ("g", g), ("g_perturbed", gp), ("ratio", gp / g)):
+            assert float(row[name]) == pytest.approx(value, rel=1e-12, abs=1e-15), (row["checkpoint"], name)
+        assert f"{gp / g:+.{len(quoted) - 3}f}" == quoted
+        assert toy.grad_at(w) == pytest.approx(g, rel=1e-12)
+
+
+def test_sensing_toy_figure_gets_gd_at_lr_half_and_every_step_of_the_long_run(tmp_path, monkeypatch):
+    """sensing() hands _plot_sensing GD's loss at every step of Table III's run (lr 0.5 from the same U0) and the
+    long run's rows at every step (the CSV keeps every 10th): checked against the GD formula U - 0.5 grad f(U)."""
+    seen = []
+    monkeypatch.setattr(toy, "_plot_sensing", lambda *args: seen.append(args))
+    d, r, steps, long_d, long_r, long_steps = 6, 2, 3, 4, 1, 12
+    toy.sensing(str(tmp_path), d=d, r=r, steps=steps, long_d=long_d, long_r=long_r, long_steps=long_steps)
+    (_, rows, gd, long_rows, got_steps), = seen
+    prob = toy.Sensing(d, r)
+    path = _sensing_reference(prob, prob.init(), "sgd", 0.0, 0.5, steps)
+    assert got_steps == steps and len(rows) == 4 * (steps + 1)
+    assert gd == pytest.approx([prob.loss(U).item() for U in path], rel=1e-9)
+    assert [(row["variant"], row["step"]) for row in long_rows] == \
+        [(v, t) for v in ("sgd", "sam", "usam") for t in range(long_steps + 1)]
+
+
+def test_toy_landscape_csv_holds_where_each_trajectory_ends(tmp_path, monkeypatch):
+    """landscape_ends.csv: one row per variant of PANELS (imbsam only where the loss splits), at the end of its
+    trajectory: x, y rounded to 4 places, the loss there, its basin and lambda_max. Two GD, SAM and USAM steps on
+    the hyperbola recomputed from their formulas, with f = (xy - 1)^2 / 2 and its Hessian's top eigenvalue."""
+    hyperbola = toy.landscapes()[1]
+    hyperbola.steps = 2
+    monkeypatch.setattr(toy, "landscapes", lambda: [hyperbola])
+    monkeypatch.setattr(toy, "_plot_landscape", lambda *args: None)
+    toy.landscape(str(tmp_path))
+    with open(tmp_path / "landscape_ends.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["variant", "landscape", "x", "y", "loss", "basin", "lambda_max"]
+    variants = list(dict.fromkeys(v for vs in toy.PANELS.values() for v in vs))
+    assert [row["variant"] for row in rows] == [v for v in variants if v != "imbsam"]
+    ends = {row["variant"]: row for row in rows}
+    grad = torch.func.grad(toy.hyperbola)
+    ascents = (("sgd", lambda g: 0 * g), ("sam", lambda g: 0.2 * g / g.norm()), ("usam", lambda g: 0.2 * g))
+    for variant, ascent in ascents:
+        v = torch.tensor([0.4, 2.6], dtype=torch.float64)
+        for _ in range(2):
+            v = v - 0.05 * grad(v + ascent(grad(v)))
+        x, y = v.tolist()
+        a, b, c = y * y, 2 * x * y - 1, x * x
+        row = ends[variant]
+        assert (row["landscape"], float(row["x"]), float(row["y"])) == ("hyperbola", round(x, 4), round(y, 4))
+        assert float(row["loss"]) == pytest.approx((x * y - 1) ** 2 / 2, rel=1e-12)
+        assert row["basin"] == f"xy=1 at x={x:.2f}"
+        assert float(row["lambda_max"]) == pytest.approx((a + c) / 2 + math.hypot((a - c) / 2, b), rel=1e-10)
+
+
 # ----------------------------------------------------------------------------- plots.py
 STEP_COLS = ("step epoch lr rho loss acc ckpt0 ckpt1 ckpt2 ckpt3 ckpt4 r1_1.2 r1.2_1.5 r1.5_2 r2_4 r4_8 r8_16 "
              "r16_inf grad_norm perturbed_grad_norm direction_norm weight_norm cos mag_up skipped persist_t0 persist_overlap "
