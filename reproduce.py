@@ -400,7 +400,8 @@ def stale(run, end_open=False):
     """What a run folder was made with that its row's command no longer gives (a new setting, an edited row, a
     changed preset), as 'setting folder -> command' strings; empty when they agree. Such a folder is not this
     row's result, so the runner neither skips nor resumes it. While the run's end is open (it trains, or it
-    finished without sharpness) the sharpness settings may differ: train.py takes them on --resume."""
+    finished without sharpness) the sharpness settings may differ: train.py takes them on --resume. A row that
+    asks for no sharpness ignores them: a measurement it did not ask for leaves the training its own."""
     import torch
     import train
     try:
@@ -409,7 +410,8 @@ def stale(run, end_open=False):
         return [f"config.json unreadable ({type(err).__name__})"]
     args = train.parse_settings(run.args)
     wanted = json.loads(json.dumps(train.run_config(args, run.args, torch.device("cpu"), 1, None)))
-    ignore = train.SESSION_SETTINGS | MACHINE_SETTINGS | (train.END_SETTINGS if end_open else set())
+    open_end = end_open or not args.sharpness
+    ignore = train.SESSION_SETTINGS | MACHINE_SETTINGS | (train.END_SETTINGS if open_end else set())
     return [f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in train.changed_settings(saved, wanted, ignore)]
 
 

@@ -3313,7 +3313,8 @@ def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
 
 def test_reproduce_measures_the_sharpness_a_row_adds_to_its_finished_runs(tmp_path, monkeypatch):
     """A row that now asks for sharpness: its finished runs without it are resumed to measure it (not stale,
-    not re-trained); a run measured with other sharpness settings is stale."""
+    not re-trained); a run measured with other sharpness settings is stale; a row that no longer asks for it keeps
+    the measured run as its result (skipped, not stale)."""
     import reproduce
     monkeypatch.setattr(reproduce, "ROOT", REPO)
     out = tmp_path / "results" / "g" / "sgd-s0"
@@ -3331,6 +3332,11 @@ def test_reproduce_measures_the_sharpness_a_row_adds_to_its_finished_runs(tmp_pa
     assert reproduce.decision(out, sharpness_wanted=True) == "skip" and not reproduce.stale(run)
     other = reproduce.Run("g", "sgd", 0, "sgd", plain + sharp[:-1] + ["9"], out)
     assert reproduce.execute([other], jobs=1, deadline=None, grace=8)["stale"] == 1
+    assert json.loads((out / "final.json").read_text()) == final
+    without = reproduce.Run("g", "sgd", 0, "sgd", plain, out)
+    assert not reproduce.stale(without) and reproduce.decision(out, reproduce.wants_sharpness(without)) == "skip"
+    assert reproduce.execute([without], jobs=1, deadline=None, grace=8) == \
+        dict(done=0, diverged=0, incomplete=0, failed=0, skipped=1, stale=0)
     assert json.loads((out / "final.json").read_text()) == final
 
 
