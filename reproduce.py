@@ -523,6 +523,9 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
     if dry_run:
         for run, action in todo:
             print(f"[{action}] python train.py {shlex.join(run.args)}")
+        left = sum(cost(run) for run, _ in todo)
+        print(f"to run: {len(todo)} runs, at most {left / 1e6:.1f} M SGD-equivalent images "
+              "(a resumed or measured run counted whole)")
         return counts
     start, running, began = start or time.monotonic(), [], {}
     threads = threads or max(1, usable_cores() // max(1, min(jobs, len(todo))))   # 2 runs, 12 jobs: half the cores each

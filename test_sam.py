@@ -3548,6 +3548,18 @@ def test_reproduce_cost_is_sgd_equivalent_images_and_the_dry_run_prints_it(tmp_p
     assert lines[:3] == ["g1: 2 runs, 13.0 M SGD-equivalent images", "g2: 2 runs, 9.4 M SGD-equivalent images",
                          "all: 4 runs, 22.4 M SGD-equivalent images"]
     assert (f"{g1 / 1e6:.1f}", f"{g2 / 1e6:.1f}", f"{(g1 + g2) / 1e6:.1f}") == ("13.0", "9.4", "22.4")
+    assert "to run: 4 runs, at most 22.4 M SGD-equivalent images (a resumed or measured run counted whole)" in lines
+    # what is left to run leaves out a finished run: g1's seed 0, made with its row's command
+    args = shlex.split(next(line for line in lines if "results/g1/sam-s0" in line).split(" train.py ", 1)[1])
+    done = tmp_path / "results" / "g1" / "sam-s0"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(json.dumps(train.run_config(train.parse_settings(args), args,
+                                                                  torch.device("cpu"), 1, None)))
+    (done / "final.json").write_text(json.dumps({"sharpness": None}))
+    assert reproduce.main(["claims", "--dry-run"]) == 0
+    left = (g1 / 2 + g2) / 1e6                                                             # 15.9
+    assert f"to run: 3 runs, at most {left:.1f} M SGD-equivalent images (a resumed or measured run counted whole)" \
+        in capsys.readouterr().out.splitlines() and f"{left:.1f}" == "15.9"
 
 
 def _fake_launch(launched):
