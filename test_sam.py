@@ -3711,7 +3711,8 @@ def test_reproduce_launches_each_folder_with_the_flags_of_its_state(tmp_path, mo
     assert counts == dict(done=0, diverged=0, incomplete=0, failed=0, skipped=1, stale=0)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "note: variant 'no-such-preset' is not in this sam.py; left out: g/odd-s0"
-    commands = [re.fullmatch(r"\[(\w+)\] python train\.py (.*)", line).groups() for line in printed[1:]]
+    commands = [re.fullmatch(r"\[(\w+)\] python train\.py (.*)", line).groups() for line in printed[1:-1]]
+    assert printed[-1].startswith(f"to run: {len(wanted)} runs, at most ")
     assert [(action, shlex.split(command)) for action, command in commands] == \
         [(wanted[run.label], run.args) for run in runs if run.label in wanted]
     assert not (tmp_path / "launched.txt").exists()
