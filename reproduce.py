@@ -410,8 +410,8 @@ def stale(run, end_open=False):
         return [f"config.json unreadable ({type(err).__name__})"]
     args = train.parse_settings(run.args)
     wanted = json.loads(json.dumps(train.run_config(args, run.args, torch.device("cpu"), 1, None)))
-    open_end = end_open or not args.sharpness
-    ignore = train.SESSION_SETTINGS | MACHINE_SETTINGS | (train.END_SETTINGS if open_end else set())
+    may_differ = train.END_SETTINGS if end_open or not args.sharpness else set()
+    ignore = train.SESSION_SETTINGS | MACHINE_SETTINGS | may_differ
     return [f"{k} {saved[k]!r} -> {wanted[k]!r}" for k in train.changed_settings(saved, wanted, ignore)]
 
 

@@ -3576,22 +3576,29 @@ def _fake_launch(launched):
     return launch
 
 
-def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stale(tmp_path, monkeypatch, capsys):
-    """A cut folder (config.json and last.pt: the runner would resume it) whose config.json holds another setting
-    than its row's command is stale like a finished one: reported, not resumed, left byte for byte as it is, and the
-    runner exits non-zero. The same folder made with the command's settings is resumed."""
+def _one_row_claims(tmp_path, monkeypatch):
+    """reproduce.main's claims in tmp_path: one group g of one row r (seed 0), no decoding, pytest's signal handlers."""
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
     monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: None)
     monkeypatch.setattr(reproduce, "stop_on_signals", lambda: None)   # leave pytest's signal handlers alone
-    launched = []
-    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "setting.json").write_text(json.dumps({"name": "x", "args": ["--model", "cnn", "--epochs", "3"]}))
+    (tmp_path / "results" / "g").mkdir(parents=True)
+    setting = {"name": "x", "args": ["--model", "cnn", "--epochs", "3"]}
+    (tmp_path / "results" / "setting.json").write_text(json.dumps(setting))
     groups = [reproduce.Group("g", "c", [reproduce.Row("r", "sgd", [], (0,))])]
     monkeypatch.setattr(reproduce, "claims", lambda setting: groups)
-    run, = reproduce.runs_of(groups, ["--model", "cnn", "--epochs", "3"], reproduce.DATA_DIR, "auto")
+    return reproduce
+
+
+def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stale(tmp_path, monkeypatch, capsys):
+    """A cut folder (config.json and last.pt: the runner would resume it) whose config.json holds another setting
+    than its row's command is stale like a finished one: reported, not resumed, left byte for byte as it is, and the
+    runner exits non-zero. The same folder made with the command's settings is resumed."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
+    run, = reproduce.runs_of(reproduce.claims(None), ["--model", "cnn", "--epochs", "3"], reproduce.DATA_DIR, "auto")
     assert reproduce.value(run.args, "--lr") == "0.1"
 
     def config(args):
@@ -3614,21 +3621,6 @@ def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stal
     (out / "config.json").write_text(config(run.args))
     assert reproduce.main(["claims"]) == 0
     assert launched == [("r-s0", "resume")] and "stale 0" in capsys.readouterr().out
-
-
-def _one_row_claims(tmp_path, monkeypatch):
-    """reproduce.main's claims in tmp_path: one group g of one row r (seed 0), no decoding, pytest's signal handlers."""
-    import reproduce
-    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
-    monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: None)
-    monkeypatch.setattr(reproduce, "stop_on_signals", lambda: None)   # leave pytest's signal handlers alone
-    (tmp_path / "results" / "g").mkdir(parents=True)
-    setting = {"name": "x", "args": ["--model", "cnn", "--epochs", "3"]}
-    (tmp_path / "results" / "setting.json").write_text(json.dumps(setting))
-    groups = [reproduce.Group("g", "c", [reproduce.Row("r", "sgd", [], (0,))])]
-    monkeypatch.setattr(reproduce, "claims", lambda setting: groups)
-    return reproduce
 
 
 def test_reproduce_exits_non_zero_when_a_job_fails(tmp_path, monkeypatch, capsys):
