@@ -245,8 +245,10 @@ class SAM(torch.optim.Optimizer):
         h = []
         for part in parts:
             x = part.grads
-            if f["friendly_sigma"] > 0 and "friendly_m" in self.state[part.params[0]]:
-                x = torch._foreach_add(x, self._state_list(part, "friendly_m"), alpha=-f["friendly_sigma"])
+            if f["friendly_sigma"] > 0 and any("friendly_m" in self.state[p] for p in part.params):
+                m = [self.state[p]["friendly_m"] if "friendly_m" in self.state[p] else torch.zeros_like(p)
+                     for p in part.params]   # a tensor whose first gradient comes later: m = 0 until then
+                x = torch._foreach_add(x, m, alpha=-f["friendly_sigma"])
             if part.group["adaptive"]:
                 x = torch._foreach_mul(x, self._asam_t(part))
             h.append(x)
@@ -351,10 +353,10 @@ class SAM(torch.optim.Optimizer):
         for i, part in enumerate(parts):
             if f["friendly_sigma"] > 0 and gp is not None:   # m_t = lambda m_{t-1} + (1 - lambda) g_t, m_0 = g_0
                 g = _views(part.g, part.params)
-                if "friendly_m" in self.state[part.params[0]]:
-                    torch._foreach_lerp_(self._state_list(part, "friendly_m"), g, 1 - f["friendly_lambda"])
-                else:
-                    self._set_state_list(part, "friendly_m", g)
+                for p, x in zip(part.params, g):
+                    if "friendly_m" not in self.state[p]:   # m_0 = g_0 at each tensor's first gradient: lerp(g, g) = g
+                        self.state[p]["friendly_m"] = x.clone()
+                torch._foreach_lerp_(self._state_list(part, "friendly_m"), g, 1 - f["friendly_lambda"])
             if f["looksam_k"] > 1 and gp is not None:         # g_v = g' - (<g,g'>/||g||^2) g, orthogonal to g
                 g_v = gp[i] - (dots["g_gp"] / (dots["g_g"] + f["norm_eps"])).to(part.g) * part.g
                 self._set_state_list(part, "looksam_gv", _views(g_v, part.params))
@@ -511,7 +513,8 @@ class SAM(torch.optim.Optimizer):
     def _hessian_diagonal(self, parts):
         """SGDHESS (origin 1.15): |H z| for one Rademacher probe z, conv kernels averaged over their spatial
         dims, refreshed every hessian_every steps."""
-        if self._step % self.flags["hessian_every"] == 0 or any("hess_d" not in self.state[x.params[0]] for x in parts):
+        if self._step % self.flags["hessian_every"] == 0 or any("hess_d" not in self.state[p]
+                                                                for x in parts for p in x.params):
             hz = self._hvp(parts, [[torch.randint_like(p, 2) * 2 - 1 for p in x.params] for x in parts])
             for part, h_part in zip(parts, hz):
                 self._set_state_list(part, "hess_d", [h.abs().mean(dim=(2, 3), keepdim=True).expand_as(h)
@@ -548,7 +551,7 @@ class SAM(torch.optim.Optimizer):
         return [self.state[p][key] for p in part.params]
 
     def _set_state_list(self, part, key, tensors):
-        if key in self.state[part.params[0]]:
+        if all(key in self.state[p] for p in part.params):
             torch._foreach_copy_(self._state_list(part, key), tensors)
         else:
             for p, x in zip(part.params, tensors):

@@ -823,6 +823,22 @@ def test_imbsam_stashes_add_up_and_last_for_one_step():
         assert_lists_close([snap(params)], [w])
 
 
+def test_imbsam_skips_a_parameter_that_neither_loss_reaches():
+    params = make_params()
+    unused = torch.ones(4, dtype=DT, requires_grad=True)
+    w = snap(params)
+    opt = SAM(params + [unused], torch.optim.SGD, variant="imbsam", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    head, tail, tail_p = make_params(seed=11), make_params(seed=12), make_params(seed=13)
+    set_grads(params, head)
+    opt.stash_clean_grad()
+    set_grads(params, tail)
+    opt.first_step(zero_grad=True)
+    set_grads(params, tail_p)
+    opt.second_step(zero_grad=True)
+    assert_lists_close([snap(params)], [SGDRef().step(w, [a.detach() + b.detach() for a, b in zip(tail_p, head)])])
+    assert unused.grad is None and torch.equal(unused.detach(), torch.ones(4, dtype=DT))
+
+
 HESS_SHAPES = [(2, 3, 2, 2), (3, 4), (4,)]
 
 
@@ -1193,6 +1209,63 @@ def test_statistics_of_a_one_pass_step_are_the_norms_of_g_d_and_w():
         [float(norm(g)), float(norm(d)), float(norm(w))], rel=1e-12)
 
 
+def test_looksam_between_refreshes_before_any_g_v_takes_the_sgd_step():
+    # the first refresh is skipped (a NaN g), so the next one-pass step has no g_v yet: d = g + 0, SGD's step
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    w = snap(params)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        drive(opt, params, lambda t, point, kind: _poison(synthetic(t, point, kind), 0, math.nan), 1)
+    assert_same(snap(params), w)
+    g = synthetic(1, None, "g")
+    set_grads(params, g)
+    assert opt.single_pass
+    opt.first_step(zero_grad=True)
+    assert_lists_close([snap(params)], [SGDRef().step(w, g)])
+
+
+@pytest.mark.parametrize("name,flags", [("friendlysam", dict(friendly_sigma=0.5, friendly_lambda=0.6)),
+                                        ("looksam", dict(looksam_k=2)), ("sgdhess", dict(hessian_every=2))])
+def test_a_parameter_whose_first_gradient_comes_later_starts_its_own_state(name, flags):
+    # tensor 1 has no gradient at step 0 (a branch the first batch does not reach): it joins the step, and the
+    # state kept between steps (FriendlySAM's m, LookSAM's g_v, SGDHESS's |H z|), when it first has a gradient
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, **flags)
+    m, gv, D = [None] * 3, [torch.zeros_like(x) for x in w], None
+    sigma, lam = flags.get("friendly_sigma", 0.0), flags.get("friendly_lambda", 0.9)   # LookSAM: h = g
+    for t in range(4):
+        live = [0, 2] if t == 0 else [0, 1, 2]
+        if name == "sgdhess":   # L = sum of theta^3 / 6 over the live tensors: g = theta^2 / 2, H = diag(theta)
+            sum((params[i] ** 3).sum() / 6 for i in live).backward(create_graph=True)
+            opt.first_step(zero_grad=True)
+            g = [w[i] ** 2 / 2 for i in live]
+            if t % 2 == 0 or t == 1:   # every 2 steps, and at step 1 for tensor 1; |H z| = |theta| for any z
+                D = [w[i].abs().mean(dim=(2, 3), keepdim=True).expand_as(w[i]) if w[i].dim() == 4 else w[i].abs()
+                     for i in live]
+            d = [(1 + RHO * dd) * x for dd, x in zip(D, g)]
+        else:
+            g, gp = [[x[i] for i in live] for x in synthetic_pair(t)]
+            set_grads(params, [g[live.index(i)] if i in live else None for i in range(3)])
+            single = opt.single_pass
+            opt.first_step(zero_grad=True)
+            if single:   # LookSAM between refreshes: g + alpha ||g||/||g_v|| g_v, g_v = 0 where none was kept
+                d = [x + 0.7 * norm(g) / norm([gv[i] for i in live]) * gv[i] for x, i in zip(g, live)]
+            else:
+                h = [x if m[i] is None else x - sigma * m[i] for x, i in zip(g, live)]
+                e = ascent("sam", None, h, RHO)
+                assert_lists_close([[snap(params)[i] for i in live]], [[w[i] + x for i, x in zip(live, e)]])
+                set_grads(params, [gp[live.index(i)] if i in live else None for i in range(3)])
+                opt.second_step(zero_grad=True)
+                d = gp
+                for x, y, i in zip(g, gp, live):   # m_0 = g_0 for each tensor; g_v = g' - (<g,g'>/||g||^2) g
+                    m[i] = x if m[i] is None else lam * m[i] + (1 - lam) * x
+                    gv[i] = y - dot(g, gp) / dot(g, g) * x
+        for i, x in zip(live, d):
+            w[i] = w[i] - LR * x
+        assert_lists_close([snap(params)], [w])
+
+
 # ------------------------------------------------------------------ state_dict and schedulers
 def walk_keys(obj):
     if isinstance(obj, dict):
@@ -1311,6 +1384,12 @@ def test_unknown_variant_lists_the_valid_names():
     (dict(variant="ssamd", drop_rate=-3), ValueError, "drop_rate"), (dict(p=math.nan), ValueError, r"\bp\b"),
     (dict(stats_every=1.5), ValueError, "stats_every"), (dict(adaptive="yes"), ValueError, "adaptive"),
     (dict(gsam_alpha=math.inf), ValueError, "gsam_alpha"), (dict(persist_from=-1), ValueError, "persist_from"),
+    (dict(variant="looksam", looksam_k=0), ValueError, "looksam_k"),
+    (dict(variant="sgdhess", hessian_every=0), ValueError, "hessian_every"),
+    (dict(bin_scale=(1, 1, 1, 1, 1, "c")), ValueError, "bin_scale"),
+    (dict(variant="fishersam", normalize=False), ValueError, "fisher_eta"),
+    (dict(variant="looksam", combine="magnitude"), ValueError, "LookSAM"),
+    (dict(variant="sgd", gsam_alpha=0.4), ValueError, "descent"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -1385,7 +1464,7 @@ def test_zero_gradient_gives_zero_perturbation_and_no_nan(name, flags):
     s = opt.stats
     assert s["skipped"] == 0
     if name not in ("sgd", "looksam"):
-        assert s["ckpt0"] == 100.0
+        assert s["ckpt0"] == 100.0 and s["cos"] == 0.0   # cos(0, 0): 0, as a zero gradient, not NaN
 
 
 @pytest.mark.parametrize("name", ["sam", "usam", "asam", "linf-norm", "fishersam", "friendlysam", "gsam"])
@@ -1665,6 +1744,27 @@ def test_load_state_dict_of_another_variant_is_refused_naming_both():
     assert opt.flags["bin_scale"] == (1, 1, 1, 1, 1)
 
 
+def test_a_scheduler_on_the_resumed_wrapper_drives_the_base_optimizer():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    drive(opt, params, synthetic, 1)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = SAM(resumed_params, torch.optim.SGD, rho=RHO, lr=LR)
+    resumed.load_state_dict(opt.state_dict())
+    sched = torch.optim.lr_scheduler.StepLR(resumed, step_size=1, gamma=0.5)
+    w = snap(resumed_params)
+    for t in (1, 2):
+        lr = LR * 0.5 ** (t - 1)
+        g, gp = synthetic_pair(t)
+        set_grads(resumed_params, g)
+        resumed.first_step(zero_grad=True)
+        set_grads(resumed_params, gp)
+        resumed.second_step(zero_grad=True)
+        w = [x - lr * y for x, y in zip(w, gp)]
+        assert_lists_close([snap(resumed_params)], [w])
+        sched.step()
+
+
 def test_a_param_group_over_two_dtypes_matches_each_dtype_alone():
     # model parallel stand-in: one param group spread over (device, dtype) pairs keeps a flat vector per pair
     mixed = [p.detach().to(dt).requires_grad_() for p, dt in zip(make_params(), (torch.float64, torch.float32, torch.float64))]
@@ -1717,6 +1817,68 @@ def test_ssamd_turnover_equals_its_death_rate():
     assert int(dropped.sum()) == int(grown.sum()) == n // 4        # turnover 0.5 of the live entries
     kept = before & after                                          # the live entries with the largest |g|
     assert param.grad.abs()[kept].min() >= param.grad.abs()[dropped].max()
+
+
+def test_ssamd_grows_among_the_just_dropped_only_when_too_few_were_dead():
+    # sparsity 0.25: 300 of 400 live, death 0.5 keeps the 150 live entries with the largest |g| and grows 150;
+    # only 100 were dead, so all of them come back to life and 50 more are drawn among the 150 just dropped
+    n = 400
+    param = torch.zeros(n, requires_grad=True)
+    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.25, drop_rate=0.5, lr=0.1)
+    param.grad = torch.randn(n)
+    before = opt._masks([param])[0].clone()
+    opt.update_mask(progress=0.0)
+    after = opt.state[param]["mask"]
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[torch.argsort(torch.where(before, param.grad.abs(), -1.0), descending=True)[:150]] = True
+    assert int(before.sum()) == int(after.sum()) == 300
+    assert after[kept].all() and after[~before].all()
+    assert int((after & before & ~kept).sum()) == 50
+
+
+def test_ssamd_at_drop_rate_one_regrows_every_live_entry_among_the_dead():
+    # death rate drop_rate (1 + cos 0)/2 = 1: every live entry is dropped and as many grow among the dead ones,
+    # which at sparsity 0.5 are exactly the other half
+    n = 400
+    param = torch.zeros(n, requires_grad=True)
+    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=1.0, lr=0.1)
+    param.grad = torch.randn(n)
+    before = opt._masks([param])[0].clone()
+    opt.update_mask(progress=0.0)
+    assert torch.equal(opt.state[param]["mask"], ~before)
+
+
+def test_sparse_masks_cover_the_trainable_parameters_only():
+    # a frozen parameter in the optimizer gets no mask and takes no share of the (1 - sparsity) N live entries
+    params = make_params()
+    frozen = torch.ones(8, dtype=DT)
+    opt = SAM(params + [frozen], torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=0.5, lr=LR)
+    set_grads(params, make_params(seed=4))
+    opt.first_step()
+    old = [opt.state[p]["mask"].clone() for p in params]
+    assert sum(int(m.sum()) for m in old) == N_COORD // 2 and "mask" not in opt.state[frozen]
+    opt.second_step(zero_grad=True)
+    grads = make_params(seed=8)
+    set_grads(params, grads)
+    opt.update_mask(progress=0.0)      # keeps the floor(17 / 2) live entries with the largest |g|, regrows 9
+    new = torch.cat([opt.state[p]["mask"].flatten() for p in params])
+    alive = torch.cat([torch.where(mk, x.abs(), -1.0).flatten() for x, mk in zip(grads, old)])
+    assert int(new.sum()) == N_COORD // 2 and "mask" not in opt.state[frozen]
+    assert new[torch.argsort(alive, descending=True)[:8]].all()
+
+
+def test_ssamf_perturbs_nothing_before_its_first_fisher_mask():
+    # SSAM-F's mask is empty until update_mask() scores the Fisher diagonal: e = 0, d = g' = g, an SGD step
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, variant="ssamf", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    g, _ = synthetic_pair(0)
+    set_grads(params, g)
+    opt.first_step(zero_grad=True)
+    assert_same(snap(params), w)
+    set_grads(params, g)
+    opt.second_step(zero_grad=True)
+    assert_lists_close([snap(params)], [SGDRef().step(w, g)])
 
 
 def test_sgdhess_exact_is_g_plus_rho_times_the_full_hessian_times_g():
@@ -1814,6 +1976,28 @@ def test_closure_recipe_keeps_batchnorm_statistics_of_the_first_pass(variant):
         opt.step(closure)
         enable_running_stats(model)
         assert_same(snap(model[1].buffers()), snap(reference[1].buffers()))
+
+
+def test_enable_running_stats_restores_a_batchnorm_the_user_froze():
+    # fine-tuning with frozen BN statistics (track_running_stats set False, buffers kept): a SAM step with
+    # disable/enable_running_stats leaves that choice as it was, so later forwards still leave the buffers alone
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model(torch.randn(8, 3))
+    model[1].track_running_stats = False
+    buffers = snap(model[1].buffers())
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    x = torch.randn(8, 3)
+    enable_running_stats(model)
+    model(x).pow(2).mean().backward()
+    opt.first_step(zero_grad=True)
+    disable_running_stats(model)
+    model(x).pow(2).mean().backward()
+    opt.second_step(zero_grad=True)
+    enable_running_stats(model)
+    model(x + 1)
+    assert model[1].track_running_stats is False
+    assert_same(snap(model[1].buffers()), buffers)
 
 
 @pytest.mark.parametrize("name", ["sam", "samme1", "asam", "gsam"])
