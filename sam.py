@@ -140,6 +140,10 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"unknown SAM variant {variant!r}; valid: {', '.join(sorted(VARIANTS))}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class, e.g. torch.optim.SGD")
+        clash = sorted(set(FLAGS) & set(inspect.signature(base_optimizer).parameters))
+        if clash:   # the param groups are shared: the base would read SAM's value (Adadelta's rho 0.9 became 0.05)
+            raise ValueError(f"{base_optimizer.__name__} has its own {', '.join(clash)}, which SAM's flag of that "
+                             "name would replace in the shared param groups; use another base optimizer")
         given = dict(rho=rho, adaptive=adaptive, **{k: kwargs.pop(k) for k in list(kwargs) if k in FLAGS})
         flags = {**FLAGS, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
         _check_flags(flags)
@@ -329,7 +333,7 @@ class SAM(torch.optim.Optimizer):
         if tracks or self._stats_step():      # the ratio instrument, at this step's w before the base step
             buckets = [self._buckets(part, x) for part, x in zip(parts, gp)] if gp is not None else None
             if tracks:
-                self.ratio_stats.track_persistence(buckets)
+                self.ratio_stats.track_persistence(self._b1_sets(parts, buckets))
             if self._stats_step():
                 weights = [x.params for x in parts]
                 self.ratio_stats.measure(self._step, buckets, dots or _dots(parts, None), weights, d_sq)
@@ -461,14 +465,14 @@ class SAM(torch.optim.Optimizer):
         self.ratio_stats.state = _to_device(state_dict["ratio_stats"], device)
 
     # ------------------------------------------------------------------ small helpers
-    def _gather(self):
-        """The parameters with a gradient, one _Part per param group and (device, dtype)."""
+    def _gather(self, with_grad_only=True):
+        """The parameters with a gradient (or all), one _Part per param group and (device, dtype)."""
         parts = []
         for group in self.param_groups:
             by_kind = {}
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
+                if p.grad is not None or not with_grad_only:
+                    if p.grad is not None and p.grad.is_sparse:
                         raise TypeError("SAM does not support sparse gradients")
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             parts += [_Part(group, params) for params in by_kind.values()]
@@ -494,6 +498,16 @@ class SAM(torch.optim.Optimizer):
             r.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             part.buckets = _bucketize(r, _edges(r.dtype, r.device))
         return part.buckets
+
+    def _b1_sets(self, parts, buckets):
+        """B1 per param group and (device, dtype) over all its parameters, one without a gradient outside it (as
+        r = 0), so that the sets of t0 and of every later step line up coordinate for coordinate."""
+        every = self._gather(with_grad_only=False)
+        if [list(map(id, x.params)) for x in every] == [list(map(id, x.params)) for x in parts]:
+            return [b >= 6 for b in buckets]
+        in_b1 = {id(p): x for part, b in zip(parts, buckets) for p, x in zip(part.params, _views(b >= 6, part.params))}
+        return [torch.cat([in_b1[id(p)].reshape(-1) if id(p) in in_b1 else p.new_zeros(p.numel(), dtype=torch.bool)
+                           for p in x.params]) for x in every]
 
     def _bin_tables(self, group, dtype, device):
         """Per bucket of r: the multiplier s_k of its checkpoint k, and whether d starts from g' there (else g).
@@ -530,9 +544,11 @@ class SAM(torch.optim.Optimizer):
 
     def _masks(self, params):
         """Sparse SAM masks (bool), built over all trainable parameters at first use: SSAM-D at random with
-        exactly (1 - sparsity) N live entries, SSAM-F empty until its first Fisher mask."""
+        exactly (1 - sparsity) N live entries, SSAM-F empty until its first Fisher mask. Parameters added or
+        unfrozen later get theirs the same way; the others keep their masks."""
         if any("mask" not in self.state[p] for p in params):
-            every = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+            every = [p for group in self.param_groups for p in group["params"]
+                     if p.requires_grad and "mask" not in self.state[p]]
             n = sum(p.numel() for p in every)
             live = _top_k_mask(torch.rand(n), round((1 - self.flags["sparsity"]) * n)) \
                 if self.flags["mask_mode"] == "dynamic" else torch.zeros(n, dtype=torch.bool)
@@ -604,13 +620,12 @@ class RatioStats:
                                           shares, fine, torch.stack([g_norm, gp_norm, d_norm, w_norm, cos, mag_up, nan]),
                                           persist])
 
-    def track_persistence(self, buckets):
+    def track_persistence(self, in_b1):
         """B1 at t0, its overlap with this step's B1, and the running intersection since t0 (seed 000)."""
-        in_b1 = [b >= 6 for b in buckets]
         if self.state["persist"] is None:
             self.state["persist"] = {"t0": in_b1, "running": [x.clone() for x in in_b1]}
         persist = self.state["persist"]
-        counts = [torch.stack([t0.sum(), (t0 & now).sum(), run.logical_and_(now).sum()]).double().to(buckets[0].device)
+        counts = [torch.stack([t0.sum(), (t0 & now).sum(), run.logical_and_(now).sum()]).double().to(in_b1[0].device)
                   for t0, now, run in zip(persist["t0"], in_b1, persist["running"])]
         persist["counts"] = sum(counts)
 

@@ -1145,6 +1145,33 @@ def test_persistence_counts_match_reference_sets(every, groups):
     assert 0 < s["persist_running"] < s["persist_overlap"] < s["persist_t0"]
 
 
+def test_persistence_sets_line_up_when_a_parameter_has_no_gradient_on_a_step():
+    # a parameter without a gradient on a step is outside that step's B1 (as a zero gradient: r = 0); each param
+    # group's set stays matched with its own t0 set (they were paired by position: a crash, or a wrong count)
+    params = make_params()
+    opt = SAM([{"params": params[:1]}, {"params": params[1:]}], torch.optim.SGD, persist_from=0, rho=RHO, lr=LR,
+              stats_every=1)
+    missing = {1: 0, 2: 2}   # step: the tensor without a gradient (the whole first group, then part of the second)
+    at_t0 = running = None
+    for t in range(3):
+        g, gp = synthetic_pair(t)
+        if t in missing:
+            g[missing[t]] = gp[missing[t]] = None
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        set_grads(params, gp)
+        opt.second_step(zero_grad=True)
+        b1 = torch.cat([checkpoints(x, y)[1].flatten() if x is not None else torch.zeros(p.numel(), dtype=torch.bool)
+                        for p, x, y in zip(params, g, gp)])
+        at_t0 = b1 if at_t0 is None else at_t0
+        running = b1 if running is None else running & b1
+        s = opt.stats
+        assert s["persist_t0"] == float(at_t0.sum())
+        assert s["persist_overlap"] == float((at_t0 & b1).sum())
+        assert s["persist_running"] == float(running.sum())
+    assert 0 < s["persist_overlap"] < s["persist_t0"]
+
+
 @pytest.mark.parametrize("every", [2, 3])
 def test_stats_every_k_computes_only_every_k_steps(every):
     params = make_params()
@@ -1408,6 +1435,36 @@ def test_base_optimizer_must_be_a_class():
     ps = make_params()
     with pytest.raises(TypeError, match="base_optimizer"):
         SAM(ps, torch.optim.SGD(ps, lr=0.1), lr=0.1)
+
+
+def test_a_base_optimizer_with_a_hyper_parameter_named_as_a_flag_is_refused():
+    # the param groups are shared: Adadelta read SAM's rho (0.05) as its own averaging constant (0.9)
+    with pytest.raises(ValueError, match="Adadelta has its own rho"):
+        SAM(make_params(), torch.optim.Adadelta, lr=1.0)
+
+
+def test_add_param_group_joins_the_base_optimizer_with_the_flags_and_climbs_by_the_global_norm():
+    # a group added after some steps (fine-tuning): SAM's flags and the base's defaults fill it in, its own rho, lr
+    # and weight decay act, ||g|| spans every group, and its momentum starts at its first step
+    params = make_params()
+    opt = SAM(params[:2], torch.optim.SGD, variant="samme1", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    refs, w = [SGDRef(), SGDRef(lr=0.05, weight_decay=0.0)], snap(params)
+    for t in range(3):
+        if t == 1:
+            opt.add_param_group({"params": params[2:], "lr": 0.05, "weight_decay": 0.0, "rho": 0.2})
+            assert opt.base_optimizer.param_groups[1] is opt.param_groups[1]
+            assert opt.param_groups[1]["bin_scale"] == VARIANTS["samme1"]["bin_scale"]
+        g, gp = synthetic_pair(t)
+        n = 3 if t else 2    # the tensors in the optimizer
+        set_grads(params[:n], g[:n])
+        opt.first_step(zero_grad=True)
+        e = [rho * x / norm(g[:n]) for rho, x in zip((RHO, RHO, 0.2)[:n], g)]
+        assert_lists_close([snap(params[:n])], [[x + y for x, y in zip(w, e)]])
+        set_grads(params[:n], gp[:n])
+        opt.second_step(zero_grad=True)
+        d = [DIRECTIONS["samme1"](x, y, checkpoints(x, y), 2.0) for x, y in zip(g[:n], gp[:n])]
+        w = refs[0].step(w[:2], d[:2]) + (refs[1].step(w[2:], d[2:]) if t else w[2:])
+        assert_lists_close([snap(params)], [w])
 
 
 def test_step_without_closure_raises():
@@ -1865,6 +1922,31 @@ def test_sparse_masks_cover_the_trainable_parameters_only():
     alive = torch.cat([torch.where(mk, x.abs(), -1.0).flatten() for x, mk in zip(grads, old)])
     assert int(new.sum()) == N_COORD // 2 and "mask" not in opt.state[frozen]
     assert new[torch.argsort(alive, descending=True)[:8]].all()
+
+
+@pytest.mark.parametrize("name", ["ssamf", "ssamd"])
+def test_a_parameter_added_later_gets_its_own_mask_and_the_others_keep_theirs(name):
+    # add_param_group (or unfreezing) after the masks exist: every mask was redrawn, SSAM-F's emptied (no ascent
+    # at all until the next update_mask) and SSAM-D's drawn again at random
+    params, extra = make_params(), torch.ones(5, dtype=DT, requires_grad=True)
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR)
+    set_grads(params, make_params(seed=4))
+    opt.accumulate_fisher()
+    opt.update_mask(progress=0.5)
+    opt.zero_grad()
+    masks = [opt.state[p]["mask"].clone() for p in params]
+    opt.add_param_group({"params": [extra]})
+    for t in range(2):   # the new mask is built in the first step; the others were redrawn then, lost for the second
+        g, gp = (x + [torch.full((5,), 0.5 + t, dtype=DT)] for x in synthetic_pair(t))
+        w = snap(params + [extra])
+        set_grads(params + [extra], g)
+        opt.first_step(zero_grad=True)
+        new = opt.state[extra]["mask"]
+        assert int(new.sum()) == (0 if name == "ssamf" else 2)   # SSAM-F: empty until its next Fisher mask
+        e = [x * mk * RHO / norm(g) for mk, x in zip(masks + [new], g)]   # masked e, normalised by the full ||g||
+        assert_lists_close([snap(params + [extra])], [[x + y for x, y in zip(w, e)]])
+        set_grads(params + [extra], gp)
+        opt.second_step(zero_grad=True)
 
 
 def test_ssamf_perturbs_nothing_before_its_first_fisher_mask():
