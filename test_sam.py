@@ -5913,3 +5913,217 @@ def test_train_resume_with_a_log_missing_its_last_column_is_refused(tmp_path, fi
     epochs.write_text(older)
     _fails(argv + ["--resume"], "epochs.csv has another train.py's columns")
     assert epochs.read_text() == older
+
+
+# ------------------------------------------------------------------ train.py: loop and bookkeeping (mutation round)
+def test_train_a_step_skipped_mid_epoch_leaves_the_bn_buffers_and_weights_of_the_step_before(tmp_path, monkeypatch):
+    """A skipped step (here steps 2 and 7 at rho 1e30: g' overflows after the first pass has moved BN's running
+    statistics) leaves the weights and BN buffers exactly as the step before it left them, not as an older step did:
+    the next step starts from them. The steps around it move both (the check can tell)."""
+    step, seen, skip = train.train_step, [], (2, 7)
+
+    def snapshot(model):
+        return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+    def sometimes_skipped(model, opt, *args):
+        seen.append(snapshot(model))
+        rho = opt.param_groups[0]["rho"]
+        if len(seen) - 1 in skip:
+            opt.param_groups[0]["rho"] = 1e30
+        try:
+            return step(model, opt, *args)
+        finally:
+            opt.param_groups[0]["rho"] = rho
+    monkeypatch.setattr(train, "train_step", sometimes_skipped)
+    train.main(_tiny_run(tmp_path, "--epochs", "2", "--out", str(tmp_path / "run")))
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert len(seen) == 2 * STEPS and saved["optimizer"]["counters"]["skipped"] == len(skip)
+    for k in range(len(seen) - 1):
+        same = [torch.equal(a, b) for a, b in zip(seen[k], seen[k + 1])]
+        assert all(same) if k in skip else not any(same), k
+
+
+def test_train_epoch_seconds_count_every_session_of_an_epoch(tmp_path, monkeypatch):
+    """epochs.csv's seconds (the README times epochs by it) and images_per_sec are an epoch's training time over all
+    the sessions it ran in: with a clock that moves 1 s per training step, each epoch (5 steps, 60 of the 66 training
+    images in full batches) takes 5 s at 12 images/s, also epoch 1 stopped by --max-steps 3 and resumed, and epoch 2
+    stopped by Ctrl-C and resumed."""
+    argv = _tiny_run(tmp_path, "--out", str(tmp_path / "run"))
+    train.load_images(train.parse_settings(argv))   # decoded and cached now: decoding times itself
+    clock, calls, step = [0.0], [0], train.train_step
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], strftime=time.strftime,
+                                                             gmtime=time.gmtime))
+
+    def ticking(*args):
+        clock[0] += 1.0
+        calls[0] += 1
+        if calls[0] == 8:   # step 7 (epoch 2, 3 + 5 calls in): Ctrl-C, the run stops after it
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", ticking)
+    assert train.main(argv + ["--max-steps", "3"]) is None
+    clock[0] += 100.0   # time between sessions is no epoch's
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--resume"])
+    assert stop.value.code == 130
+    train.main(argv + ["--resume"])
+    rows = _rows(tmp_path / "run" / "epochs.csv")
+    assert [(float(r["seconds"]), float(r["images_per_sec"])) for r in rows] == [(5.0, 12.0)] * 3
+
+
+def test_train_divergence_between_logged_steps_is_caught_before_a_checkpoint(tmp_path, monkeypatch):
+    """With --log-every 50 the loss is read at a stop and at an epoch's end too: a NaN loss at step 1 stops the run
+    at --max-steps 3 without checkpointing it, one at step 6 at the end of epoch 2, named so, last.pt epoch 1's."""
+    step = train.train_step
+    for bad_step, extra, where, kept in ((1, ["--max-steps", "3"], "at step 2", "no checkpoint was written"),
+                                         (6, [], "in epoch 2", "holds the last good state")):
+        calls = [0]
+
+        def poisoned(*args):
+            counts = step(*args)
+            calls[0] += 1
+            return counts._replace(loss_sum=torch.tensor(math.nan, dtype=DT)) if calls[0] == bad_step + 1 else counts
+        monkeypatch.setattr(train, "train_step", poisoned)
+        out = tmp_path / f"at{bad_step}"
+        _fails(_tiny_run(tmp_path, "--log-every", "50", "--out", str(out), *extra),
+               rf"^train.py: the training loss is nan {where}; stopping \(.*{kept}")
+        assert [int(r["step"]) for r in _rows(out / "steps.csv")] == [0] and not (out / "final.json").exists()
+        if bad_step == 1:
+            assert not (out / "last.pt").exists()
+        else:
+            saved = torch.load(out / "last.pt", weights_only=False)
+            assert (saved["state"]["epoch"], saved["state"]["step"]) == (1, STEPS)
+
+
+@pytest.mark.parametrize("variant", ["sgdhess", "ssamd"])
+def test_train_resume_is_bitwise_for_variants_drawing_from_the_global_rng(tmp_path, variant):
+    """SGDHESS's Rademacher probes (each step) and SSAM-D's mask regrowth (each refresh) draw from torch's global RNG,
+    which last.pt holds: stopped by --max-steps mid-epoch and resumed, the run writes the uninterrupted run's
+    steps.csv byte for byte and the same final.json."""
+    extra = ["--variant", variant, "--mask-every-epochs", "1", "--epochs", "2"]
+    whole = train.main(_tiny_run(tmp_path, *extra, "--out", str(tmp_path / "whole")))
+    argv = _tiny_run(tmp_path, *extra, "--out", str(tmp_path / "cut"))
+    assert train.main(argv + ["--max-steps", "4"]) is None
+    assert train.main(argv + ["--resume"]) == whole
+    assert (tmp_path / "whole" / "steps.csv").read_bytes() == (tmp_path / "cut" / "steps.csv").read_bytes()
+
+
+def test_train_a_second_ctrl_c_stops_at_once_and_the_handler_is_given_back(tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice within a step (epoch 2's step 6) stops at once: exit 130, no checkpoint of that point (last.pt
+    stays epoch 1's, so says the message), and SIGINT's handler is the one before the run."""
+    step, calls, before = train.train_step, [0], signal.getsignal(signal.SIGINT)
+
+    def twice(*args):
+        calls[0] += 1
+        if calls[0] == STEPS + 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", twice)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(_tiny_run(tmp_path, "--out", str(run)))
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert f"interrupted at once; {run / 'last.pt'} holds the last checkpoint" in capsys.readouterr().err
+    saved = torch.load(run / "last.pt", weights_only=False)
+    assert (saved["state"]["epoch"], saved["state"]["step"]) == (1, STEPS)
+
+
+def test_train_command_line_refuses_sgdhess_compile_sync_ascent_and_an_oversized_batch(tmp_path, capsys):
+    """SGDHESS's double backward has no torch.compile and its one pass no ascent to synchronise: both are refused
+    with a message (exit 2) before a file is touched, a finished run given as --out left byte for byte; a batch larger
+    than the training split is refused by name; --rho-min equal to --rho (a constant rho) is taken."""
+    run = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--epochs", "1", "--out", str(run)))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for flag, message in (("--compile", "--compile cannot run sgdhess"), ("--sync-ascent", "--sync-ascent: sgdhess")):
+        with pytest.raises(SystemExit) as stop:
+            train.main(_tiny_run(tmp_path, "--epochs", "1", "--out", str(run), "--variant", "sgdhess", flag,
+                                 "--overwrite"))
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    args = train.parse_settings(["--data-dir", "x", "--rho", "0.07", "--rho-min", "0.07"])
+    assert args.rho_min == 0.07
+    # a batch larger than the 66 training images (72 less the 6 validation ones) is refused, no folder left behind
+    _fails(_tiny_run(tmp_path, "--batch-size", "67", "--out", str(tmp_path / "big")),
+           r"--batch-size 67 must be a multiple of the 1 rank\(s\) and at most the 66 training images")
+    assert not (tmp_path / "big").exists()
+
+
+def test_train_overwrite_starts_again_a_run_killed_before_its_first_checkpoint_with_its_code(tmp_path):
+    """A run with config.json but no last.pt (killed before its first checkpoint) is refused with the advice to pass
+    --overwrite, and --overwrite then starts it again; a run's folder holds the train.py and sam.py it ran with (the
+    copy the message on other columns points to)."""
+    run = tmp_path / "run"
+    argv = _tiny_run(tmp_path, "--epochs", "1", "--out", str(run))
+    assert train.main(argv + ["--max-steps", "1"]) is None
+    (run / "last.pt").unlink()
+    _fails(argv, "stopped before its first checkpoint.*pass --overwrite")
+    assert train.main(argv + ["--overwrite"])["best_epoch"] == 1
+    assert len(_rows(run / "steps.csv")) == STEPS and len(_rows(run / "epochs.csv")) == 1
+    for name in ("train.py", "sam.py"):
+        assert (run / name).read_bytes() == (REPO / name).read_bytes(), name
+
+
+def test_train_resume_of_a_run_that_measured_its_sharpness_measures_nothing_again(tmp_path, monkeypatch, capsys):
+    """--resume --sharpness on a finished run whose final.json holds its sharpness returns that final.json, says the
+    run is finished and measures nothing (a GPU's minutes of Hessian-vector products)."""
+    argv = _tiny_run(tmp_path, "--epochs", "1", "--out", str(tmp_path / "run"), "--sharpness", "--sharpness-batches",
+                     "2", "--sharpness-batch-size", "6", "--sharpness-iters", "5")
+    final = train.main(argv)
+    assert final["sharpness"]["lambda_max"] > 0
+    monkeypatch.setattr(train, "sharpness", lambda *args: pytest.fail("measured again"))
+    capsys.readouterr()
+    assert train.main(argv + ["--resume"]) == final
+    assert capsys.readouterr().out == f"{tmp_path / 'run'} is finished; nothing to resume\n"
+
+
+def test_train_ssamf_draws_new_fisher_images_at_each_refresh_from_the_runs_seed(tmp_path, monkeypatch):
+    """SSAM-F's Fisher estimate at each mask refresh takes --fisher-samples images drawn anew from the run's data-order
+    generator: the refreshes of a run (epochs 1 and 2 with --mask-every-epochs 1) and runs of two seeds take other
+    images, each image once per refresh."""
+    drawn, batch = [], train.DeviceLoader.train_batch
+
+    def watched(self, idx, *args, **kwargs):
+        if len(idx) == 1:   # a Fisher pass's batch-1 draw
+            drawn[-1].append(int(idx))
+        return batch(self, idx, *args, **kwargs)
+    monkeypatch.setattr(train.DeviceLoader, "train_batch", watched)
+    samples = {}
+    for seed in ("1", "2"):
+        drawn.clear()
+        drawn.append([])
+        train.main(_tiny_run(tmp_path, "--variant", "ssamf", "--fisher-samples", "8", "--mask-every-epochs", "1",
+                             "--epochs", "2", "--seed", seed, "--out", str(tmp_path / seed)))
+        samples[seed] = [drawn[0][:8], drawn[0][8:]]
+        assert len(drawn[0]) == 16 and all(len(set(s)) == 8 for s in samples[seed])
+        assert set(samples[seed][0]) != set(samples[seed][1])
+    assert samples["1"] != samples["2"]
+
+
+def test_train_label_noise_that_flips_no_image_logs_no_noisy_accuracy(tmp_path):
+    """--label-noise 0.01 flips floor(0.01 x 66) = 0 of the tiny run's training labels: every image is clean, so
+    clean_train_acc is train_acc and noisy_train_acc (memorised noise over flipped images) is left empty."""
+    out = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--label-noise", "0.01", "--epochs", "2", "--out", str(out)))
+    for row in _rows(out / "epochs.csv"):
+        assert row["noisy_train_acc"] == "" and float(row["clean_train_acc"]) == float(row["train_acc"])
+
+
+def test_train_ssamf_fisher_passes_leave_bn_statistics_with_no_freeze_bn_stats_too(tmp_path, monkeypatch):
+    """--no-freeze-bn-stats counts both passes of every step in BN's running statistics, but SSAM-F's batch-1 Fisher
+    passes are no step's (fisher_pass: "BN running stats untouched"): each refresh leaves every buffer as it was, and
+    after 2 epochs of 5 two-pass steps every BN layer has tracked 20 batches, not 20 + the 2 x 4 Fisher images."""
+    fisher, moved = train.fisher_pass, []
+
+    def watched(model, *args):
+        before = [b.clone() for b in model.buffers()]
+        fisher(model, *args)
+        moved.append(not all(torch.equal(a, b) for a, b in zip(before, model.buffers())))
+    monkeypatch.setattr(train, "fisher_pass", watched)
+    out = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--variant", "ssamf", "--no-freeze-bn-stats", "--fisher-samples", "4",
+                         "--mask-every-epochs", "1", "--epochs", "2", "--out", str(out)))
+    saved = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert moved == [False, False]
+    assert {int(v) for k, v in saved.items() if k.endswith("num_batches_tracked")} == {2 * 2 * STEPS}

@@ -1157,8 +1157,7 @@ def train_step(model, opt, x, y, settings, flipped=None, mask_progress=None):
 
 def fisher_pass(model, opt, loader, generator, n_samples, settings, cutout):
     """SSAM-F's empirical Fisher: squared gradients of n single-image losses, BN running stats untouched."""
-    if settings.freeze_bn:
-        disable_running_stats(model)
+    disable_running_stats(model)   # with --no-freeze-bn-stats too: these passes are no training step's
     idx = torch.randperm(len(loader), generator=generator, device=loader.labels.device)[:n_samples]
     for i in idx.split(1):
         x, y, _ = loader.train_batch(i, generator, cutout)
@@ -1166,6 +1165,7 @@ def fisher_pass(model, opt, loader, generator, n_samples, settings, cutout):
             F.cross_entropy(model(x).float(), y).backward()
         opt.accumulate_fisher()
         opt.zero_grad()
+    enable_running_stats(model)
 
 
 @torch.no_grad()
