@@ -4766,6 +4766,17 @@ def test_train_bad_inputs_exit_with_a_clear_message(tmp_path, capsys, argv, mess
     assert message in str(stop.value.code) + capsys.readouterr().err
 
 
+
+def test_train_base_optimizer_settings_are_judged_before_anything_is_written(tmp_path, capsys):
+    # torch's SGD refuses Nesterov without momentum; train.py built it only after the data and config.json (a
+    # traceback, and a half-made run that the corrected command found in its way)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(_tiny_run(tmp_path, "--nesterov", "--momentum", "0", "--out", str(out)))
+    assert stop.value.code == 2 and "Nesterov momentum requires a momentum" in capsys.readouterr().err
+    assert not out.exists()
+    assert train.main(_tiny_run(tmp_path, "--nesterov", "--epochs", "1", "--out", str(out)))["best_epoch"] == 1
+
 def test_train_refuses_what_the_data_or_machine_cannot_give(tmp_path, monkeypatch):
     # a subset too small for every split, CIFAR-10's class count under --dataset cifar100, CUDA where there is none
     _fails(_tiny_run(tmp_path, "--subset", "4", "--out", str(tmp_path / "small")),
@@ -4955,6 +4966,14 @@ def test_train_models_have_their_papers_widths_strides_and_shortcuts():
     assert _pooled_shape(train.MODELS["wrn16-8"](10, 1.0)) == (1, 512, 8, 8)
     assert train.MODELS["pyramidnet272"](10, 1.0)[-1].in_features == 4 * (16 + 200)   # bottleneck, alpha 200
 
+
+
+def test_train_wide_resnet_of_a_tiny_width_keeps_one_channel_where_the_others_do():
+    # --width 0.003 makes WRN-16-8's k 0.024: 16 k = 0.384, 0.768, 1.536 per stage round to 0, 1, 2 channels; a
+    # zero-channel conv crashed the run after config.json (ResNet, VGG and the CNN already keep at least one)
+    model = train.MODELS["wrn16-8"](10, 0.003)
+    widths = sorted({m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)} - {16})
+    assert widths == [1, 2] and _pooled_shape(model) == (1, 2, 8, 8)
 
 def _bn_by_hand(t, bn):
     """Eval-mode BatchNorm2d written out."""
@@ -5800,6 +5819,12 @@ def test_train_default_folder_names_tell_the_runs_apart():
     assert train.parse_settings(["--out", "mine"]).out == "mine"
 
 
+
+def test_train_default_folder_name_is_one_folder_whatever_the_bin_scale():
+    # "1/c" in --bin-scale put a "/" into the name: the run went into a sub-folder of a folder named after half of it
+    names = [train.parse_settings(["--bin-scale", "0", "c", "1", scale, "c"]).out for scale in ("1/c", "c")]
+    assert [Path(n).parent for n in names] == [Path("runs"), Path("runs")] and names[0] != names[1]
+
 def test_train_epoch_rows_divide_the_epochs_summed_counts(tmp_path, monkeypatch):
     """epochs.csv's training columns divide the epoch's summed Counts: the loss and accuracy by the images seen, the
     clean accuracy by the clean images, the memorised noise by the flipped ones; steps.csv's each step's own."""
@@ -5860,6 +5885,25 @@ def test_train_steps_rows_hold_the_statistics_of_their_own_step(tmp_path, monkey
     for stats, row in zip(got, rows):
         assert [float(row[k]) for k in columns] == pytest.approx([stats[k] for k in columns], rel=1e-6, nan_ok=True)
 
+
+
+def test_train_steps_rows_of_steps_without_statistics_hold_none_of_another_step(tmp_path, monkeypatch):
+    """--stats-every 3 --log-every 1: sam.py measures steps 0, 3, 6, ...; the rows of the other steps held the
+    statistics of the last measured step as their own. Now they hold NaN there (the skipped count stays)."""
+    read, got = train.mean_stats, []
+    monkeypatch.setattr(train, "mean_stats", lambda opt: (got.append(opt.stats), read(opt))[1])
+    out = tmp_path / "run"
+    train.main(_tiny_run(tmp_path, "--stats-every", "3", "--persist-from", "1", "--out", str(out)))
+    rows, columns = _rows(out / "steps.csv"), [k for k in train.STEP_COLUMNS[6:] if k != "skipped"]
+    assert [int(r["step"]) for r in rows] == list(range(3 * STEPS)) and len(got) == len(rows)
+    for stats, row in zip(got, rows):
+        step = int(row["step"])
+        values = [float(row[k]) for k in columns]
+        if step % 3 == 0:
+            assert stats["step"] == step and values == pytest.approx([stats[k] for k in columns], rel=1e-6, nan_ok=True)
+        else:
+            assert stats["step"] == step - step % 3 and all(math.isnan(v) for v in values), step
+        assert float(row["skipped"]) == 0
 
 def test_train_sharpness_every_n_epochs_measures_those_epochs_models(tmp_path):
     out = tmp_path / "run"

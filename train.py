@@ -229,9 +229,10 @@ def parse_settings(argv):
     nothing behind. The only defaults filled in are --out and --channels-last; nothing changes them later."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:   # let sam.py judge the flags now rather than after the data is loaded
-        probe = SAM([torch.zeros(1, requires_grad=True)], torch.optim.SGD, variant=args.variant, lr=args.lr,
-                    **sam_flags(args))
+    base, kwargs = base_optimizer(args)
+    try:   # let sam.py and the base optimizer judge the flags now (--nesterov --momentum 0), not after the data
+        probe = SAM([torch.zeros(1, requires_grad=True)], base, variant=args.variant, lr=args.lr,
+                    weight_decay=args.weight_decay, **kwargs, **sam_flags(args))
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     if probe.create_graph and args.compile:
@@ -545,7 +546,7 @@ class WideBlock(nn.Module):
 
 def wide_resnet(depth, k, num_classes):
     layers, cin = [nn.Conv2d(3, 16, 3, padding=1, bias=False)], 16
-    for stage, cout in enumerate(round(16 * k * m) for m in (1, 2, 4)):
+    for stage, cout in enumerate(max(1, round(16 * k * m)) for m in (1, 2, 4)):   # a tiny --width keeps 1 channel
         for i in range((depth - 4) // 6):
             layers.append(WideBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
             cin = cout
@@ -628,10 +629,7 @@ MODELS = {   # name -> (num_classes, width) -> nn.Module
 def build_optimizer(args, model, steps_per_epoch, world):
     """SAM around SGD or AdamW. With several ranks the base optimizer averages SAM's direction d over
     them: each rank forms d from its own g and g' (m-sharpness, as google-research/sam), one all-reduce."""
-    if args.optimizer == "sgd":
-        base, kwargs = torch.optim.SGD, dict(momentum=args.momentum, nesterov=args.nesterov)
-    else:
-        base, kwargs = torch.optim.AdamW, {}
+    base, kwargs = base_optimizer(args)
     optimizer = SAM
     if world > 1:
         base, optimizer = averaging_over_ranks(base), SAMOverRanks
@@ -643,6 +641,13 @@ def build_optimizer(args, model, steps_per_epoch, world):
     if opt.create_graph:   # torch warns of a grad -> graph -> param cycle; SAM sets the grads to None each step
         warnings.filterwarnings("ignore", r"Using backward\(\) with create_graph=True", UserWarning)
     return opt
+
+
+def base_optimizer(args):
+    """(class, keyword arguments) of the base optimizer the command line asks for."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD, dict(momentum=args.momentum, nesterov=args.nesterov)
+    return torch.optim.AdamW, {}
 
 
 def lr_factor(args, step, total_steps, steps_per_epoch):
@@ -860,7 +865,7 @@ def default_run_name(args):
     parts = [args.dataset, args.model, args.variant] + [f"{k.replace('_', '-')}{v}" for k, v in given.items()]
     extras = dict(subset=args.subset, noise=args.label_noise or None, imbalance=args.imbalance if args.imbalance > 1 else None)
     parts += [f"{k}{v}" for k, v in extras.items() if v is not None] + [f"e{args.epochs}", f"s{args.seed}"]
-    return "runs/" + "-".join(str(p).replace(" ", "") for p in parts)
+    return "runs/" + "-".join(str(p).replace(" ", "").replace("/", "over") for p in parts)   # 1/c: one folder
 
 
 class CsvLog:
@@ -1412,9 +1417,11 @@ def log_interval(r, step, i):
     interval = read_counts(r, r.state["interval"], f"at step {step}")
     r.state["interval"].zero_()
     stats, epoch, loss = mean_stats(r.opt), r.state["epoch"], interval.loss_sum / interval.seen
+    own = stats["step"] == step   # --stats-every that does not divide --log-every: no statistics of this step, NaN
     r.folder.log("steps", {"step": step, "epoch": round(epoch + (i + 1) / r.steps_per_epoch, 4),
                            "lr": r.opt.param_groups[0]["lr"], "rho": r.opt.param_groups[0]["rho"], "loss": loss,
-                           "acc": 100 * interval.correct / interval.seen, **{k: stats[k] for k in STEP_COLUMNS[6:]}})
+                           "acc": 100 * interval.correct / interval.seen,
+                           **{k: stats[k] if own or k == "skipped" else math.nan for k in STEP_COLUMNS[6:]}})
     if sys.stdout.isatty():
         rate = r.session_steps * r.args.batch_size / (time.perf_counter() - r.session_start)
         eta = (r.args.epochs * r.steps_per_epoch - step - 1) * r.args.batch_size / rate
