@@ -450,13 +450,14 @@ class SAM(torch.optim.Optimizer):
         if state_dict.get("variant", self.variant) != self.variant:
             raise ValueError(f"this state_dict is from a {state_dict['variant']!r} optimizer, not {self.variant!r}: "
                              "build SAM with the same variant to resume it")
+        now = {k: repr(self.param_groups[0][k]) for k in FLAGS}   # as built, or as a schedule has set them since
         super().load_state_dict(state_dict["sam"])
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         for state in self.state.values():  # torch casts saved tensors to the parameters' dtype
             if "mask" in state:
                 state["mask"] = state["mask"].bool()
-        changed = [k for k in FLAGS if repr(self.param_groups[0][k]) != repr(self.flags[k])]
+        changed = [k for k in FLAGS if repr(self.param_groups[0][k]) != now[k]]
         if changed:
             warnings.warn(f"load_state_dict: the saved flags replace {', '.join(changed)}")
         self.flags = {k: self.param_groups[0][k] for k in FLAGS}

@@ -4240,6 +4240,25 @@ def test_train_real_cifar10_learns(tmp_path):
     assert final["test_acc_last"] > 25   # chance is 10%
 
 
+def test_train_resume_with_rho_min_continues_the_schedule_without_a_changed_flag_warning(tmp_path):
+    """--rho-min moves rho with the lr each step: the checkpoint's rho is the schedule's at its last step, not a flag
+    the user changed, so resuming says nothing about replaced flags (it did on every resume) and goes on as a run
+    that was never stopped, each step's rho rho-min + (rho - rho-min) x the lr's cosine factor."""
+    settings = _tiny_run(tmp_path, "--variant", "sam", "--rho", "0.2", "--rho-min", "0.05", "--epochs", "2")
+    train.main(settings + ["--out", str(tmp_path / "whole")])
+    resumed = settings + ["--out", str(tmp_path / "cut")]
+    assert train.main(resumed + ["--max-steps", "3"]) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.main(resumed + ["--resume"])
+    assert not [str(w.message) for w in caught if "saved flags replace" in str(w.message)]
+    rows = _rows(tmp_path / "cut" / "steps.csv")
+    total = len(rows)
+    assert total == 2 * (66 // 12) and [float(r["rho"]) for r in rows] == pytest.approx(
+        [0.05 + 0.15 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)], rel=1e-7)
+    assert (tmp_path / "cut" / "steps.csv").read_bytes() == (tmp_path / "whole" / "steps.csv").read_bytes()
+
+
 def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatch):
     settings = _tiny_run(tmp_path, "--variant", "samckpt1", "--label-noise", "0.2", "--out", str(tmp_path / "b"))
     train.main(_tiny_run(tmp_path, "--variant", "samckpt1", "--label-noise", "0.2", "--out", str(tmp_path / "a")))
