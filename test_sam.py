@@ -1359,17 +1359,24 @@ def test_state_dict_resume_continues_bit_identically(name, flags, base, kw, stat
     assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
 
 
-def test_lr_scheduler_on_the_sam_object_drives_the_base_optimizer():
+@pytest.mark.parametrize("resumed", [False, True])
+def test_lr_scheduler_on_the_sam_object_drives_the_base_optimizer(resumed):
+    # resumed: a wrapper built afresh and loaded after a step (load_state_dict binds the base's param groups again)
     params = make_params()
-    w = snap(params)
     opt = SAM(params, torch.optim.SGD, rho=RHO, lr=0.1)
+    if resumed:
+        drive(opt, params, synthetic, 1)
+        params = [p.detach().clone().requires_grad_() for p in params]
+        saved, opt = opt.state_dict(), SAM(params, torch.optim.SGD, rho=RHO, lr=0.1)
+        opt.load_state_dict(saved)
+    w = snap(params)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # no "lr_scheduler.step() before optimizer.step()" warning
         for t in range(3):
             lr = 0.1 * 0.5 ** t
             assert opt.base_optimizer.param_groups[0]["lr"] == lr
-            g, gp = synthetic_pair(t)
+            g, gp = synthetic_pair(t + resumed)
             set_grads(params, g)
             opt.first_step(zero_grad=True)
             set_grads(params, gp)
@@ -1801,27 +1808,6 @@ def test_load_state_dict_of_another_variant_is_refused_naming_both():
     assert opt.flags["bin_scale"] == (1, 1, 1, 1, 1)
 
 
-def test_a_scheduler_on_the_resumed_wrapper_drives_the_base_optimizer():
-    params = make_params()
-    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
-    drive(opt, params, synthetic, 1)
-    resumed_params = [p.detach().clone().requires_grad_() for p in params]
-    resumed = SAM(resumed_params, torch.optim.SGD, rho=RHO, lr=LR)
-    resumed.load_state_dict(opt.state_dict())
-    sched = torch.optim.lr_scheduler.StepLR(resumed, step_size=1, gamma=0.5)
-    w = snap(resumed_params)
-    for t in (1, 2):
-        lr = LR * 0.5 ** (t - 1)
-        g, gp = synthetic_pair(t)
-        set_grads(resumed_params, g)
-        resumed.first_step(zero_grad=True)
-        set_grads(resumed_params, gp)
-        resumed.second_step(zero_grad=True)
-        w = [x - lr * y for x, y in zip(w, gp)]
-        assert_lists_close([snap(resumed_params)], [w])
-        sched.step()
-
-
 def test_a_param_group_over_two_dtypes_matches_each_dtype_alone():
     # model parallel stand-in: one param group spread over (device, dtype) pairs keeps a flat vector per pair
     mixed = [p.detach().to(dt).requires_grad_() for p, dt in zip(make_params(), (torch.float64, torch.float32, torch.float64))]
@@ -1860,34 +1846,34 @@ def test_step_closure_warns_once_when_gradients_are_already_there():
         opt.step(mlp_closure(opt, params, x, y))
 
 
+def _ssamd_update(n, sparsity, drop_rate):
+    """One SSAM-D mask update at progress 0 (death rate drop_rate) on a vector of n: (|g|, the mask before, after)."""
+    param = torch.zeros(n, requires_grad=True)
+    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=sparsity, drop_rate=drop_rate, lr=0.1)
+    param.grad = torch.randn(n)
+    before = opt._masks([param])[0].clone()
+    opt.update_mask(progress=0.0)
+    return param.grad.abs(), before, opt.state[param]["mask"]
+
+
 def test_ssamd_turnover_equals_its_death_rate():
     # Mi et al.'s SSAM-D grows among the entries dead before the update: no dropped entry comes back
     n = 2000
-    param = torch.zeros(n, requires_grad=True)
-    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=0.5, lr=0.1)
-    param.grad = torch.randn(n)
-    before = opt._masks([param])[0].clone()
-    opt.update_mask(progress=0.0)            # death rate 0.5 (1 + cos 0) / 2 = 0.5
-    after = opt.state[param]["mask"]
+    grad, before, after = _ssamd_update(n, sparsity=0.5, drop_rate=0.5)   # death rate 0.5 (1 + cos 0) / 2 = 0.5
     assert int(before.sum()) == int(after.sum()) == n // 2
     dropped, grown = before & ~after, after & ~before
     assert int(dropped.sum()) == int(grown.sum()) == n // 4        # turnover 0.5 of the live entries
     kept = before & after                                          # the live entries with the largest |g|
-    assert param.grad.abs()[kept].min() >= param.grad.abs()[dropped].max()
+    assert grad[kept].min() >= grad[dropped].max()
 
 
 def test_ssamd_grows_among_the_just_dropped_only_when_too_few_were_dead():
     # sparsity 0.25: 300 of 400 live, death 0.5 keeps the 150 live entries with the largest |g| and grows 150;
     # only 100 were dead, so all of them come back to life and 50 more are drawn among the 150 just dropped
     n = 400
-    param = torch.zeros(n, requires_grad=True)
-    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.25, drop_rate=0.5, lr=0.1)
-    param.grad = torch.randn(n)
-    before = opt._masks([param])[0].clone()
-    opt.update_mask(progress=0.0)
-    after = opt.state[param]["mask"]
+    grad, before, after = _ssamd_update(n, sparsity=0.25, drop_rate=0.5)
     kept = torch.zeros(n, dtype=torch.bool)
-    kept[torch.argsort(torch.where(before, param.grad.abs(), -1.0), descending=True)[:150]] = True
+    kept[torch.argsort(torch.where(before, grad, -1.0), descending=True)[:150]] = True
     assert int(before.sum()) == int(after.sum()) == 300
     assert after[kept].all() and after[~before].all()
     assert int((after & before & ~kept).sum()) == 50
@@ -1896,13 +1882,8 @@ def test_ssamd_grows_among_the_just_dropped_only_when_too_few_were_dead():
 def test_ssamd_at_drop_rate_one_regrows_every_live_entry_among_the_dead():
     # death rate drop_rate (1 + cos 0)/2 = 1: every live entry is dropped and as many grow among the dead ones,
     # which at sparsity 0.5 are exactly the other half
-    n = 400
-    param = torch.zeros(n, requires_grad=True)
-    opt = SAM([param], torch.optim.SGD, variant="ssamd", sparsity=0.5, drop_rate=1.0, lr=0.1)
-    param.grad = torch.randn(n)
-    before = opt._masks([param])[0].clone()
-    opt.update_mask(progress=0.0)
-    assert torch.equal(opt.state[param]["mask"], ~before)
+    _, before, after = _ssamd_update(400, sparsity=0.5, drop_rate=1.0)
+    assert torch.equal(after, ~before)
 
 
 def test_sparse_masks_cover_the_trainable_parameters_only():
