@@ -124,11 +124,17 @@ def load_runs(root):
         except Skip as why:
             skipped.append((folder, str(why)))
             continue
-        first = seen.setdefault(identity(run["config"]), folder)
-        if first != folder:
-            print(f"warning: {folder} holds the same run as {first} (same settings and seed): counted once")
-            skipped.append((folder, f"duplicate of {first}"))
+        key = identity(run["config"])
+        if key in seen:
+            kept = runs[seen[key]]
+            if run["final"] and not kept["final"]:   # the copy that finished counts, not one cut before its end
+                runs[seen[key]], run, kept = run, kept, run
+            kept["copies"] = kept.get("copies", []) + run.pop("copies", []) + [run]   # by_folder finds them
+            print(f"warning: {run['folder']} holds the same run as {kept['folder']} (same settings and seed): "
+                  "counted once")
+            skipped.append((run["folder"], f"duplicate of {kept['folder']}"))
             continue
+        seen[key] = len(runs)
         runs.append(run)
     return runs, skipped
 
@@ -350,7 +356,8 @@ def toy_tables(folder):
     ends = os.path.join(folder, "landscape_ends.csv")
     if os.path.exists(ends):
         with open(ends, newline="") as f:
-            rows = list(csv.DictReader(f))
+            text = f.read()   # as read_csv: a line cut while written (no newline, too few fields) is left out
+        rows = [r for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])) if None not in r.values()]
         lines = ["| landscape | variant | end | basin | loss | lambda_max |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['landscape']} | {r['variant']} | ({float(r['x']):.2f}, {float(r['y']):.2f}) | {r['basin']} "
                   f"| {float(r['loss']):.4f} | {float(r['lambda_max']):.3f} |" for r in rows]
@@ -397,9 +404,12 @@ def _persistence(cols):
         return np.array([], dtype=int), {}
     rows = np.where(cols["persist_t0"] > 0)[0]
     t0, share = cols["persist_t0"][rows], cols["ckpt1"][rows] / 100
+    running_chance = 100 * np.cumprod(np.r_[1.0, share[1:]])[:len(rows)]
+    steps = cols["step"][rows]
+    running_chance[np.cumsum(np.diff(steps, prepend=steps[:1] - 1) != 1) > 0] = np.nan   # past a step not logged
     return rows, dict(overlap_pct=100 * cols["persist_overlap"][rows] / t0,
                       running_pct=100 * cols["persist_running"][rows] / t0,
-                      overlap_chance=100 * share, running_chance=100 * np.cumprod(np.r_[1.0, share[1:]])[:len(rows)])
+                      overlap_chance=100 * share, running_chance=running_chance)
 
 
 def _over_chance(cols, name, after=None):
@@ -538,7 +548,7 @@ def seed_as_variable(command, seed):
 
 def by_folder(root, runs):
     """{folder relative to root: run}, how reproduce.py names a row's seeds (group/label-sSEED)."""
-    return {os.path.relpath(run["folder"], root): run for run in runs}
+    return {os.path.relpath(r["folder"], root): r for run in runs for r in [run] + run.get("copies", [])}
 
 
 def claim_rows(root, runs):

@@ -387,7 +387,10 @@ def decision(out, sharpness_wanted=False):
     if (out / "diverged.txt").exists():
         return "diverged"
     if (out / "final.json").exists():
-        unmeasured = json.loads((out / "final.json").read_text()).get("sharpness") is None
+        try:
+            unmeasured = json.loads((out / "final.json").read_text()).get("sharpness") is None
+        except (OSError, ValueError, AttributeError):
+            return "unreadable"   # left alone, as a stale folder is
         return "measure" if sharpness_wanted and unmeasured else "skip"
     if (out / "last.pt").exists():
         return "resume"
@@ -509,7 +512,8 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
             missing.setdefault(run.variant, []).append(f"{run.group}/{run.out.name}")
             continue
         action = decision(run.out, wants_sharpness(run))
-        changed = [] if action in ("overwrite", "start") else stale(run, end_open=action not in ("skip", "diverged"))
+        changed = [] if action in ("overwrite", "start") else ["final.json unreadable"] if action == "unreadable" \
+            else stale(run, end_open=action not in ("skip", "diverged"))
         if changed:   # left as it is: it holds another experiment's results, which nothing here may delete
             counts["stale"] += 1
             print(f"stale: {run.group}/{run.out.name} was run with other settings ({'; '.join(changed)}); "
@@ -726,7 +730,12 @@ def main(argv=None):
                          "`claims --dry-run` lists every row's folder")
         groups = [g._replace(rows=[row for row in g.rows if row.label in wanted]) for g in groups]
         groups = [g for g in groups if g.rows]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    if seeds and not set(seeds) & {s for g in groups for row in g.rows for s in row.seeds}:
+        parser.error(f"no row chosen has seeds {seeds}; `claims --dry-run` lists every row's folder")
     runs = runs_of(groups, setting, args.data_dir, args.device, seeds, shlex.split(args.override))
     for group in groups:
         mine = [r for r in runs if r.group == group.name]

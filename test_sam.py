@@ -3191,6 +3191,68 @@ def test_plots_persistence_above_chance_matches_the_definition(tmp_path):
     assert math.isnan(plots.METRICS["overlap_over_chance"][1](run))
 
 
+def test_plots_persistence_running_chance_only_over_consecutive_steps(tmp_path):
+    """The running intersection's chance level is the product of the B1 shares of every step since t0: past a step
+    that was not logged (or logged without statistics, NaN) it cannot be formed and is left out (NaN), not drawn as
+    the product of the logged shares only. Checked against a loop over the steps, t0 = step 2, step 5 missing."""
+    make_run(tmp_path, "run", "sam", 0)
+    share = {0: 50.0, 1: 52.0, 2: 60.0, 3: 70.0, 4: 80.0, 5: 65.0, 6: 75.0}
+    lines = (tmp_path / "run" / "steps.csv").read_text().splitlines()
+    rows = []
+    for step in (0, 1, 2, 3, 4, 5, 6):
+        row = lines[1].split(",")
+        values = dict(step=step, ckpt1=share[step], persist_t0=1000 if step >= 2 else "nan",
+                      persist_overlap=600 if step >= 2 else "nan", persist_running=500 if step >= 2 else "nan")
+        if step == 5:   # a step logged without statistics (--stats-every that does not divide --log-every)
+            values.update({k: "nan" for k in ("ckpt1", "persist_t0", "persist_overlap", "persist_running")})
+        for name, value in values.items():
+            row[STEP_COLS.index(name)] = str(value)
+        rows.append(",".join(row))
+    (tmp_path / "run" / "steps.csv").write_text("\n".join([lines[0]] + rows) + "\n")
+    rows, pct = plots._persistence(plots.load_run(str(tmp_path / "run"))["steps"])
+    expected, product = [], 1.0
+    for step in (2, 3, 4):
+        product *= share[step] / 100 if step > 2 else 1.0
+        expected.append(100 * product)
+    assert np.allclose(pct["running_chance"][:3], expected)
+    assert np.isnan(pct["running_chance"][3])   # step 6: step 5's share is unknown
+    assert np.allclose(pct["overlap_chance"], [share[s] for s in (2, 3, 4, 6)])
+
+
+def test_plots_a_copied_run_folder_leaves_the_finished_run_and_its_row_in_place(tmp_path, capsys):
+    """A copy of a run folder (same settings and seed) is counted once: a copy cut before its end, sorting first,
+    does not push the finished run out of tables.md, and under reproduce.py's layout a finished copy sorting first
+    (core/backup-sam-s0) leaves the row core/sam its seed 0."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    finals = [make_run(runs, f"sam_s{s}", "sam", s) for s in (0, 1)]
+    make_run(runs, "a_copy_s1", "sam", 1, final=False)
+    assert plots.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    assert "skipped " + str(runs / "a_copy_s1") + ": duplicate of " + str(runs / "sam_s1") in capsys.readouterr().out
+    acc = [f["test_acc_best"] for f in finals]
+    row = next(line for line in (tmp_path / "out" / "tables.md").read_text().splitlines() if "| sam |" in line)
+    assert f"| 2 | {np.mean(acc):.4g} ± {np.std(acc, ddof=1):.2g} |" in row, row
+    root = tmp_path / "results"
+    (root / "core").mkdir(parents=True)
+    for s in (0, 1):
+        make_run(root / "core", f"sam-s{s}", "sam", s)
+    shutil.copytree(root / "core" / "sam-s0", root / "core" / "backup-sam-s0")
+    rows = plots.claim_rows(str(root), plots.load_runs(str(root))[0])[3]
+    assert sorted(os.path.basename(r["folder"]) for r in rows["core/sam"]) == ["sam-s0", "sam-s1"]
+
+
+def test_plots_toy_table_leaves_out_a_landscape_row_cut_while_written(tmp_path):
+    """toy_tables reads landscape_ends.csv as read_csv reads a run's CSVs: a last line cut while written (too few
+    fields, no newline) is left out, not a traceback, and the whole rows are tabulated."""
+    header = "variant,landscape,x,y,loss,basin,lambda_max"
+    whole = ["sgd,two_basins,-1.0,0.5,-0.3,sharp,8.0", "sam,two_basins,1.4962,-0.4974,4.2e-06,flat,0.4"]
+    (tmp_path / "landscape_ends.csv").write_text("\n".join([header] + whole) + "\nusam,two_basins,1.49")
+    part, = plots.toy_tables(str(tmp_path))
+    lines = part.splitlines()[4:]
+    assert lines == ["| two_basins | sgd | (-1.00, 0.50) | sharp | -0.3000 | 8.000 |",
+                     "| two_basins | sam | (1.50, -0.50) | flat | 0.0000 | 0.400 |"]
+
+
 def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_path):
     """Claims 1-3's figures draw each geometry row (the setting, and where SGD fits) as its own line, named by its
     images and epochs, in reproduce.py's row order; a folder that is no row's seed is left out."""
@@ -3836,6 +3898,33 @@ def _one_row_claims(tmp_path, monkeypatch):
     groups = [reproduce.Group("g", "c", [reproduce.Row("r", "sgd", [], (0,))])]
     monkeypatch.setattr(reproduce, "claims", lambda setting: groups)
     return reproduce
+
+
+def test_reproduce_refuses_seeds_that_are_not_integers_or_no_row_has(tmp_path, monkeypatch, capsys):
+    """--seeds a, --seeds 0,,1 and --seeds 9 (no chosen row has seed 9) get a usage error naming the value (exit 2),
+    not a traceback nor a run of nothing that exits 0; --seeds 0 picks the row's seed 0."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    for seeds, words in (("a", "--seeds 'a'"), ("0,,1", "--seeds '0,,1'"), ("9", "no row chosen has seeds [9]")):
+        with pytest.raises(SystemExit) as exit:
+            reproduce.main(["claims", "--dry-run", "--seeds", seeds])
+        assert exit.value.code == 2 and words in capsys.readouterr().err, seeds
+    assert reproduce.main(["claims", "--dry-run", "--seeds", "0"]) == 0
+    assert "to run: 1 runs" in capsys.readouterr().out
+
+
+def test_reproduce_leaves_a_folder_with_an_unreadable_final_json_alone(tmp_path, monkeypatch, capsys):
+    """A run folder whose final.json cannot be read (cut, or not an object) is reported and left byte for byte as it
+    is, the runner exits non-zero: not a traceback that stops every other run."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
+    folder = tmp_path / "results" / "g" / "r-s0"
+    folder.mkdir()
+    for text in ('{"best_val_acc": 5', "[1]"):
+        (folder / "final.json").write_text(text)
+        assert reproduce.main(["claims"]) == 1
+        assert "g/r-s0" in capsys.readouterr().out and not launched
+        assert (folder / "final.json").read_text() == text and os.listdir(folder) == ["final.json"]
 
 
 def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stale(tmp_path, monkeypatch, capsys):
