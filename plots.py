@@ -53,13 +53,19 @@ class Skip(Exception):
 
 
 # ----------------------------------------------------------------------------- reading
+def whole_lines(path):
+    """A CSV file's text up to its last newline: past it is a line still being written (cut, maybe inside its last
+    cell with every field there), never read as a row."""
+    with open(path, newline="") as f:
+        text = f.read()
+    return io.StringIO(text[:text.rfind("\n") + 1])
+
+
 def read_csv(path):
     """Columns of a CSV as float arrays (empty cells: NaN). A run still being written may end in a
     cut-off line: a last line without its newline (cut inside its last cell, it has every field) and rows whose
     field count differs from the header's are dropped."""
-    with open(path, newline="") as f:
-        text = f.read()
-    rows = list(csv.reader(io.StringIO(text[:text.rfind("\n") + 1])))   # past the last newline: not written whole
+    rows = list(csv.reader(whole_lines(path)))
     if not rows:
         return {}
     header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
@@ -355,9 +361,7 @@ def toy_tables(folder):
         parts.append("Matrix sensing (toy.py sensing), loss after each step:\n\n" + "\n".join(lines))
     ends = os.path.join(folder, "landscape_ends.csv")
     if os.path.exists(ends):
-        with open(ends, newline="") as f:
-            text = f.read()   # as read_csv: a line cut while written (no newline, too few fields) is left out
-        rows = [r for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])) if None not in r.values()]
+        rows = [r for r in csv.DictReader(whole_lines(ends)) if None not in r.values()]   # as read_csv reads
         lines = ["| landscape | variant | end | basin | loss | lambda_max |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['landscape']} | {r['variant']} | ({float(r['x']):.2f}, {float(r['y']):.2f}) | {r['basin']} "
                   f"| {float(r['loss']):.4f} | {float(r['lambda_max']):.3f} |" for r in rows]

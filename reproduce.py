@@ -512,8 +512,12 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
             missing.setdefault(run.variant, []).append(f"{run.group}/{run.out.name}")
             continue
         action = decision(run.out, wants_sharpness(run))
-        changed = [] if action in ("overwrite", "start") else ["final.json unreadable"] if action == "unreadable" \
-            else stale(run, end_open=action not in ("skip", "diverged"))
+        if action == "unreadable":
+            changed = ["final.json unreadable"]
+        elif action in ("overwrite", "start"):
+            changed = []
+        else:
+            changed = stale(run, end_open=action not in ("skip", "diverged"))
         if changed:   # left as it is: it holds another experiment's results, which nothing here may delete
             counts["stale"] += 1
             print(f"stale: {run.group}/{run.out.name} was run with other settings ({'; '.join(changed)}); "

@@ -1312,9 +1312,9 @@ def start_state(r, checkpoint):
         own = ranks[r.rank] if len(ranks) == r.world else {}
         part = lambda key: {**checkpoint[key], **own[key]} if key in own else checkpoint[key]
         r.model.load_state_dict(part("model"))
-        if r.args.rho_min is not None:   # the saved rho is the schedule's at the last step taken, not a changed flag
-            set_schedule(r.opt, r.args, r.rho, checkpoint["state"]["step"] - 1, r.args.epochs * r.steps_per_epoch,
-                         r.steps_per_epoch)
+        # the groups as the schedule left them at the last step taken: its rho (--rho-min) is no changed flag
+        set_schedule(r.opt, r.args, r.rho, checkpoint["state"]["step"] - 1, r.args.epochs * r.steps_per_epoch,
+                     r.steps_per_epoch)
         r.opt.load_state_dict(part("optimizer"))
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if r.device.type == "cuda":
