@@ -379,14 +379,25 @@ RULE = ("holds: the difference from the reference has the notes' sign and is lar
         "ends under twice chance")
 
 
+def _logged(cols, name):
+    """A steps.csv column's values on the rows that have one (rows of steps without statistics hold NaN)."""
+    values = cols.get(name, np.array([]))
+    return values[np.isfinite(values)]
+
+
 def _late(cols, name, early):
     """Mean of a steps.csv column over the first (early) or last tenth of the logged steps."""
-    values = cols.get(name, np.array([]))
-    values = values[np.isfinite(values)]
+    values = _logged(cols, name)
     if not len(values):
         return math.nan
     k = max(1, len(values) // 10)
     return float(np.mean(values[:k] if early else values[-k:]))
+
+
+def _lowest_after_first_tenth(cols, name):
+    """The lowest value once the first tenth of the logged steps (the ramp from step 0) is over."""
+    values = _logged(cols, name)
+    return float(np.min(values[len(values) // 10:])) if len(values) else math.nan
 
 
 def _persist(cols, col, after):
@@ -451,8 +462,7 @@ METRICS = {   # name -> (what it is, value of one finished run)
     "trace": ("Hessian trace (Hutchinson; ± std over seeds, one seed ± its SE)",
               lambda r: (r["final"].get("sharpness") or {}).get("trace", math.nan)),
     "trace_se": ("standard error of the Hutchinson trace", lambda r: (r["final"].get("sharpness") or {}).get("trace_se", math.nan)),
-    "ckpt1_min": ("B1 lowest share after the first tenth (%)",
-                  lambda r: float(np.nanmin(r["steps"]["ckpt1"][len(r["steps"]["ckpt1"]) // 10:]))),
+    "ckpt1_min": ("B1 lowest share after the first tenth (%)", lambda r: _lowest_after_first_tenth(r["steps"], "ckpt1")),
     **{f"ckpt{k}_{when}": (f"B{k} share, {when} tenth (%)", lambda r, k=k, when=when: _late(r["steps"], f"ckpt{k}", when == "early"))
        for k in (2, 3, 4) for when in ("early", "late")},
     "fine_up": ("r > 2 share (fine bins), late - early (points)", lambda r: sum(
@@ -778,6 +788,8 @@ def main(argv=None):
         parser.error(f"runs folder {args.runs!r} does not exist or is not a folder")
     if args.toy and not os.path.isdir(args.toy):
         parser.error(f"--toy folder {args.toy!r} does not exist or is not a folder")
+    if args.toy and not {"sensing_rho.csv", "landscape_ends.csv"} & set(os.listdir(args.toy)):
+        parser.error(f"--toy folder {args.toy!r} holds neither sensing_rho.csv nor landscape_ends.csv (toy.py writes them)")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:

@@ -2765,6 +2765,9 @@ def test_plots_bad_paths(tmp_path, capsys):
     assert err.value.code == 2 and "does not exist" in capsys.readouterr().err
     assert plots.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 1
     assert "no usable run folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:   # a --toy folder without toy.py's CSVs would add nothing, silently
+        plots.main([str(tmp_path), "--toy", str(tmp_path)])
+    assert err.value.code == 2 and "neither sensing_rho.csv nor landscape_ends.csv" in capsys.readouterr().err
 
 
 def test_plots_toy_tables_from_toys_csvs(tmp_path, monkeypatch):
@@ -2892,6 +2895,12 @@ def test_plots_ckpt1_min_takes_every_step_after_the_first_tenth():
         ckpt1[0], ckpt1[dip_at] = 20.0, 40.0
         run = dict(final={}, steps=dict(step=np.arange(n, dtype=float), ckpt1=ckpt1))
         assert plots.METRICS["ckpt1_min"][1](run) == min(ckpt1[n // 10:]) == lowest, dip_at
+    # rows without statistics (NaN) are not steps of the tenth: 10 empty rows, 20 logged, their first tenth 2 rows
+    ckpt1 = np.r_[[np.nan] * 10, 20.0, 30.0, [70.0] * 18]
+    run = dict(final={}, steps=dict(step=np.arange(n, dtype=float), ckpt1=ckpt1))
+    assert plots.METRICS["ckpt1_min"][1](run) == min(ckpt1[12:]) == 70.0
+    run["steps"]["ckpt1"] = np.full(n, np.nan)
+    assert math.isnan(plots.METRICS["ckpt1_min"][1](run))
 
 
 def test_plots_results_md_mean_std_and_verdicts(tmp_path):
