@@ -213,12 +213,17 @@ class SAM(torch.optim.Optimizer):
             part.grads = [p.grad for p in part.params]                # now g'
         if any(x is None for part in parts for x in part.grads):
             raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
+        mine = {id(p) for part in parts for p in part.params}
+        late = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and id(p) not in mine]
+        if late:   # a branch reached at w + e only (e.g. a routed expert): e was 0 there, so SAM's d is its g'
+            self._warn_once("late", "second_step(): a parameter without a gradient at w has one at w + e; it takes the "
+                            "base step with that g' (plain SAM's d), outside the bin rules and the statistics")
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
         dots = _dots(parts, gp) if gp[0] is not None else None
         d = [self._direction(part, gp_part, dots) for part, gp_part in zip(parts, gp)]
         if self._clean is not None:
             self._add_clean(parts, d)
-        self._descend(parts, d, gp, dots)
+        self._descend(parts, d, gp, dots, late)
         if zero_grad:
             self.zero_grad()
 
@@ -322,12 +327,13 @@ class SAM(torch.optim.Optimizer):
                     for x, v in zip(parts, gv)]
         return [x.grads for x in parts]
 
-    def _descend(self, parts, d, gp=None, dots=None):
-        """Hand d to the base optimizer at w, or skip the step exactly when g or d is not finite."""
+    def _descend(self, parts, d, gp=None, dots=None, late=()):
+        """Hand d to the base optimizer at w, or skip the step exactly when g or d (or a late g') is not finite."""
         self.last_step_skipped = False
         d_sq = [_sq_norm(x) for x in d] if parts and (self.flags["skip_nonfinite"] or self._stats_step()) else None
         if self.flags["skip_nonfinite"] and parts:   # the one host read of the step (as torch.amp.GradScaler)
             squares = [x + (part.g_sq if part.g_sq is not None else 0) for part, x in zip(parts, d_sq)]
+            squares += [_sq_norm([x]) for x in late]
             self.last_step_skipped = not self._all_finite(torch.isfinite(sum(s.to(parts[0].device) for s in squares)))
         tracks = gp is not None and self._tracks_persistence()
         if tracks or self._stats_step():      # the ratio instrument, at this step's w before the base step

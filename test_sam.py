@@ -1660,6 +1660,32 @@ def test_a_nonfinite_gradient_in_the_last_part_alone_skips_the_step(which):
     assert_same(snap(params), w)
 
 
+@pytest.mark.parametrize("late_grad", [3.0, math.nan])
+def test_a_parameter_reached_at_w_plus_e_only_takes_sams_step_and_the_finite_check(late_grad):
+    """A branch reached at w + e only (a routed expert): its e was 0, so it steps with its g' as plain SAM, while
+    the other parameter keeps samme1's d; a non-finite g' there skips the whole step (it stepped to NaN)."""
+    a, b = torch.tensor([1.0, -2.0], dtype=DT, requires_grad=True), torch.tensor([0.5, 4.0], dtype=DT, requires_grad=True)
+    w_a, w_b = a.detach().clone(), b.detach().clone()
+    opt = SAM([a, b], torch.optim.SGD, variant="samme1", rho=RHO, lr=LR)
+    (a ** 2).sum().backward()                         # g = 2a; b has no gradient at w
+    opt.first_step(zero_grad=True)
+    ((a ** 2).sum() + late_grad * b.sum()).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.second_step(zero_grad=True)
+    messages = " | ".join(str(x.message) for x in caught)
+    assert "without a gradient at w has one at w + e" in messages
+    assert ("skipped step 0" in messages) == (not math.isfinite(late_grad))
+    g = 2 * w_a
+    gp = 2 * (w_a + RHO * g / g.norm())               # r = g'/g > 1 everywhere: B1, d = c g' with c = 2
+    if math.isfinite(late_grad):
+        torch.testing.assert_close(a.detach(), w_a - LR * 2 * gp, rtol=1e-14, atol=0)
+        torch.testing.assert_close(b.detach(), w_b - LR * late_grad, rtol=1e-14, atol=0)
+    else:
+        assert opt.last_step_skipped and opt.stats["skipped"] == 1
+        assert_same([a, b], [w_a, w_b])
+
+
 def test_skip_nonfinite_false_steps_and_measures_as_the_default_on_finite_gradients():
     runs = []
     for skip in (True, False):
