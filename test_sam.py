@@ -2321,6 +2321,15 @@ def test_toy_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         toy.main(["checkpoints", "--out", str(blocker / "sub")])
     assert err.value.code == 2 and "cannot use --out" in capsys.readouterr().err
+    # a folder that exists but takes no file: refused before any part runs, not a traceback at its first write
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    readonly = str(locked) if os.geteuid() != 0 else "/sys" if os.path.isdir("/sys/kernel") else None   # root: sysfs
+    if readonly:
+        with pytest.raises(SystemExit) as err:
+            toy.main(["checkpoints", "--out", readonly])
+        assert err.value.code == 2 and "cannot use --out" in capsys.readouterr().err
+    locked.chmod(0o700)
 
 
 def test_toy_checkpoints_writes_figure_and_csv(tmp_path):
@@ -2329,6 +2338,31 @@ def test_toy_checkpoints_writes_figure_and_csv(tmp_path):
     with open(tmp_path / "checkpoints.csv") as f:
         ratios = [float(r["ratio"]) for r in csv.DictReader(f)]
     assert ratios[0] > 1 and 0 < ratios[1] < 1 and ratios[2] < -1 and -1 < ratios[3] < 0
+
+
+def test_toy_interrupted_writes_leave_the_old_figure_and_csv_whole(tmp_path, monkeypatch):
+    """Ctrl-C while a figure or a CSV is being written (a re-run over committed outputs) leaves the file of the run
+    before, byte for byte, and nothing beside it."""
+    toy.main(["checkpoints", "--out", str(tmp_path)])
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    save = toy.plt.Figure.savefig
+
+    def cut_savefig(fig, fname, **kwargs):   # the PNG's first part is on disk when the interrupt lands
+        save(fig, fname, **kwargs)
+        with open(fname, "r+b") as f:
+            f.truncate(1000)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(toy.plt.Figure, "savefig", cut_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        toy.checkpoints(str(tmp_path))
+
+    class Interrupt:   # the csv module writes a row's fields as str(field): the interrupt lands after some rows
+        def __str__(self):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        toy.write_csv(str(tmp_path / "checkpoints.csv"), [dict(checkpoint=k, ratio=1.0) for k in range(500)]
+                      + [dict(checkpoint=500, ratio=Interrupt())])
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
 
 
 def test_sensing_toy_redraws_u_star_measurements_loss_and_init_from_its_generator():

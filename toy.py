@@ -9,6 +9,7 @@ import argparse
 import csv
 import math
 import os
+import tempfile
 import time
 
 import matplotlib
@@ -21,11 +22,29 @@ from sam import SAM
 DTYPE = torch.float64   # USAM's blow-up reaches 1e65: float32 would print inf from step 3
 
 
+def replace_whole(path, write):
+    """write(part) to a file beside path, then rename it to path: a run stopped while it writes (Ctrl-C) leaves
+    the file of the run before, whole, not a cut one."""
+    part = path + ".part"
+    try:
+        write(part)
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
 def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(part):
+        with open(part, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    replace_whole(path, write)
+
+
+def save_png(fig, path, dpi):
+    replace_whole(path, lambda part: fig.savefig(part, format="png", dpi=dpi))
 
 
 def top_eigenvalue(loss_fn, w):
@@ -192,7 +211,7 @@ def _plot_sensing(path, rows, gd, long_rows, steps):
     for ax in (ax2, ax3):
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_png(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -364,7 +383,7 @@ def _plot_landscape(path, land, paths):
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{land.name}: lr {land.lr}, rho {land.rho}, {land.steps} full-batch steps (dots: end points)")
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    save_png(fig, path, dpi=70)
     plt.close(fig)
 
 
@@ -409,7 +428,7 @@ def checkpoints(out):
         ax.legend(fontsize=8, loc="upper center")
     fig.suptitle(f"The four checkpoints of r = g(w+e)/g(w), e = rho sign(g), rho = {CKPT_RHO}; arrows: -gradient")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "checkpoints.png"), dpi=70)
+    save_png(fig, os.path.join(out, "checkpoints.png"), dpi=70)
     plt.close(fig)
     write_csv(os.path.join(out, "checkpoints.csv"), rows)
     for r in rows:
@@ -431,6 +450,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     try:
         os.makedirs(args.out, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=args.out).close()   # a read-only folder: refused now, not at the first write
     except OSError as err:
         parser.error(f"cannot use --out {args.out!r}: {err.strerror}")
     for name, part in PARTS.items():
