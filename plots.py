@@ -8,8 +8,8 @@ and any other setting that differs between groups); seeds are averaged (mean, an
 of +- one sample standard deviation). A run folder whose settings and seed equal another's (a copy) is
 counted once, with a warning. Under reproduce.py's results/ it writes instead results.md (one table per claim,
 mean ± std over seeds, the command of each row, and whether the notes' claim holds) and the figures of
-claims 1-3 into <out>/results/. Unfinished runs (no final.json, partial CSVs) are plotted but
-left out of the final-accuracy table; runs that cannot be read are skipped with the reason.
+claims 1-3 and the curves of the rows where SGD fits into <out>/results/. Unfinished runs (no final.json,
+partial CSVs) are plotted but left out of the final-accuracy table; runs that cannot be read are skipped with the reason.
 """
 import argparse
 import csv
