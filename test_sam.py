@@ -4351,7 +4351,7 @@ def test_train_resume_measures_a_finished_runs_sharpness_as_the_run_would_have(t
     with pytest.raises(OSError, match="disk full"):
         train.main(plain + sharp + ["--resume"])
     monkeypatch.undo()
-    assert json.loads((out / "final.json").read_text()) == unmeasured
+    assert json.loads((out / "final.json").read_text()) == unmeasured and not list(out.glob("*tmp"))
     assert train.main(plain + sharp + ["--resume"]) == measured == json.loads((out / "final.json").read_text())
     assert logs == {name: (out / name).read_bytes() for name in logs}
     config, first = (json.loads((folder / "config.json").read_text()) for folder in (out, tmp_path / "measured"))
@@ -5439,15 +5439,41 @@ def test_train_resume_refuses_other_data(tmp_path, finished_and_stopped):
     _fails(argv + ["--resume"], "holds other data than this run trained on")
 
 
-def test_train_resume_cuts_partial_rows_and_nul_bytes(tmp_path, finished_and_stopped):
+@pytest.mark.parametrize("damage,lost,holds", [("tail", [], None), ("cut", [2, 3], "whole rows up to step 1"),
+                                               ("middle", [1, 2, 3], "whole rows up to step 0"),
+                                               ("not-utf8", [2, 3], "whole rows up to step 1"),
+                                               ("deleted", [0, 1, 2, 3], "no whole row")])
+def test_train_resume_cuts_partial_rows_and_nul_bytes(tmp_path, finished_and_stopped, capsys, damage, lost, holds):
+    """A row cut by a crash and the zeros a file system leaves after a power cut go. Rows the checkpoint (at step 4)
+    logged that are gone (a power cut can keep the checkpoint and lose the rows flushed before it), deleted, or
+    behind a damaged row leave a gap in the log, and a warning says which."""
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     run = tmp_path / "run"
-    with open(run / "steps.csv", "a") as f:
-        f.write("4,0.9,0.05")   # a row cut off by a crash
+    steps = run / "steps.csv"
+    lines = steps.read_bytes().split(b"\n")   # the header, steps 0 to 3, ""
+    if damage == "tail":
+        steps.write_bytes(steps.read_bytes() + b"4,0.9,0.05")   # a row cut off by a crash
+    elif damage == "cut":
+        steps.write_bytes(b"\n".join(lines[:3]) + b"\n2,0.4")
+    elif damage == "middle":
+        steps.write_bytes(b"\n".join(lines[:2] + [bytes(len(lines[2]))] + lines[3:]))
+    elif damage == "not-utf8":   # a flipped bit in a field other than the step: no UTF-8, the field count intact
+        steps.write_bytes(b"\n".join(lines[:3] + [lines[3].replace(b".", b"\xff", 1)] + lines[4:]))
+    else:
+        steps.unlink()
     with open(run / "epochs.csv", "ab") as f:
         f.write(bytes(300))     # the zeros a file system leaves after a power cut
+    capsys.readouterr()
     train.main(argv + ["--resume"])
-    _same_logs(finished_and_stopped / "done", run)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned == ([f"warning: {steps} holds {holds}, but the checkpoint logged up to step 3: the rows between "
+                       "are lost, and the log goes on after a gap"] if lost else [])
+    done = finished_and_stopped / "done"
+    if not lost:
+        return _same_logs(done, run)
+    whole = (done / "steps.csv").read_text().splitlines(keepends=True)
+    assert steps.read_text() == "".join(whole[:1] + [row for row in whole[1:] if int(row.split(",")[0]) not in lost])
+    assert (run / "final.json").read_bytes() == (done / "final.json").read_bytes()
 
 
 def test_train_resume_with_other_columns_is_refused_and_keeps_every_row(tmp_path, finished_and_stopped):
@@ -5483,6 +5509,63 @@ def test_train_bad_paths_and_checkpoints_get_messages(tmp_path, finished_and_sto
         locked.mkdir(mode=0o500)
         _fails(_tiny_run(tmp_path, "--out", str(locked / "run")), "cannot write to --out")
         locked.chmod(0o700)
+
+
+SHARP = ["--sharpness", "--sharpness-batches", "2", "--sharpness-batch-size", "6", "--sharpness-iters", "10"]
+
+
+@pytest.mark.parametrize("name,damage,extra", [("best.pt", "missing", SHARP), ("best.pt", "cut", SHARP),
+                                               ("best.pt", "empty", SHARP), ("final.json", "cut", []),
+                                               ("config.json", "cut", SHARP)])
+def test_train_resume_with_a_damaged_run_file_fails_naming_it_and_writes_nothing(tmp_path, finished_and_stopped,
+                                                                                 name, damage, extra):
+    """A best.pt the end's --sharpness measures, a final.json or a config.json gone or damaged since train.py wrote
+    it (whole) is named in a message, before anything is written; without best.pt the run finishes without
+    sharpness, and a deleted final.json is written again from last.pt as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_and_stopped / "done", run)
+    argv = _tiny_run(finished_and_stopped, "--out", str(run), "--resume")
+    whole = (run / name).read_bytes()
+    if damage == "missing":
+        (run / name).unlink()
+    else:
+        (run / name).write_bytes(whole[:len(whole) // 2] if damage == "cut" else b"")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    _fails(argv + extra, f"cannot read {re.escape(str(run / name))} ")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    done = json.loads((finished_and_stopped / "done" / "final.json").read_text())
+    if name == "best.pt":
+        assert train.main(argv) == done
+    if name == "final.json":
+        (run / name).unlink()
+        assert train.main(argv) == done and (run / name).read_bytes() == whole
+
+
+@pytest.mark.parametrize("which", ["best.pt", "last.pt"])
+def test_train_a_full_disk_during_a_checkpoint_keeps_the_old_one_and_no_partial_copy(tmp_path, monkeypatch,
+                                                                                    finished_and_stopped, which):
+    """torch.save fails half-way (ENOSPC) at an epoch's end: the error stops the run, the checkpoint before it is
+    untouched, no half-written temporary file is left to fill the disk further, and --resume gives the logs of a
+    run never stopped."""
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    run = tmp_path / "run"
+    before = (run / "last.pt").read_bytes()
+    save = torch.save
+
+    def disk_full(obj, f):
+        if Path(f).name.startswith(which + "."):
+            buffer = io.BytesIO()
+            save(obj, buffer)
+            Path(f).write_bytes(buffer.getvalue()[:1000])
+            raise OSError(28, "No space left on device")
+        return save(obj, f)
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(argv + ["--resume"])
+    monkeypatch.undo()
+    assert (run / "last.pt").read_bytes() == before and not list(run.glob("*tmp"))
+    train.main(argv + ["--resume"])
+    _same_logs(finished_and_stopped / "done", run)
 
 
 def _test_split(images):

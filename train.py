@@ -848,16 +848,25 @@ LOCK = "run.lock"   # held (flock) while a process writes the folder; the kernel
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")   # DDP ranks may write the same data cache at once
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_with(tmp, lambda: torch.save(obj, tmp), path)
 
 
 def write_json_atomic(obj, path):
     """JSON to a temporary file, then rename: a crash leaves the old file or the new one (a measured final.json
     replaces one that holds a finished run's results)."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    replace_with(tmp, lambda: tmp.write_text(json.dumps(obj, indent=1) + "\n"), path)
+
+
+def replace_with(tmp, write, path):
+    """write() fills tmp, which then replaces path. A failed write (a full disk, a second Ctrl-C) removes tmp, so no
+    partial copy is left to fill the disk further; path stays as it was."""
+    try:
+        write()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def default_run_name(args):
@@ -876,14 +885,7 @@ class CsvLog:
 
     def __init__(self, path, columns, key, last=None):
         self.path, self.columns = path, columns
-        kept = []
-        if last is not None and path.exists():
-            for line in path.read_bytes().split(b"\n")[1:-1]:   # [-1]: after the last newline, never whole
-                fields = line.decode("utf-8", "replace").split(",")
-                if b"\0" in line or len(fields) != len(columns) or not is_number(fields[columns.index(key)]) \
-                        or float(fields[columns.index(key)]) > last:
-                    break
-                kept.append(line.decode())
+        kept = self.whole_rows(path, columns, key, last) if last is not None else []
         tmp = Path(f"{path}.tmp")
         tmp.write_text("\n".join([",".join(columns)] + kept) + "\n")
         os.replace(tmp, path)
@@ -894,12 +896,25 @@ class CsvLog:
         self.file.flush()
 
     @staticmethod
+    def whole_rows(path, columns, key, last):
+        """The lines a resume keeps: the rows up to key `last`, none from the first that is not whole."""
+        kept = []
+        for line in path.read_bytes().split(b"\n")[1:-1] if path.exists() else []:   # [-1]: never whole
+            text = line.decode("utf-8", "replace")   # bytes that are no UTF-8 read as U+FFFD: not whole
+            fields = text.split(",")
+            if b"\0" in line or "\ufffd" in text or len(fields) != len(columns) \
+                    or not is_number(fields[columns.index(key)]) or float(fields[columns.index(key)]) > last:
+                break
+            kept.append(text)
+        return kept
+
+    @staticmethod
     def header(path):
         """The columns a log was written with ([] for none): another train.py's would make every row look cut."""
         if not path.exists():
             return []
-        with open(path) as f:
-            line = f.readline().rstrip("\n")
+        with open(path, "rb") as f:   # text mode would decode the rows after it too
+            line = f.readline().decode("utf-8", "replace").rstrip("\n")
         return line.split(",") if line else []
 
 
@@ -981,7 +996,8 @@ class RunFolder:
         return self.checkpoint(args, world)
 
     def checkpoint(self, args, world):
-        saved = json.loads((self.path / "config.json").read_text())
+        saved = self.read_json("config.json", "it holds the run's settings: restore it from a copy, or start again "
+                               "with --overwrite")
         config = vars(args)
         changed = changed_settings(saved, config, SESSION_SETTINGS | (END_SETTINGS if self.end_open() else set()))
         if changed:
@@ -999,12 +1015,16 @@ class RunFolder:
         except Exception as err:   # empty, truncated or not a checkpoint: train.py writes it atomically
             fail(f"--resume: cannot read {self.last} ({type(err).__name__}: {err}); it was not written whole by "
                  "train.py. Restore it from a copy, or start again with --overwrite")
+        if args.sharpness and checkpoint["state"]["best_epoch"] and self.end_open():
+            self.best_model("cpu")   # the end measures it: missing or damaged, say so now, before anything is written
         if args.max_steps is not None and args.max_steps <= step:
             fail(f"--max-steps {args.max_steps}: the run is already at step {step}; give a larger one or drop it")
         for name, (columns, _) in LOGS.items():
             if CsvLog.header(self.path / f"{name}.csv") not in ([], columns):
                 fail(f"--resume: {self.path / name}.csv has another train.py's columns; resume it with the code it ran "
                      f"with, the copy in its folder: python {self.path / 'train.py'} ... --resume")
+        if self.writer:
+            warn_of_lost_rows(self.path, args, checkpoint["state"])
         return {**checkpoint, "data_fingerprint": saved.get("data_fingerprint")}
 
     def create(self, config):
@@ -1042,7 +1062,25 @@ class RunFolder:
     def final(self):
         """final.json, or None while the run trains."""
         path = self.path / "final.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return self.read_json("final.json", "delete it, and --resume writes it again from last.pt") \
+            if path.exists() else None
+
+    def read_json(self, name, remedy):
+        """A JSON file of the run; one damaged since train.py wrote it (whole) is named, with the remedy."""
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            fail(f"--resume: cannot read {path} ({type(err).__name__}: {err}); train.py wrote it whole, so it was "
+                 f"damaged since: {remedy}")
+
+    def best_model(self, device):
+        """best.pt's weights, which the end's --sharpness measures."""
+        try:
+            return torch.load(self.best, map_location=device)["model"]
+        except Exception as err:   # missing, empty, truncated or not a checkpoint
+            fail(f"--sharpness: cannot read {self.best} ({type(err).__name__}: {err}); it holds the best validation "
+                 "epoch's weights, which --sharpness measures: restore it from a copy, or resume without --sharpness")
 
     def end_open(self):
         """True while the end's sharpness may still be measured: the run trains, or finished without it."""
@@ -1056,6 +1094,21 @@ class RunFolder:
         if new and self.writer:
             write_json_atomic({**saved, **new, "end_settings_command": command_line(argv, world),
                                "end_settings_commit": git_commit()}, self.path / "config.json")
+
+
+def warn_of_lost_rows(path, args, state):
+    """On resume, a log whose whole rows stop before the checkpoint's last row (cut, deleted, or damaged in the
+    middle: a power cut can keep a checkpoint and lose the rows flushed before it) goes on with a gap: say so."""
+    every = {"steps": args.log_every, "epochs": 1, "sharpness": args.sharpness_every}
+    done = {"steps": state["step"] - 1, "epochs": state["epoch"], "sharpness": state["epoch"]}
+    for name, (columns, key) in LOGS.items():
+        expected = done[name] // every[name] * every[name] if every[name] else -1   # the last row the run logged
+        rows = CsvLog.whole_rows(path / f"{name}.csv", columns, key, done[name])
+        kept = int(float(rows[-1].split(",")[columns.index(key)])) if rows else None
+        if expected >= (1 if key == "epoch" else 0) and kept != expected:
+            holds = f"whole rows up to {key} {kept}" if rows else "no whole row"
+            print(f"warning: {path / name}.csv holds {holds}, but the checkpoint logged up to {key} {expected}: "
+                  "the rows between are lost, and the log goes on after a gap", file=sys.stderr)
 
 
 def barrier():
@@ -1503,7 +1556,7 @@ def finish(r):
         barrier()   # rank 0 has written best.pt
         r.say(f"sharpness of {r.folder.best} ({r.args.sharpness_batches} batches of {r.args.sharpness_batch_size})",
               flush=True)
-        r.model.load_state_dict(torch.load(r.folder.best, map_location=r.device)["model"])
+        r.model.load_state_dict(r.folder.best_model(r.device))
         result = sharpness(r.model, r.train_set, r.args)
     state = r.state
     final = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
