@@ -6046,10 +6046,21 @@ def test_train_changed_settings_are_the_keys_both_configs_hold_with_other_values
 def test_train_resume_refuses_another_seed_length_or_split(tmp_path, finished_and_stopped):
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     before = (tmp_path / "run" / "steps.csv").read_bytes()
+    preset_rho = sam.VARIANTS["sam"].get("rho", sam.FLAGS["rho"])   # a SAM flag left to the preset: its value
     for flag, value, was in (("--seed", "7", "42"), ("--epochs", "4", "3"), ("--val-fraction", "0.2", "0.1"),
-                             ("--subset", "60", "None")):
+                             ("--subset", "60", "None"), ("--rho", "0.2", preset_rho)):
         _fails(argv + ["--resume", flag, value], rf"different settings: {flag} {value} \(run: {was}\)")
     assert (tmp_path / "run" / "steps.csv").read_bytes() == before
+
+
+def test_train_resume_takes_a_sam_flag_given_at_the_value_the_run_had(tmp_path, finished_and_stopped):
+    """--rho and --stats-every given at the values the run took from the preset and from --log-every are no change:
+    the run goes on as if uninterrupted."""
+    argv = _copy_stopped(finished_and_stopped, tmp_path)
+    log_every = argv[argv.index("--log-every") + 1]
+    train.main(argv + ["--resume", "--rho", str(sam.VARIANTS["sam"].get("rho", sam.FLAGS["rho"])),
+                       "--stats-every", log_every])
+    _same_logs(finished_and_stopped / "done", tmp_path / "run")
 
 
 def test_train_default_folder_names_tell_the_runs_apart():

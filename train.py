@@ -998,11 +998,13 @@ class RunFolder:
     def checkpoint(self, args, world):
         saved = self.read_json("config.json", "it holds the run's settings: restore it from a copy, or start again "
                                "with --overwrite")
-        config = vars(args)
-        changed = changed_settings(saved, config, SESSION_SETTINGS | (END_SETTINGS if self.end_open() else set()))
+        flags_now, flags_then = json.loads(json.dumps(effective_flags(args))), saved.get("sam_flags", {})
+        now = {**vars(args), **{k: flags_now[k] for k in SAM_CLI_FLAGS}}   # a flag left to the preset: its value
+        then = {**saved, **{k: flags_then[k] for k in SAM_CLI_FLAGS if k in flags_then}}
+        changed = changed_settings(then, now, SESSION_SETTINGS | (END_SETTINGS if self.end_open() else set()))
         if changed:
             fail("--resume with different settings: " + ", ".join(
-                f"--{k.replace('_', '-')} {config[k]!r} (run: {saved[k]!r})" for k in changed))
+                f"--{k.replace('_', '-')} {now[k]!r} (run: {then[k]!r})" for k in changed))
         runs_on = saved.get("world_size", world)
         if runs_on != world and self.final() is None:   # a finished run measures its sharpness on any number
             launcher = f"torchrun --nproc_per_node {runs_on}" if runs_on > 1 else "python"
@@ -1134,9 +1136,13 @@ def git_commit():
         return None
 
 
+def effective_flags(args):
+    """Every SAM flag as the optimizer runs with it: the preset's, then those given."""
+    return {**sam.FLAGS, **sam.VARIANTS[args.variant], **sam_flags(args)}
+
+
 def run_config(args, argv, device, world, fingerprint):
-    effective = {**sam.FLAGS, **sam.VARIANTS[args.variant], **sam_flags(args)}   # what the optimizer runs with
-    return {**vars(args), "sam_flags": effective, "command": command_line(argv, world),
+    return {**vars(args), "sam_flags": effective_flags(args), "command": command_line(argv, world),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "world_size": world, "git_commit": git_commit(), "data_fingerprint": fingerprint}
