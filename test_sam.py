@@ -4597,9 +4597,17 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _nan_on_rank_zero(rank, port, out):
-    """One rank of a two-process gloo group: rank 0's gradient at step 1 is NaN, rank 1's is finite."""
+def _ranks_that_disagree(rank, port, out):
+    """One rank of a two-process gloo group: rank 0's gradient at step 1 is NaN, rank 1's is finite; a Ctrl-C
+    reached rank 1 only."""
+    import threading
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop_requested = threading.Event()
+    if rank == 1:
+        stop_requested.set()
+    r = types.SimpleNamespace(state={"step": 3}, args=types.SimpleNamespace(max_steps=None), world=2,
+                              device=torch.device("cpu"))
+    stops = [train.should_stop(r, stop_requested, logged) for logged in (False, True)]
     params = make_params()
     opt = train.SAMOverRanks(params, train.averaging_over_ranks(torch.optim.SGD), rho=RHO, lr=LR, momentum=MOM)
     skipped = []
@@ -4609,18 +4617,21 @@ def _nan_on_rank_zero(rank, port, out):
             warnings.simplefilter("ignore")
             drive(opt, params, poisoned if t == 1 else synthetic, 1)
         skipped.append(opt.last_step_skipped)
-    torch.save({"skipped": skipped, "weights": snap(params)}, out / f"rank{rank}.pt")
+    torch.save({"skipped": skipped, "weights": snap(params), "stops": stops,
+                "stopped_by_ctrl_c": stop_requested.is_set()}, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_ranks_skip_a_non_finite_step_together(tmp_path):
+def test_ddp_ranks_skip_a_non_finite_step_and_stop_on_a_ctrl_c_together(tmp_path):
     # d is averaged in the base step, after the finite check: a rank that skipped alone would leave the
     # other waiting in that all-reduce, or pair it with the next step's
     import torch.multiprocessing as mp
-    mp.spawn(_nan_on_rank_zero, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_ranks_that_disagree, args=(_free_port(), tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == [False, True, False]
     assert_same(ranks[0]["weights"], ranks[1]["weights"])
+    # a Ctrl-C is agreed on logged steps only; then every rank stops as stopped by it (exit 130), none as by --max-steps
+    assert [(x["stops"], x["stopped_by_ctrl_c"]) for x in ranks] == [([False, True], True)] * 2
 
 
 # Two gloo ranks against the single-process formula. m-sharpness: rank r ascends along its own shard's g_r,

@@ -1499,7 +1499,9 @@ def should_stop(r, stop_requested, logged):
     if logged:
         flag = torch.tensor([float(stop_requested.is_set())], device=r.device)
         all_reduce_([flag])
-        stop |= flag.item() > 0
+        if flag.item() > 0:   # a Ctrl-C that reached some ranks only: every rank stops as stopped by it (exit 130)
+            stop_requested.set()
+        stop |= stop_requested.is_set()
     return stop
 
 
