@@ -154,11 +154,11 @@ SPECIAL = {"sgd", "usam", "asam", "linf-sign", "linf-norm", "sgdhess", "sgdhess-
            "gsam", "looksam", "sam"}
 
 
-def ascent(kind, w, h, rho, p=2.0, eta=0.0, fisher_eta=0.0):
-    """e from the formula. kind: sam | usam | lp | lp_norm | asam | asam_usam | fisher."""
+def ascent(kind, w, h, rho, p=2.0, eta=0.0, fisher_eta=0.0, norm_eps=NORM_EPS, g=None):
+    """e from the formula. kind: sam | usam | lp | lp_norm | asam | asam_usam | fisher (f from g, h by default)."""
     if kind == "sam":
         n = norm(h)
-        return [rho * x / (n + NORM_EPS) for x in h]
+        return [rho * x / (n + norm_eps) for x in h]
     if kind == "usam":
         return [rho * x for x in h]
     if kind == "lp":   # Hoelder dual, 1/p + 1/q = 1: rho sign(g)|g|^(q-1)/||g||_q^(q-1); p = inf: rho sign(g)
@@ -166,22 +166,22 @@ def ascent(kind, w, h, rho, p=2.0, eta=0.0, fisher_eta=0.0):
             return [rho * x.sign() for x in h]
         q = p / (p - 1)
         n = norm(h, q)
-        return [rho * x.sign() * x.abs() ** (q - 1) / (n ** (q - 1) + NORM_EPS) for x in h]
+        return [rho * x.sign() * x.abs() ** (q - 1) / (n ** (q - 1) + norm_eps) for x in h]
     if kind == "lp_norm":   # the norm changes, the direction stays g: rho g/||g||_p
         n = max(x.abs().max() for x in h) if math.isinf(p) else norm(h, p)
-        return [rho * x / (n + NORM_EPS) for x in h]
+        return [rho * x / (n + norm_eps) for x in h]
     if kind == "asam":   # T = |w| + eta: rho T^2 g/||T g||; p = inf: rho T sign(g)
         T = [x.abs() + eta for x in w]
         if math.isinf(p):
             return [rho * t * x.sign() for t, x in zip(T, h)]
         n = norm([t * x for t, x in zip(T, h)])
-        return [rho * t * t * x / (n + NORM_EPS) for t, x in zip(T, h)]
+        return [rho * t * t * x / (n + norm_eps) for t, x in zip(T, h)]
     if kind == "asam_usam":
         return [rho * x.abs() ** 2 * y for x, y in zip(w, h)]
     if kind == "fisher":   # f = 1 + eta g^2: rho (g/f)/sqrt(g.(g/f))
-        f = [1 + fisher_eta * x * x for x in h]
+        f = [1 + fisher_eta * x * x for x in (g or h)]
         n = sum((x * x / fi).sum() for x, fi in zip(h, f)).sqrt()
-        return [rho * x / fi / (n + NORM_EPS) for x, fi in zip(h, f)]
+        return [rho * x / fi / (n + norm_eps) for x, fi in zip(h, f)]
     raise AssertionError(kind)
 
 
@@ -230,7 +230,8 @@ def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, look
                 sigma, lam = kw.get("friendly_sigma", 1.0), kw.get("friendly_lambda", 0.9)
                 h = g if m is None else [x - sigma * y for x, y in zip(g, m)]
                 m = g if m is None else [lam * y + (1 - lam) * x for x, y in zip(g, m)]
-                e = ascent("sam", w, h, rho)
+                kind = "fisher" if kw.get("fisher_eta") else "asam" if kw.get("adaptive") else "sam"
+                e = ascent(kind, w, h, rho, fisher_eta=kw.get("fisher_eta"), g=g)   # Fisher's f is of g, not h
             elif name in ("ssamf", "ssamd"):   # masked e, normalised by the FULL ||g||
                 e = [x * mk for x, mk in zip(ascent("sam", w, g, rho), masks)]
             else:
@@ -351,15 +352,17 @@ def test_looksam_refreshes_every_k_steps_and_takes_cheap_single_pass_steps_betwe
     assert_lists_close(got, weights)
 
 
-@pytest.mark.parametrize("sigma,lam", [(0.5, 0.6), (2.0, 0.95)])
-def test_friendlysam_ascends_along_g_minus_sigma_times_the_previous_ema(sigma, lam):
-    # at sigma = 1 the m_{t-1} and m_t orders differ only by a scale that the normalisation removes
+@pytest.mark.parametrize("sigma,lam,flags", [(0.5, 0.6, {}), (2.0, 0.95, {}), (0.5, 0.6, dict(fisher_eta=1.0)),
+                                             (0.5, 0.6, dict(adaptive=True))])
+def test_friendlysam_ascends_along_g_minus_sigma_times_the_previous_ema(sigma, lam, flags):
+    # at sigma = 1 the m_{t-1} and m_t orders differ only by a scale that the normalisation removes; h = g - sigma m
+    # in the other geometries: Fisher SAM's h/f over sqrt(h.(h/f)) with f = 1 + eta g^2 of g, ASAM's T^2 h/||T h||
     params = make_params()
     opt = SAM(params, torch.optim.SGD, variant="friendlysam", friendly_sigma=sigma, friendly_lambda=lam,
-              rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+              rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, **flags)
     got_points, got = drive(opt, params, synthetic, 4)
     points, weights = reference_run("friendlysam", make_params(), synthetic, 4, friendly_sigma=sigma,
-                                    friendly_lambda=lam)
+                                    friendly_lambda=lam, **flags)
     assert_lists_close(got_points, points)
     assert_lists_close(got, weights)
 
@@ -502,6 +505,22 @@ def test_r_exactly_one_minus_one_and_zero_are_leftovers_in_low_precision_weights
     s = opt.stats
     assert [s[f"ckpt{k}"] for k in range(5)] == pytest.approx([500 / 7, 100 / 7, 100 / 7, 0.0, 0.0])
     assert (-params[0].detach()).tolist() == gp[:5] + [2 * up, down]    # samme1: c g' on B1 only
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_ratio_of_16_bit_gradients_adds_ratio_eps_in_float32(dtype):
+    # near-zero g, where the 1e-8 matters: in 16 bits g + 1e-8 rounds (to g', or to g in float16) and puts r at 1
+    g = torch.tensor([6e-8, 2e-7, 1e-8, -5e-9, 3e-9], dtype=torch.float64).to(dtype).repeat(2)
+    gp = torch.cat([g[:5], (g[:5].double() + RATIO_EPS).to(dtype)])
+    params = [torch.zeros(10, dtype=dtype, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=1.0, stats_every=1)
+    set_grads(params, [g])
+    opt.first_step(zero_grad=True)
+    set_grads(params, [gp])
+    opt.second_step(zero_grad=True)
+    ref, _ = reference_stats([torch.zeros(10, dtype=DT)], [g.double()], [gp.double()])
+    assert [opt.stats[f"ckpt{k}"] for k in range(5)] == pytest.approx([ref[f"ckpt{k}"] for k in range(5)])
+    assert ref["ckpt2"] > 0
 
 
 def test_bench_plain_form_bucketize_steps_like_the_branch_free_buckets(monkeypatch):
@@ -649,6 +668,8 @@ def test_bench_prints_each_ratio_from_its_medians(monkeypatch, capsys):
     (dict(adaptive=True, normalize=False), "asam_usam", {}),
     (dict(fisher_eta=1.0), "fisher", dict(fisher_eta=1.0)),
     (dict(fisher_eta=0.3), "fisher", dict(fisher_eta=0.3)),
+    (dict(norm_eps=0.5), "sam", dict(norm_eps=0.5)),   # e = rho g/(||g|| + norm_eps), a flag like any other
+    (dict(p=3.0, norm_eps=0.5), "lp", dict(p=3.0, norm_eps=0.5)),
 ])
 def test_ascent_point_matches_formula(flags, kind, kw):
     params = make_params()
@@ -689,7 +710,7 @@ def test_per_group_rho_uses_the_global_norm():
     assert_lists_close([snap(params)], [SGDRef().step(w, gp)])
 
 
-@pytest.mark.parametrize("warmup", [0, 2])
+@pytest.mark.parametrize("warmup", [0, 1, 2])
 def test_per_group_condition_with_one_bin_rule(warmup):
     params = make_params()   # the warm-up rises from 1 to each group's own c
     opt = SAM([{"params": params[:1]}, {"params": params[1:], "condition": 3.0}], torch.optim.SGD,
@@ -1219,11 +1240,10 @@ def test_fine_bins_of_r_above_one_match_a_reference_count_over_a_spread_of_ratio
 
 def test_statistics_of_a_one_pass_step_are_the_norms_of_g_d_and_w():
     # LookSAM between refreshes has no g': shares, fine bins and cos are NaN; ||g||, ||d|| and ||w|| are measured,
-    # d = g + alpha ||g||/||g_v|| g_v with g_v from the last refresh
+    # d = g + alpha ||g||/||g_v|| g_v with g_v from the last refresh; the B1 sets tracked stay those of the refresh
     params = make_params()
-    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, rho=RHO, lr=LR, stats_every=1)
-    synthetic_step(opt, params, 0)
-    g0, gp0 = synthetic_pair(0)
+    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, rho=RHO, lr=LR, stats_every=1, persist_from=0)
+    w0, g0, gp0, _ = synthetic_step(opt, params, 0)
     gv = [y - dot(g0, gp0) / dot(g0, g0) * x for x, y in zip(g0, gp0)]
     w, g = snap(params), synthetic(1, None, "g")
     set_grads(params, g)
@@ -1234,6 +1254,8 @@ def test_statistics_of_a_one_pass_step_are_the_norms_of_g_d_and_w():
     assert s["step"] == 1 and all(math.isnan(s[k]) for k in ("ckpt1", "r1_1.2", "perturbed_grad_norm", "cos", "mag_up"))
     assert [s["grad_norm"], s["direction_norm"], s["weight_norm"]] == pytest.approx(
         [float(norm(g)), float(norm(d)), float(norm(w))], rel=1e-12)
+    b1 = float(reference_stats(w0, g0, gp0)[1].sum())
+    assert [s["persist_t0"], s["persist_overlap"], s["persist_running"]] == [b1] * 3 and b1 > 0
 
 
 def test_looksam_between_refreshes_before_any_g_v_takes_the_sgd_step():
@@ -1424,6 +1446,8 @@ def test_unknown_variant_lists_the_valid_names():
     (dict(variant="fishersam", normalize=False), ValueError, "fisher_eta"),
     (dict(variant="looksam", combine="magnitude"), ValueError, "LookSAM"),
     (dict(variant="sgd", gsam_alpha=0.4), ValueError, "descent"),
+    (dict(variant="sgd", combine="magnitude"), ValueError, "descent"), (dict(sam_bins="15"), ValueError, "sam_bins"),
+    (dict(variant="looksam", looksam_k=2, sam_bins="1"), ValueError, "LookSAM"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -1642,9 +1666,10 @@ def test_a_skipped_step_leaves_the_base_optimizer_untouched_and_no_flag_means_da
     assert not torch.isfinite(loose[0]).all() and not opt.last_step_skipped
 
 
+@pytest.mark.parametrize("where", [0, 2])
 @pytest.mark.parametrize("which", ["g", "gp"])
-def test_a_nonfinite_gradient_in_the_last_part_alone_skips_the_step(which):
-    # three parts: group 0, and group 1 over float64 and float32; the NaN is in the float32 part only
+def test_a_nonfinite_gradient_in_one_part_alone_skips_the_step(which, where):
+    # three parts: group 0, and group 1 over float64 and float32; the NaN is in the first or the last part only
     params = make_params()
     params[2] = params[2].detach().float().requires_grad_()
     opt = SAM([{"params": params[:1]}, {"params": params[1:]}], torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
@@ -1654,7 +1679,7 @@ def test_a_nonfinite_gradient_in_the_last_part_alone_skips_the_step(which):
     drive(opt, params, grads, 1)
     w = snap(params)
     with pytest.warns(RuntimeWarning, match="skipped"):
-        drive(opt, params, lambda t, point, kind: _poison(grads(t, point, kind), 2, math.nan) if kind == which
+        drive(opt, params, lambda t, point, kind: _poison(grads(t, point, kind), where, math.nan) if kind == which
               else grads(t, point, kind), 1)
     assert opt.last_step_skipped and opt.stats["skipped"] == 1
     assert_same(snap(params), w)
