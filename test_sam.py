@@ -58,6 +58,8 @@ Q_CYCLE = (3.0, 0.5, -3.0, -0.5, 0.0, 1.1, 1.3, 1.7, 6.0, 12.0, 20.0)
 # near-zero g: the added ratio eps, not the sign of g, decides the sign of r
 TINY_G = ((0.0, 0.5), (1e-12, -0.2), (-3e-8, 0.4), (-5e-9, 0.4), (-5e-9, -0.4))
 TINY_AT = (2, 9, 15, 22, 30)
+# a leftover with g' != 0: r = g'/(g + eps) exactly 1 (B0), so each preset's rule on B0 shows in d, not only g' = 0
+LEFTOVER_G, LEFTOVER_AT = (-0.25, -0.25 + RATIO_EPS), 5
 
 
 # ------------------------------------------------------------------ reference math (float64, per tensor)
@@ -86,14 +88,14 @@ def checkpoints(g, gp, eps=RATIO_EPS):
 
 
 def synthetic_pair(step, shapes=SHAPES, seed=1):
-    """(g, g') lists with every checkpoint, B0 (g' = 0) and near-zero g present."""
+    """(g, g') lists with every checkpoint, B0 (g' = 0, and r exactly 1 with g' != 0) and near-zero g present."""
     n = sum(math.prod(s) for s in shapes)
     gen = torch.Generator().manual_seed(seed + 100 * step)
     sign = torch.randint(0, 2, (n,), generator=gen).to(DT) * 2 - 1
     g = (torch.rand(n, generator=gen, dtype=DT) + 0.2) * sign
     q = torch.tensor([Q_CYCLE[(i + 3 * step) % len(Q_CYCLE)] for i in range(n)], dtype=DT)
     gp = q * g
-    for (a, b), at in zip(TINY_G, TINY_AT):
+    for (a, b), at in zip(TINY_G + (LEFTOVER_G,), TINY_AT + (LEFTOVER_AT,)):
         g[(at + step) % n], gp[(at + step) % n] = a, b
     return split(g, shapes), split(gp, shapes)
 
@@ -213,7 +215,7 @@ def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, look
             if name == "sgd":
                 d = g
             else:   # LookSAM cheap step: g + alpha ||g||/||g_v|| g_v
-                d = [x + 0.7 * norm(g) / norm(gv) * v for x, v in zip(g, gv)]
+                d = [x + kw.get("looksam_alpha", 0.7) * norm(g) / norm(gv) * v for x, v in zip(g, gv)]
             points.append(None)
         else:
             if name == "usam":
@@ -244,7 +246,7 @@ def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, look
                 d = [DIRECTIONS[name](x, y, checkpoints(x, y), c) for x, y in zip(g, gp)]
             elif name == "gsam":   # g' - alpha g_perp, g_perp = g - (<g,g'>/||g'||^2) g'
                 coef = dot(g, gp) / dot(gp, gp)
-                d = [y - 0.4 * (x - coef * y) for x, y in zip(g, gp)]
+                d = [y - kw.get("gsam_alpha", 0.4) * (x - coef * y) for x, y in zip(g, gp)]
             else:
                 d = gp
             if name == "looksam":   # g_v = g' - (<g,g'>/||g||^2) g, the part of g' orthogonal to g
@@ -312,6 +314,8 @@ def test_synthetic_gradients_exercise_every_checkpoint_and_the_leftover_bin():
         assert all(b.sum() >= 2 for b in B)
         assert (torch.stack(B).sum(0) == 1).all()
         assert any((x == 0).any() and (y == 0).any() for x, y in zip(g, gp))
+        r = torch.cat([(y / (x + RATIO_EPS)).flatten() for x, y in zip(g, gp)])
+        assert (r == 1).sum() == 1   # the leftover with g' != 0
 
 
 def test_every_preset_has_a_reference():
@@ -342,12 +346,12 @@ def test_preset_steps_match_formula(name):
 
 
 def test_looksam_refreshes_every_k_steps_and_takes_cheap_single_pass_steps_between():
-    params = make_params()
-    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, rho=RHO, lr=LR, momentum=MOM,
-              weight_decay=WD)
+    params = make_params()   # alpha 0.3, not the preset's 0.7 (that one is test_preset_steps_match_formula's)
+    opt = SAM(params, torch.optim.SGD, variant="looksam", looksam_k=2, looksam_alpha=0.3, rho=RHO, lr=LR,
+              momentum=MOM, weight_decay=WD)
     got_points, got = drive(opt, params, synthetic, 5)
     assert [p is None for p in got_points] == [False, True, False, True, False]
-    points, weights = reference_run("looksam", make_params(), synthetic, 5, looksam_k=2)
+    points, weights = reference_run("looksam", make_params(), synthetic, 5, looksam_k=2, looksam_alpha=0.3)
     assert_lists_close(got_points, points)
     assert_lists_close(got, weights)
 
@@ -447,10 +451,10 @@ def test_gsam_projects_over_all_groups_and_after_a_bin_rule():
     _, got = drive(opt, params, synthetic, 2)
     _, weights = reference_run("gsam", make_params(), synthetic, 2)   # <g,g'> and ||g'|| of the whole vector
     assert_lists_close(got, weights)
-    # the order bin rule, then GSAM: d = samme1's d - alpha (g - (<g,g'>/||g'||^2) g')
+    # the order bin rule, then GSAM: d = samme1's d - alpha (g - (<g,g'>/||g'||^2) g'), alpha not the preset's 0.4
     g, gp = torch.tensor([0.5, 1.0, -1.0, 2.0], dtype=DT), torch.tensor([2.0, 0.5, 1.5, -0.5], dtype=DT)
-    d = DIRECTIONS["samme1"](g, gp, checkpoints(g, gp), 2.0) - 0.4 * (g - (g @ gp) / (gp @ gp) * gp)
-    assert one_step_direction("samme1", g.tolist(), gp.tolist(), gsam_alpha=0.4) == pytest.approx(d.tolist(), rel=1e-12)
+    d = DIRECTIONS["samme1"](g, gp, checkpoints(g, gp), 2.0) - 0.25 * (g - (g @ gp) / (gp @ gp) * gp)
+    assert one_step_direction("samme1", g.tolist(), gp.tolist(), gsam_alpha=0.25) == pytest.approx(d.tolist(), rel=1e-12)
 
 
 def test_checkpoint_edges_follow_the_strict_inequalities():
@@ -1132,9 +1136,8 @@ def test_ratio_statistics_match_a_reference_count(name, eps):
         direction = DIRECTIONS.get(name, lambda x, y, b, c: y)   # d = g' but for the bin rules
         ref["direction_norm"] = float(norm([direction(x, y, checkpoints(x, y, eps), 2.0) for x, y in zip(g, gp)]))
         assert s["step"] == t
-        for key, value in ref.items():
-            rel = 1e-6 if key == "weight_norm" else 1e-9
-            assert s[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+        for key, value in ref.items():   # ||w|| too: float64 as the rest (a float32 norm is off by 1e-8)
+            assert s[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
         assert sum(s[f"ckpt{k}"] for k in range(5)) == pytest.approx(100.0)
         assert sum(s[k] for k in sam.FINE_NAMES) == pytest.approx(s["ckpt1"])
         assert s["ckpt0"] > 0 and all(s[f"ckpt{k}"] > 0 for k in range(1, 5))
@@ -1588,6 +1591,7 @@ def test_nonfinite_gradient_skips_the_step_and_leaves_weights_bit_identical(name
     opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, **flags)
     drive(opt, params, synthetic, 2)   # finite steps first, so momentum is non-trivial
     w, base_state = snap(params), copy.deepcopy(opt.base_optimizer.state_dict())
+    own_state = copy.deepcopy(opt.state_dict()["sam"])   # FriendlySAM's m, LookSAM's g_v: kept on steps taken only
 
     def bad(t, point, kind):
         grads = synthetic(t, point, kind)
@@ -1597,6 +1601,7 @@ def test_nonfinite_gradient_skips_the_step_and_leaves_weights_bit_identical(name
     assert opt.last_step_skipped and opt.stats["skipped"] == 1
     assert_same(snap(params), w)
     assert_state_dicts_equal(opt.base_optimizer.state_dict(), base_state)   # momentum untouched
+    assert_state_dicts_equal(opt.state_dict()["sam"], own_state)
     two_passes = not opt.single_pass      # LookSAM's cheap step has no g' to poison
     with warnings.catch_warnings():
         warnings.simplefilter("error")      # warned once
@@ -1881,6 +1886,38 @@ def test_second_step_error_puts_the_weights_back_to_w_first():
         opt.second_step()
     assert_same(snap(params), w)
     assert not opt.perturbed
+
+
+def test_the_two_step_protocol_refuses_steps_out_of_order():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR)
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.second_step()
+    set_grads(params, synthetic(0, None, "g"))
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="called twice"):
+        opt.first_step()
+    one_pass = SAM(make_params(), torch.optim.SGD, variant="sgd", lr=LR)
+    set_grads(one_pass.param_groups[0]["params"], synthetic(0, None, "g"))
+    one_pass.first_step()
+    one_pass.second_step()                # the step was taken in first_step: a no-op, once
+    with pytest.raises(RuntimeError, match="without first_step"):
+        one_pass.second_step()
+
+
+def test_imbsam_refuses_a_clean_gradient_over_other_parameters():
+    # d = g'_tail + g_head needs both on the same parameters; the step is not taken and w is back
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, variant="imbsam", rho=RHO, lr=LR)
+    set_grads(params, make_params(seed=11)[:2] + [None])
+    opt.stash_clean_grad()
+    set_grads(params, synthetic(0, None, "g"))
+    opt.first_step(zero_grad=True)
+    set_grads(params, synthetic(0, None, "gp"))
+    with pytest.raises(ValueError, match="same parameters"):
+        opt.second_step()
+    assert_same(snap(params), w)
 
 
 def test_step_closure_warns_once_when_gradients_are_already_there():
