@@ -2954,7 +2954,9 @@ def test_plots_verdicts_and_derived_metrics_by_hand():
     assert v([49.0, 49.2], "~", 40.0) == "holds"            # 9.1 from it: within 25% of 40, far outside s = 0.14
     assert v([49.0, 49.2], "~", 30.0) == "does not hold"    # 19.1 > 7.5
     assert v([42.0, 50.0], "~", [40.0, 40.0]) == "does not hold" and v([40.0, 48.0], "~", [40.0, 40.0]) == "holds"   # 6, 4 vs 5.66
-    assert v([1.0], ">", 0.0).startswith("can't tell") and v([1.0, 2.0], ">", [0.0]).startswith("can't tell")
+    # fewer than 2 seeds on either side: no spread to judge by, whichever the operator (results.md tells this apart)
+    for ours, op, reference in (([1.0], ">", 0.0), ([1.0], "~", 1.0), ([1.0, 2.0], ">", [0.0]), ([1.0, 2.0], "~", [1.5])):
+        assert v(ours, op, reference) == "can't tell (n < 2)", (ours, op, reference)
 
     def run(train_acc, dataset="cifar10", steps=None):
         return dict(final={"test_acc_best": 0.0}, epochs={"train_acc": np.array([5.0, train_acc])},
@@ -2962,6 +2964,9 @@ def test_plots_verdicts_and_derived_metrics_by_hand():
     assert plots.at_chance([run(10.0), run(25.0)])            # mean 17.5 < 2 x 10%
     assert not plots.at_chance([run(15.0, "cifar100")])       # 15 > 2 x 1%
     assert not plots.at_chance([run(21.0), run(25.0)])
+    assert not plots.at_chance([run(18.0), run(22.0)])        # mean 20: at twice chance, not under it
+    # a seed whose value is not finite (a NaN or an infinite lambda_max) is no seed of the row
+    assert plots.values([run(50.0), run(math.inf), run(math.nan), run(-math.inf), run(30.0)], "train_acc") == [50.0, 30.0]
 
     n = 25
     step = np.arange(n, dtype=float)
@@ -3023,6 +3028,17 @@ def test_plots_ckpt1_min_takes_every_step_after_the_first_tenth():
     assert plots.METRICS["ckpt1_min"][1](run) == min(ckpt1[12:]) == 70.0
     run["steps"]["ckpt1"] = np.full(n, np.nan)
     assert math.isnan(plots.METRICS["ckpt1_min"][1](run))
+    # the first tenth the early shares average is the one ckpt1_min leaves out (a dip there is not seen), and the
+    # last tenth as long: of 19 steps one each, of 25 two
+    for n, tenth in ((19, 1), (25, 2)):
+        def lowest(dip_at):
+            ckpt1 = np.where(np.arange(n) == dip_at, 20.0, 70.0)
+            return plots.METRICS["ckpt1_min"][1](dict(final={}, steps=dict(step=np.arange(n, dtype=float), ckpt1=ckpt1)))
+        assert [lowest(step) for step in range(n)] == [70.0] * tenth + [20.0] * (n - tenth), n
+        squares = [float(step * step) for step in range(n)]
+        run = dict(final={}, steps=dict(step=np.arange(n, dtype=float), ckpt2=np.array(squares)))
+        assert plots.METRICS["ckpt2_early"][1](run) == pytest.approx(sum(squares[:tenth]) / tenth), n
+        assert plots.METRICS["ckpt2_late"][1](run) == pytest.approx(sum(squares[-tenth:]) / tenth), n
 
 
 def test_plots_results_md_mean_std_and_verdicts(tmp_path):
@@ -3061,6 +3077,12 @@ def test_plots_results_md_mean_std_and_verdicts(tmp_path):
     planned = next(line for line in text.splitlines() if line.startswith("| sam-rho0.05-cpu | 0 |"))
     assert planned.endswith(" --variant sam --rho 0.05 --device cpu --seed $SEED --data-dir "
                             f"{reproduce.DATA_DIR} --out results/device/sam-rho0.05-cpu-s$SEED` |")
+    # without results/setting.json: in the first candidate's setting, on reproduce.py's default device
+    planned = next(line for line in text.splitlines() if line.endswith("results/samckpt/samckpt1-s$SEED` |"))
+    setting = reproduce.COMMON + next(iter(reproduce.CANDIDATES.values()))
+    assert f" | – | `python train.py {shlex.join(setting)} --variant samckpt1 " in planned   # ran on: nowhere yet
+    assert planned.startswith("| samckpt1 | 0 |") and planned.endswith(
+        f" --seed $SEED --data-dir {reproduce.DATA_DIR} --device auto --out results/samckpt/samckpt1-s$SEED` |")
     assert "`–`" not in text
     # SAM is 1 point above SGD, each with std 1 over seeds: the difference is within sqrt(1 + 1)
     spread = math.hypot(np.std(sam_acc, ddof=1), np.std(sgd_acc, ddof=1))
@@ -3119,16 +3141,31 @@ def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
     SGD, not the claims setting's, also against another row of that setting: where SAM beats SGD the verdict stands,
     where it does not it reads "can't tell here"."""
     import reproduce
+    import statistics
     cand = reproduce.FITS_NAME
     test_acc = {"core/sgd": [75.0, 76.0, 75.5], "core/sam": [70.0, 70.5, 71.0],   # the claims setting: SAM below SGD
                 f"select/{cand}/sgd": [50.0, 51.0, 50.5], f"select/{cand}/sam": [60.0, 60.5, 61.0],
                 "same/samme1-c2-n2500": [65.0, 65.5, 66.0], "same/customsame": [72.0, 72.5, 73.0],
                 "direction/sammagnitude-n2500": [62.0, 62.5, 63.0], "direction/samdirection-n2500": [55.0, 55.5, 56.0],
-                "noise/sgd-n2500": [40.0, 40.5, 41.0], "noise/sam-n2500": [44.0, 44.5, 45.0]}
+                "noise/sgd-n2500": [40.0, 40.5, 41.0], "noise/sam-n2500": [44.0, 44.5, 45.0], "same/samme2-c2": [74.0]}
     for row, accs in test_acc.items():
         make_row(tmp_path, row, [dict(test_acc_best=acc) for acc in accs])
+    # ImbSAM on long-tailed data in the claims setting: per seed, the head classes' and the tail classes' accuracy
+    head_tail = {"peers/lt-sam": [(80.0, 30.0), (80.5, 31.0), (81.0, 32.0)],
+                 "peers/lt-imbsam": [(80.2, 40.0), (80.4, 41.0), (81.1, 42.0)]}
+    for row, seeds in head_tail.items():
+        make_row(tmp_path, row, [dict(test_acc_per_class_best=[head] * 3 + [tail] * 2, tail_classes=[3, 4])
+                                 for head, tail in seeds])
     runs, _ = plots.load_runs(str(tmp_path))
     lines = plots.results_md(str(tmp_path), runs).splitlines()
+
+    def imbsam(metric, op):   # lt-imbsam's check of the head or tail classes, and its verdict by the stated rule
+        k = ("head_acc", "tail_acc").index(metric)
+        ours, ref = ([seed[k] for seed in head_tail[f"peers/{row}"]] for row in ("lt-imbsam", "lt-sam"))
+        diff, spread = statistics.mean(ours) - statistics.mean(ref), math.hypot(statistics.stdev(ours), statistics.stdev(ref))
+        rule = "holds" if (abs(diff) <= spread if op == "~" else diff > spread) else "does not hold or can't tell"
+        line = next(line for line in lines if line.startswith(f"| lt-imbsam | {plots.METRICS[metric][0]} {op} |"))
+        return line, rule
 
     def check(label):
         return next(line for line in lines if line.startswith(f"| {label} | test acc at best val (%) >"))
@@ -3139,10 +3176,19 @@ def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
     assert plots.verdict(test_acc["same/samme1-c2-n2500"], ">", test_acc[f"select/{cand}/sam"]) == "holds"
     assert check("samme1-c2-n2500").endswith(f"| select/{cand}/sam: 60.5 ± 0.5 | higher late val acc | holds |")
     assert check("customsame").endswith("| can't tell here (holds) |")   # against core/sam, gated by core
+    assert check("samme2-c2").endswith("| can't tell (n < 2) |")   # one seed: nothing to gate
     assert checks("samdirection-n2500")[1].endswith(
         "| direction/sammagnitude-n2500: 62.5 ± 0.5 | below sammagnitude | holds |")   # a row of the same setting
     # judged against no candidate's run, but run in its setting (its arguments end the row's flags): gated there
     assert check("sam-n2500").endswith("| noise/sgd-n2500: 40.5 ± 0.5 | SAM more robust to label noise | holds |")
+    for metric, op in (("tail_acc", ">"), ("head_acc", "~")):   # like the test accuracy, gated by SAM against SGD
+        line, rule = imbsam(metric, op)
+        assert line.endswith(f"| can't tell here ({rule}) |") and rule == "holds", metric
+    # the claims setting's SAM is below its SGD beyond the combined std: its gate does not hold, and says so
+    gap = statistics.mean(test_acc["core/sam"]) - statistics.mean(test_acc["core/sgd"])
+    assert gap < -math.hypot(statistics.stdev(test_acc["core/sam"]), statistics.stdev(test_acc["core/sgd"]))
+    assert "SAM above SGD in this setting (test accuracy): **does not hold**; so every accuracy verdict below reads " \
+           "\"can't tell here\". A row" in "\n".join(lines)
     for seed in range(3):   # the candidate's SAM no longer beats its SGD: the row's verdict is gated too
         update_json(tmp_path / "select" / cand / f"sam-s{seed}" / "final.json", test_acc_best=50.0 + seed / 2)
     runs, _ = plots.load_runs(str(tmp_path))
@@ -3150,12 +3196,26 @@ def test_plots_results_md_gates_a_row_by_the_setting_of_its_reference(tmp_path):
     assert check("samme1-c2-n2500").endswith("| can't tell here (holds) |")
     assert checks("samdirection-n2500")[1].endswith("| can't tell here (holds) |")
     assert check("sam-n2500").endswith("| can't tell here (holds) |")
+    # SAM beats SGD in the claims setting: no word of "can't tell here", and a row gated there keeps its verdict
+    core_sam = [80.0, 80.5, 81.0]
+    for seed, acc in enumerate(core_sam):
+        update_json(tmp_path / "core" / f"sam-s{seed}" / "final.json", test_acc_best=acc)
+    runs, _ = plots.load_runs(str(tmp_path))
+    lines = plots.results_md(str(tmp_path), runs).splitlines()
+    assert "SAM above SGD in this setting (test accuracy): **holds**. A row" in "\n".join(lines)
+    ours = test_acc["same/customsame"]   # 72.5 ± 0.5 against 80.5 ± 0.5: below by more than the combined std
+    assert statistics.mean(ours) - statistics.mean(core_sam) < -math.hypot(statistics.stdev(ours), statistics.stdev(core_sam))
+    assert check("customsame").endswith("| does not hold |")
+    for metric, op in (("tail_acc", ">"), ("head_acc", "~")):
+        line, rule = imbsam(metric, op)
+        assert line.endswith(f"| {rule} |") and rule == "holds", metric
 
 
 def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pick(tmp_path, monkeypatch):
     """results.md's candidate table is read from results/select (a pilot shows before it is complete) with
     mean ± std per column, and says when the rule, counting complete candidates only, now picks another one."""
     import reproduce
+    import statistics
     monkeypatch.setattr(reproduce, "CANDIDATES", {n: ["--subset", n] for n in ("fits", "best", "unrun")})
     # candidate -> per seed (SGD final train acc, SGD best val, SAM best val); SAM-s2 of "best" is still running
     made = {"fits": [(80.0, 60.0, 61.0), (81.0, 62.0, 62.5), (80.5, 61.0, 63.0)],
@@ -3207,6 +3267,27 @@ def test_plots_selection_table_comes_from_the_run_folders_and_names_the_rules_pi
                                    f"{expected(sgd_val)} | {expected(sam_val)} | ")
     assert reproduce.candidate_table(tmp_path)["fits"]["gain"] == pytest.approx(np.mean(sam_val) - np.mean(sgd_val))
     assert rows["best"].startswith("| best | 3 / 3 | cpu | ") and "now point to **best**" in text
+    # a candidate where SAM falls below SGD shows its loss with its sign; one whose only SGD run diverged (on a GPU)
+    # shows its finished SAM run, and where both ran
+    monkeypatch.setattr(reproduce, "CANDIDATES", {**reproduce.CANDIDATES, "worse": ["--subset", "worse"],
+                                                  "pilot": ["--subset", "pilot"]})
+    vals = {("worse", "sgd"): [70.0, 72.5], ("worse", "sam"): [60.0, 61.0], ("pilot", "sam"): [64.0]}
+    for (name, variant), accs in vals.items():
+        for seed, val in enumerate(accs):
+            (tmp_path / "select" / name).mkdir(parents=True, exist_ok=True)
+            make_run(tmp_path / "select" / name, f"{variant}-s{seed}", variant, seed)
+            update_json(tmp_path / "select" / name / f"{variant}-s{seed}" / "config.json", subset=name, device="cpu")
+            update_json(tmp_path / "select" / name / f"{variant}-s{seed}" / "final.json", best_val_acc=val)
+    make_run(tmp_path / "select" / "pilot", "sgd-s0", "sgd", 0, final=False)
+    update_json(tmp_path / "select" / "pilot" / "sgd-s0" / "config.json", subset="pilot", device="NVIDIA H100 80GB HBM3")
+    (tmp_path / "select" / "pilot" / "sgd-s0" / "diverged.txt").write_text("loss is nan at step 3\n")
+    text, rows = table()
+    sgd_val, sam_val = vals["worse", "sgd"], vals["worse", "sam"]
+    gain = statistics.mean(sam_val) - statistics.mean(sgd_val)
+    assert gain < 0 and rows["worse"].split(" | ")[6] == \
+        f"{gain:+.3g} ± {math.hypot(statistics.stdev(sgd_val), statistics.stdev(sam_val)):.2g}"
+    pilot = vals["pilot", "sam"][0]
+    assert rows["pilot"].startswith(f"| pilot | 0 / 1 | H100 80GB HBM3, cpu | – | – | {pilot:.4g} | – | ")
 
 
 def test_plots_claims_1_and_3_in_every_candidate_setting(tmp_path, monkeypatch):
@@ -3237,6 +3318,9 @@ def test_plots_claims_1_and_3_in_every_candidate_setting(tmp_path, monkeypatch):
     header = next(line for line in text.splitlines() if line.startswith("| candidate | n | SAM final train acc"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     early, late = columns.index("mag_up, first tenth (%) > 50"), columns.index("mag_up, last tenth (%) ~ 85")
+    # statistics every 5 steps: the chance levels of persistence need every step, so no candidate has a value of the
+    # "above chance" checks and they get no column; the overlap at the end is measured and has one
+    assert not [c for c in columns if "above chance" in c] and any(c.startswith("overlap with the t0 set") for c in columns)
     for name, seeds in mag_up.items():   # 6 logged steps: the first and last tenth are one step each
         cells = [c.strip() for c in table[name].strip("|").split("|")]
         assert cells[1] == str(len(seeds))
@@ -3368,6 +3452,7 @@ def test_plots_a_copied_run_folder_leaves_the_finished_run_and_its_row_in_place(
     for s in (0, 1):
         make_run(root / "core", f"sam-s{s}", "sam", s)
     shutil.copytree(root / "core" / "sam-s0", root / "core" / "backup-sam-s0")
+    shutil.copytree(root / "core" / "sam-s0", root / "core" / "sam-s0-old")   # a second copy: every copy is known
     rows = plots.claim_rows(str(root), plots.load_runs(str(root))[0])[3]
     assert sorted(os.path.basename(r["folder"]) for r in rows["core/sam"]) == ["sam-s0", "sam-s1"]
 
@@ -3403,6 +3488,18 @@ def test_plots_geometry_figures_draw_one_line_per_row_in_reproduce_order(tmp_pat
     assert plots.label("2,500 images, 100 epochs", rows) == "2,500 images, 100 epochs"
     paths = plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
     assert [os.path.basename(p) for p in paths] == ["ckpt_shares.png", "ckpt1_bins.png", "persistence.png", "mag_up.png"]
+    # results.md's table of the group: every row's test accuracy first, though no check of the group names it, then
+    # each measure its checks name, once, in their order; no Hessian trace where no check measures sharpness
+    import statistics
+    geometry = next(g for g in reproduce.claims(setting) if g.name == "geometry")
+    named = list(dict.fromkeys(m for row in geometry.rows for m, *_ in row.expect))
+    assert "test_acc" not in named and not set(named) & {"lambda_max", "top5_pos_mean"}
+    section = plots.results_md(str(tmp_path), runs).split(f"## {geometry.claim}\n")[1].split("\n## ")[0].splitlines()
+    header = [c.strip() for c in section[1].strip("|").split("|")]
+    assert header == ["row", "n", plots.METRICS["test_acc"][0]] + [plots.METRICS[m][0] for m in named] + ["ran on", "command"]
+    row = [c.strip() for c in next(line for line in section if line.startswith("| sam | 2 |")).strip("|").split("|")]
+    acc = [json.loads((tmp_path / "geometry" / f"sam-s{s}" / "final.json").read_text())["test_acc_best"] for s in (0, 1)]
+    assert row[2] == f"{statistics.mean(acc):.4g} ± {statistics.stdev(acc):.2g}"
 
 
 def test_plots_persistence_and_bins_figures_plot_what_they_name(tmp_path, monkeypatch):
@@ -3537,8 +3634,16 @@ def test_plots_results_md_does_not_call_a_model_at_chance_flat(tmp_path):
     for label in lams:
         for seed in (0, 1):
             put(label, seed, lams[label][seed], trains[label][seed])
+    # the same for the top-5 eigenvalues: SAM's direction at chance (train acc 11-12%) looks far sharper than SAM
+    make_row(tmp_path, "core/sam", [{}, {}])
+    make_row(tmp_path, "direction/samdirection", [dict(sharpness=dict(lambda_max=1e3, trace=1.0, top5_pos_mean=top5))
+                                                  for top5 in (900.0, 950.0)])
+    for seed, last in enumerate((11.0, 12.0)):
+        rewrite_column(tmp_path / "direction" / f"samdirection-s{seed}", "epochs", "train_acc", [5.0, 8.0, last])
     runs, _ = plots.load_runs(str(tmp_path))
     text = plots.results_md(str(tmp_path), runs)
+    assert next(line for line in text.splitlines() if line.startswith("| samdirection | top-5 eigenvalue mean >")).endswith(
+        "| can't tell (a row at chance train accuracy) |")
 
     def check(label, metric):
         return next(line for line in text.splitlines() if line.startswith(f"| {label} | {metric} <"))
