@@ -611,18 +611,34 @@ def test_bench_prints_each_ratio_from_its_medians(monkeypatch, capsys):
     """Each benchmark's rows: milliseconds per configuration (1000 x its median seconds), images per second (images
     per epoch / seconds) and the ratios, each the one its label names; a SAM step is timed as first_step plus
     second_step; buffers held in parameter sizes (4 bytes each). The medians are given here, so the figures are
-    checked against their definitions, not against a timing."""
+    checked against their definitions, not against a timing. Each configuration steps the optimizer its label names
+    (the second step on g' = g + noise, cos(g, g') about 1/sqrt(2), not on g again)."""
     import bench
-    seconds, step_calls = {}, {}
+    seconds, step_calls, stepped, trained = {}, {}, {}, {}
+    timed, trained_with = [], []   # (optimizer, grads) of each bound step timed; the optimizer of each train_step
 
     def medians(configs, repeats, warmup, measure):   # distinct seconds per configuration, in the order given
         given = {name: 0.001 * (i + 2) ** 1.5 for i, name in enumerate(configs)}
         if "davda54 loop" in configs:   # the optimizer benchmark: its configurations time themselves
-            step_calls.update({name: fn() for name, fn in configs.items()})
+            for name, fn in configs.items():
+                step_calls[name] = fn()
+                stepped[name] = timed[-1]   # the optimizer of its last timed call, the grads it stepped on
+        if "SGD" in configs:   # the step benchmark: each SAM configuration's train_step (SGD's own step left out)
+            for name, fn in configs.items():
+                if name != "SGD":
+                    fn()
+                    trained[name] = trained_with[-1]
         seconds.update(given)
         return given
+
+    def measure(fn):   # 0.25 s a timed call; a bound step (second_step, a base step) shows its optimizer
+        if hasattr(fn, "__self__"):
+            opt = fn.__self__
+            timed.append((opt, [p.grad.clone() for group in opt.param_groups for p in group["params"]]))
+        return fn() or 0.25
     monkeypatch.setattr(bench, "interleaved_medians", medians)
-    monkeypatch.setattr(bench, "timer", lambda device: lambda fn: fn() or 0.25)   # 0.25 s a timed call
+    monkeypatch.setattr(bench, "timer", lambda device: measure)
+    monkeypatch.setattr(bench.train, "train_step", lambda model, opt, x, y, settings: trained_with.append(opt))
     held = lambda opt, exclude: 6 * sum(p.numel() for p in opt.param_groups[0]["params"])   # 6 bytes a parameter
     monkeypatch.setattr(bench, "held_bytes", held)
     bench.main(["--only", "optimizer", "data", "step", "--device", "cpu", "--optimizer-models", "cnn",
@@ -656,6 +672,23 @@ def test_bench_prints_each_ratio_from_its_medians(monkeypatch, capsys):
     # a SAM configuration times first_step and second_step (0.25 s each here), a base step alone once
     assert step_calls == {name: 0.25 if name.startswith("base SGD") else 0.5 for name in step_calls}
     assert len(step_calls) == 7
+    opts = {name: opt for name, (opt, _) in stepped.items()}
+    assert type(opts["davda54 loop"]) is bench.LoopSAM and type(opts["sam.SAM, stats every step, torch.bucketize"]) \
+        is bench.BucketizeSAM and all(type(opts[name]) is SAM for name in ("sam.SAM", "sam.SAM, stats every step",
+                                                                            "sam.SAM samme1 (buckets r every step)"))
+    assert [(opts[name].variant, opts[name].flags["stats_every"]) for name in (
+        "sam.SAM", "sam.SAM, stats every step", "sam.SAM samme1 (buckets r every step)",
+        "sam.SAM, stats every step, torch.bucketize")] == [("sam", 0), ("sam", 1), ("samme1", 0), ("sam", 1)]
+    assert [bool(opts[f"base SGD step alone, {kind}"].defaults["fused"]) for kind in ("torch's default", "fused")] == \
+        [False, True]
+    g = torch.cat([x.flatten() for x in stepped["base SGD step alone, torch's default"][1]])   # a base step: on g
+    for name, (opt, grads) in stepped.items():
+        if not name.startswith("base SGD"):
+            gp = torch.cat([x.flatten() for x in grads])
+            assert float(gp @ g / (gp.norm() * g.norm())) == pytest.approx(0.5 ** 0.5, abs=0.05), name
+    assert {name: (opt.flags["stats_every"], opt.flags["skip_nonfinite"]) for name, opt in trained.items()} == {
+        "SAM, stats off": (0, True), "SAM, stats every step": (1, True),
+        "SAM, stats off, no host read (skip_nonfinite=False)": (0, False)}
 
 
 # ------------------------------------------------------------------ ascent geometries
@@ -2364,6 +2397,9 @@ def test_toy_landscapes_and_curvatures_match_their_formulas():
         w = torch.tensor(at, dtype=toy.DTYPE)
         assert toy.two_basins(w).item() == pytest.approx(depth, abs=1e-12)
         assert toy.top_eigenvalue(toy.two_basins, w) == pytest.approx(curvature, rel=1e-10)
+    # the largest eigenvalue, not the largest in size: a saddle with curvatures 1 and -3
+    saddle = lambda w: 0.5 * (w[0] ** 2 - 3 * w[1] ** 2)   # noqa: E731
+    assert toy.top_eigenvalue(saddle, torch.tensor([0.2, -0.1], dtype=toy.DTYPE)) == pytest.approx(1.0, rel=1e-12)
     # power iteration against a quadratic whose top two eigenvalues are close (1 and 0.9: slow to converge)
     scales = torch.tensor([1.0, 0.9, 0.5, 0.1], dtype=toy.DTYPE)
     assert toy._power_eigenvalue(lambda w: 0.5 * (scales * w * w).sum(), torch.ones(4, dtype=toy.DTYPE)) == \
@@ -2394,12 +2430,31 @@ def test_toy_cli_errors(tmp_path, capsys):
     locked.chmod(0o700)
 
 
-def test_toy_checkpoints_writes_figure_and_csv(tmp_path):
+def test_toy_checkpoints_writes_figure_and_csv(tmp_path, monkeypatch):
+    """`toy.py checkpoints` writes checkpoints.png and checkpoints.csv, and runs no other part. Each panel draws w and
+    w + e (e = 0.5 sign(g)) on f = w^4/4 - w^2/2, each with an arrow from it along its -gradient, the longer of the two
+    0.6 long and their lengths in the ratio |g'/g|; the title gives r = g'/g. Recomputed from f' = w^3 - w."""
+    close = toy.plt.close
+    kept = []
+    monkeypatch.setattr(toy.plt, "close", kept.append)
     toy.main(["checkpoints", "--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints.csv", "checkpoints.png"]
     assert (tmp_path / "checkpoints.png").stat().st_size > 10_000
-    with open(tmp_path / "checkpoints.csv") as f:
-        ratios = [float(r["ratio"]) for r in csv.DictReader(f)]
-    assert ratios[0] > 1 and 0 < ratios[1] < 1 and ratios[2] < -1 and -1 < ratios[3] < 0
+    (fig,) = kept
+    assert len(fig.axes) == 4
+    for ax, (k, w) in zip(fig.axes, ((1, 1.2), (2, 0.6), (3, -0.1), (4, -0.3))):
+        g = w ** 3 - w
+        we = w + 0.5 * (1 if g > 0 else -1)
+        gp = we ** 3 - we
+        assert ax.get_title().startswith(f"checkpoint {k}: r = g'/g = {gp / g:+.2f}\n"), k
+        scale = 0.6 / max(abs(g), abs(gp))
+        assert len(ax.lines) == 3 and len(ax.texts) == 2, k   # the curve, then each point and its arrow
+        for point, arrow, x, grad in zip(ax.lines[1:], ax.texts, (w, we), (g, gp)):
+            fx = x ** 4 / 4 - x ** 2 / 2
+            assert (point.get_xdata()[0], point.get_ydata()[0]) == pytest.approx((x, fx), abs=1e-6), k
+            assert arrow.xyann == pytest.approx((x, fx), abs=1e-6), k                  # from the point
+            assert arrow.xy == pytest.approx((x - scale * grad, fx), abs=1e-6), k      # along -gradient
+    close(fig)
 
 
 def test_toy_interrupted_writes_leave_the_old_figure_and_csv_whole(tmp_path, monkeypatch):
@@ -2462,8 +2517,9 @@ def test_sensing_toy_figure_draws_the_4_iterate_means_and_usam_clipped_at_1e6(tm
     kept = []
     monkeypatch.setattr(toy.plt, "close", kept.append)
     steps = 3
-    rows = [dict(rho=rho, step=t, sam=1.0 / (t + 1) + rho, usam=[2.0, 5e5, 3e6, math.inf][t] * (1 + rho))
-            for rho in toy.RHOS for t in range(steps + 1)]
+    rows = [dict(rho=rho, step=t, sam=1.0 / (t + 1) + rho,   # USAM's last loss inf, or nan: not finite either way
+                 usam=[2.0, 5e5, 3e6, (math.inf, math.nan)[i % 2]][t] * (1 + rho))
+            for i, rho in enumerate(toy.RHOS) for t in range(steps + 1)]
     gd = [1.5, 0.7, 0.3, 0.2]
     long_rows, losses = [], {}
     for i, variant in enumerate(("sgd", "sam", "usam")):
@@ -2530,6 +2586,7 @@ def test_toy_sparse_trajectories_rebuild_the_mask_every_10_steps_from_16_example
                                  (logistic, "ssamd", 31), (switch, "ssamf", 31), (switch, "ssamd", 31),
                                  (examples, "ssamf", 12)):
         expected = _sparse_reference(land, variant, steps)
+        torch.manual_seed(1)   # another state of the global generator (SSAM-D's first growth picks the other side here)
         assert torch.allclose(toy.trajectory(land, variant, steps=steps), expected, rtol=0, atol=1e-12), \
             (land.name, variant)
 
@@ -2597,10 +2654,11 @@ def test_sensing_toy_figure_gets_gd_at_lr_half_and_every_step_of_the_long_run(tm
 def test_toy_landscape_csv_holds_where_each_trajectory_ends(tmp_path, monkeypatch):
     """landscape_ends.csv: one row per variant of PANELS (imbsam only where the loss splits), at the end of its
     trajectory: x, y rounded to 4 places, the loss there, its basin and lambda_max. Two GD, SAM and USAM steps on
-    the hyperbola recomputed from their formulas, with f = (xy - 1)^2 / 2 and its Hessian's top eigenvalue."""
-    hyperbola = toy.landscapes()[1]
-    hyperbola.steps = 2
-    monkeypatch.setattr(toy, "landscapes", lambda: [hyperbola])
+    the hyperbola recomputed from their formulas, with f = (xy - 1)^2 / 2 and its Hessian's top eigenvalue; one ImbSAM
+    step on the logistic toy (its loss splits): w - lr (grad head(w) + grad tail(w + rho g/||g||)), g = grad tail(w)."""
+    _, hyperbola, logistic = toy.landscapes()
+    hyperbola.steps, logistic.steps = 2, 1
+    monkeypatch.setattr(toy, "landscapes", lambda: [hyperbola, logistic])
     monkeypatch.setattr(toy, "_plot_landscape", lambda *args: None)
     toy.landscape(str(tmp_path))
     with open(tmp_path / "landscape_ends.csv", newline="") as f:
@@ -2608,8 +2666,15 @@ def test_toy_landscape_csv_holds_where_each_trajectory_ends(tmp_path, monkeypatc
         rows = list(reader)
     assert reader.fieldnames == ["variant", "landscape", "x", "y", "loss", "basin", "lambda_max"]
     variants = list(dict.fromkeys(v for vs in toy.PANELS.values() for v in vs))
-    assert [row["variant"] for row in rows] == [v for v in variants if v != "imbsam"]
-    ends = {row["variant"]: row for row in rows}
+    assert "imbsam" in variants and [(row["landscape"], row["variant"]) for row in rows] == \
+        [("hyperbola", v) for v in variants if v != "imbsam"] + [("logistic", v) for v in variants]
+    w = torch.tensor([1.0, -5.0], dtype=torch.float64)   # the logistic toy's start, lr 0.1, rho 2
+    head, tail = (lambda v, i=i: logistic.split(v)[i] for i in (0, 1))
+    g = torch.func.grad(tail)(w)
+    x, y = (w - 0.1 * (torch.func.grad(head)(w) + torch.func.grad(tail)(w + 2.0 * g / g.norm()))).tolist()
+    imbsam = next(row for row in rows if (row["landscape"], row["variant"]) == ("logistic", "imbsam"))
+    assert (float(imbsam["x"]), float(imbsam["y"])) == (round(x, 4), round(y, 4))
+    ends = {row["variant"]: row for row in rows if row["landscape"] == "hyperbola"}
     grad = torch.func.grad(toy.hyperbola)
     ascents = (("sgd", lambda g: 0 * g), ("sam", lambda g: 0.2 * g / g.norm()), ("usam", lambda g: 0.2 * g))
     for variant, ascent in ascents:
@@ -2623,6 +2688,36 @@ def test_toy_landscape_csv_holds_where_each_trajectory_ends(tmp_path, monkeypatc
         assert float(row["loss"]) == pytest.approx((x * y - 1) ** 2 / 2, rel=1e-12)
         assert row["basin"] == f"xy=1 at x={x:.2f}"
         assert float(row["lambda_max"]) == pytest.approx((a + c) / 2 + math.hypot((a - c) / 2, b), rel=1e-10)
+
+
+def test_toy_landscape_figure_draws_each_panels_trajectories_their_ends_and_the_start(tmp_path, monkeypatch):
+    """landscape_<name>.png: one contour panel per PANELS entry, titled by it; in each, the trajectory of every variant
+    of that panel that was run (in the panel's order, labelled by the variant), a dot at its last iterate, and the
+    start as a star; the axes span the landscape's box. Drawn from hand-made paths."""
+    close = toy.plt.close
+    kept = []
+    monkeypatch.setattr(toy.plt, "close", kept.append)
+    land = toy.landscapes()[1]
+    ran = ("samme1", "sam", "ssamf", "sgd")   # sam is in three panels; usam, imbsam and the rest were not run
+    paths = {v: torch.tensor([list(land.start)] + [[0.5 + i, 1.0 + t / 4] for t in range(3)], dtype=torch.float64)
+             for i, v in enumerate(ran)}
+    toy._plot_landscape(str(tmp_path / "landscape_hyperbola.png"), land, paths)
+    assert (tmp_path / "landscape_hyperbola.png").stat().st_size > 10_000
+    (fig,) = kept
+    assert [ax.get_title() for ax in fig.axes] == ["ascent: ball and scale", "peers: sparse, Fisher, friendly, imb",
+                                                   "SAME: c g' on one checkpoint", "magnitude vs direction"]
+    panels = (("sgd", "sam"), ("sam", "ssamf"), ("sam", "samme1"), ("sgd", "sam"))
+    for ax, shown in zip(fig.axes, panels):
+        assert len(ax.lines) == 2 * len(shown) + 1, shown   # per variant its trajectory and its end dot, then the start
+        for j, v in enumerate(shown):
+            line, dot = ax.lines[2 * j], ax.lines[2 * j + 1]
+            assert (line.get_label(), line.get_xydata().tolist()) == (v, paths[v].tolist()), v
+            assert (dot.get_marker(), dot.get_xydata().tolist(), dot.get_color()) == \
+                ("o", [paths[v][-1].tolist()], line.get_color()), v
+        start = ax.lines[-1]
+        assert (start.get_label(), start.get_marker(), start.get_xydata().tolist()) == ("start", "*", [list(land.start)])
+        assert (ax.get_xlim(), ax.get_ylim()) == ((0, 2.8), (0, 2.8))
+    close(fig)
 
 
 # ----------------------------------------------------------------------------- plots.py
@@ -3834,19 +3929,25 @@ def test_reproduce_decisions_pack_and_deadline(tmp_path, monkeypatch):
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
-    folders = {name: tmp_path / "results" / "g" / name for name in ("done", "cut", "crashed", "new")}
-    for name, files in (("done", ["config.json", "final.json", "last.pt", "train.py", "steps.csv"]),
-                        ("cut", ["config.json", "last.pt"]), ("crashed", ["config.json"])):
+    folders = {name: tmp_path / "results" / "g" / name for name in ("done", "cut", "crashed", "new", "blown")}
+    for name, files in (("done", ["config.json", "final.json", "last.pt", "train.py", "steps.csv", "train.log"]),
+                        ("cut", ["config.json", "last.pt"]), ("crashed", ["config.json"]),
+                        ("blown", ["config.json", "last.pt", "diverged.txt", "curve.png"])):
         folders[name].mkdir(parents=True)
         for file in files:
             (folders[name] / file).write_text("{}")
-    assert [reproduce.decision(folders[n]) for n in ("done", "cut", "crashed", "new")] == \
-        ["skip", "resume", "overwrite", "start"]
-    reproduce.pack(str(tmp_path / "r.tar.gz"))
+    assert [reproduce.decision(folders[n]) for n in ("done", "cut", "crashed", "new", "blown")] == \
+        ["skip", "resume", "overwrite", "start", "diverged"]
+    # pack keeps the .json, .csv, .log and .txt files (a run's log and its divergence are results too), no checkpoint,
+    # copied code or figure; it returns 1 (a warning) once the archive is larger than the limit
+    assert reproduce.pack(str(tmp_path / "r.tar.gz")) == 0
     with tarfile.open(tmp_path / "r.tar.gz") as tar:
         names = sorted(tar.getnames())
-    assert names == ["results/g/crashed/config.json", "results/g/cut/config.json", "results/g/done/config.json",
-                     "results/g/done/final.json", "results/g/done/steps.csv"]
+    assert names == ["results/g/blown/config.json", "results/g/blown/diverged.txt", "results/g/crashed/config.json",
+                     "results/g/cut/config.json", "results/g/done/config.json", "results/g/done/final.json",
+                     "results/g/done/steps.csv", "results/g/done/train.log"]
+    size = os.path.getsize(tmp_path / "r.tar.gz")
+    assert [reproduce.pack(str(tmp_path / "r.tar.gz"), limit=size + d) for d in (-1, 0)] == [1, 0]
     # a real train.py job longer than the deadline: asked to stop (SIGINT) it checkpoints, and is resumed next time
     monkeypatch.setattr(reproduce, "ROOT", REPO)
     out = tmp_path / "results" / "g" / "long-s0"
@@ -3936,8 +4037,13 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
                 fit = train_acc if variant == "sgd" else 100 - train_acc   # the rule reads SGD's fit, never SAM's
                 (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{fit}\n")
     (tmp_path / "setting.json").write_text(json.dumps({"name": "c"}))
-    # the end of `select` keeps the setting the claims ran in and says what the rule picks now
-    assert reproduce.choose(switch=False) == {"name": "c"}
+    # the end of `select` keeps the setting the claims ran in and says what the rule picks now (its runs are finished
+    # here: execute stands in for them)
+    for name, stub in (("decode_once", lambda data_dir: None), ("stop_on_signals", lambda: None),
+                       ("cost", lambda run: 0.0), ("execute", lambda *args: dict(failed=0, stale=0))):
+        monkeypatch.setattr(reproduce, name, stub)
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    assert reproduce.main(["select"]) == 0
     assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c"}
     assert "the rule now picks b; the setting stays c" in capsys.readouterr().out
     assert reproduce.main(["choose", "--dry-run"]) == 0   # says what `choose` would do, writes nothing
@@ -4006,6 +4112,16 @@ def test_reproduce_leaves_a_folder_made_with_other_settings_alone(tmp_path, monk
     (out / "final.json").write_text("{}")
     run = lambda *extra: reproduce.Run("g", "r", 0, "sam", args + list(extra), out)
     assert reproduce.execute([run()], jobs=1, deadline=None, grace=1)["skipped"] == 1
+    # what it records of the machine and the launch is not the experiment: run at another commit, with another torch,
+    # on 2 GPUs (channels_last), from another copy of the data, it is still the row's result
+    launched_elsewhere = dict(config, torch="0.0.1", git_commit="0" * 40, world_size=2, channels_last=True,
+                              data_fingerprint="another copy", command="torchrun --nproc_per_node 2 train.py",
+                              device="NVIDIA H100 80GB HBM3")
+    assert all(launched_elsewhere[k] != config[k] for k in ("torch", "git_commit", "world_size", "channels_last"))
+    (out / "config.json").write_text(json.dumps(launched_elsewhere))
+    assert reproduce.execute([run()], jobs=1, deadline=None, grace=1) == \
+        dict(done=0, diverged=0, incomplete=0, failed=0, skipped=1, stale=0)
+    (out / "config.json").write_text(json.dumps(config))
 
     counts = reproduce.execute([run("--lr", "0.05")], jobs=1, deadline=None, grace=1)
     assert counts["stale"] == 1 and counts["skipped"] == 0
@@ -4197,7 +4313,8 @@ def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stal
 
 def test_reproduce_exits_non_zero_when_a_job_fails(tmp_path, monkeypatch, capsys):
     """A job that ends with an error (not a signal, not a divergence) is failed, and the runner exits with 1; one that
-    ends with 0 before its final.json (cut) is incomplete, to resume, and the runner exits with 0."""
+    ends with 0 before its final.json (cut) is incomplete, to resume, and the runner exits with 0. A runner interrupted
+    (Ctrl-C, or SIGTERM through stop_on_signals) exits with 130, as train.py does."""
     reproduce = _one_row_claims(tmp_path, monkeypatch)
     launched, code = [], {}
     ended = _fake_launch(launched)
@@ -4213,6 +4330,12 @@ def test_reproduce_exits_non_zero_when_a_job_fails(tmp_path, monkeypatch, capsys
         printed = capsys.readouterr().out
         assert f"{outcome}: g/r-s0 (" in printed and f"{outcome} 1" in printed.splitlines()[-1]
     assert launched == [("r-s0", "start")] * 2
+
+    def interrupted(run, action, threads):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(reproduce, "launch", interrupted)
+    assert reproduce.main(["claims"]) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_reproduce_deadline_counts_the_decoding_before_the_jobs(tmp_path, monkeypatch, capsys):
@@ -4384,6 +4507,38 @@ def test_reproduce_deadline_asks_jobs_to_stop_grace_seconds_early_then_kills(tmp
     assert max(events["stubborn", "alive"]) >= stubborn_sigint + grace - 0.25
     assert ("stubborn", "checkpointed") not in events and deadline - 0.2 <= ended < deadline + 1.5   # killed by then
     assert [pid for pid in _pids() if str(tmp_path).encode() in _cmdline(pid)] == []   # both ended
+
+
+def test_reproduce_a_second_ctrl_c_kills_the_jobs_the_runner_waits_for(tmp_path, monkeypatch):
+    """Stopping (a Ctrl-C, the deadline), the runner gives its jobs grace seconds to checkpoint after their SIGINT; a
+    second Ctrl-C meanwhile SIGKILLs them at once, and it returns only once they have ended."""
+    import threading
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_STOPS)   # "stubborn": never ends on a SIGINT (for 20 s)
+    out = tmp_path / "results" / "g" / "stubborn-s0"
+    run = reproduce.Run("g", "stubborn", 0, "sgd", ["--out", str(out)], out)
+    proc, log = reproduce.launch(run, "start", 1)
+    end = time.monotonic() + 10
+    while not ((out / "events.txt").exists() and "ready" in (out / "events.txt").read_text()) and time.monotonic() < end:
+        time.sleep(0.05)   # its SIGINT handler is set
+    previous = signal.signal(signal.SIGINT, reproduce._interrupt)   # as stop_on_signals sets it
+    second = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    began = time.monotonic()
+    second.start()
+    try:
+        reproduce.stop_jobs([(run, proc, log)], grace=30)
+        stopped = time.monotonic() - began
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C left stop_jobs before its job ended")
+    finally:
+        second.cancel()
+        signal.signal(signal.SIGINT, previous)
+        log.close()
+        reproduce.signal_job(proc, signal.SIGKILL)
+        proc.wait()
+    assert "sigint" in (out / "events.txt").read_text()   # asked first
+    assert proc.returncode == -signal.SIGKILL and 1.0 <= stopped < 5.0   # killed at the second Ctrl-C, not at 30 s
 
 
 def test_reproduce_counts_a_job_the_deadline_stops_before_train_py_handles_sigint_as_incomplete(tmp_path, monkeypatch):
