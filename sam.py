@@ -213,9 +213,10 @@ class SAM(torch.optim.Optimizer):
             part.grads = [p.grad for p in part.params]                # now g'
         if any(x is None for part in parts for x in part.grads):
             raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
-        mine = {id(p) for part in parts for p in part.params}
-        late = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and id(p) not in mine]
-        if late:   # a branch reached at w + e only (e.g. a routed expert): e was 0 there, so SAM's d is its g'
+        with_grad, late = [p for group in self.param_groups for p in group["params"] if p.grad is not None], []
+        if len(with_grad) > sum(len(part.params) for part in parts):   # a branch reached at w + e only (a routed
+            mine = {id(p) for part in parts for p in part.params}      # expert): its e was 0, so SAM's d is its g'
+            late = [p.grad for p in with_grad if id(p) not in mine]
             self._warn_once("late", "second_step(): a parameter without a gradient at w has one at w + e; it takes the "
                             "base step with that g' (plain SAM's d), outside the bin rules and the statistics")
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
