@@ -3899,15 +3899,33 @@ def test_reproduce_rows_runs_only_the_named_rows_and_rejects_unknown_ones(tmp_pa
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")   # every run is to start, whatever results/ holds
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
     reproduce.main(["claims", "--dry-run", "--rows", "lt-imbsam,sam-rho0.05-cpu", "--seeds", "0"])
-    outs = [line.split("--out ")[1].split()[0] for line in capsys.readouterr().out.splitlines() if "--out " in line]
+    printed = capsys.readouterr().out.splitlines()
+    outs = [line.split("--out ")[1].split()[0] for line in printed if "--out " in line]
     assert outs == ["results/peers/lt-imbsam-s0", "results/device/sam-rho0.05-cpu-s0"]
+    # a group left without a row is not listed
+    assert [line.split(":")[0] for line in printed if re.fullmatch(r"[\w/]+: \d+ runs, .*", line)] == ["peers", "device", "all"]
+    # --groups keeps the claims' priority order, whatever the order asked; with no setting.json, the dry run shows
+    # the first candidate's setting
+    reproduce.main(["claims", "--dry-run", "--groups", "device,core", "--seeds", "1"])
+    printed = capsys.readouterr().out
+    first = next(iter(reproduce.CANDIDATES.values()))
+    assert "showing the first candidate's setting" in printed
+    commands = {line.split("--out ")[1].split()[0]: shlex.split(line.split(" train.py ", 1)[1])
+                for line in printed.splitlines() if "--out " in line}
+    assert list(commands) == [f"results/{g.name}/{row.label}-s1" for g in reproduce.claims(first)
+                              if g.name in ("core", "device") for row in g.rows if 1 in row.seeds]
+    assert [reproduce.value(commands["results/core/sgd-s1"], flag) for flag in ("--model", "--subset", "--epochs")] == \
+        [reproduce.value(first, flag) for flag in ("--model", "--subset", "--epochs")]
     with pytest.raises(SystemExit) as stop:
         reproduce.main(["claims", "--dry-run", "--groups", "core", "--rows", "lt-imbsam"])
     assert stop.value.code == 2 and "unknown rows ['lt-imbsam']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["claims", "--dry-run", "--groups", "core,nosuch"])
+    assert stop.value.code == 2 and "unknown groups ['nosuch']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--jobs", "0"], ["--threads", "0"], ["--deadline", "nan"], ["--deadline", "-5"],
-                                  ["--grace", "-1"]])
+                                  ["--grace", "-1"], ["--grace", "nan"]])
 def test_reproduce_bad_runner_settings_exit_with_a_message(argv, capsys):
     import reproduce
     with pytest.raises(SystemExit) as stop:
@@ -4262,6 +4280,8 @@ def test_reproduce_refuses_seeds_that_are_not_integers_or_no_row_has(tmp_path, m
         assert exit.value.code == 2 and words in capsys.readouterr().err, seeds
     assert reproduce.main(["claims", "--dry-run", "--seeds", "0"]) == 0
     assert "to run: 1 runs" in capsys.readouterr().out
+    assert reproduce.main(["claims", "--dry-run", "--seeds", "9,0"]) == 0   # seeds a chosen row has, beside others
+    assert "to run: 1 runs" in capsys.readouterr().out
 
 
 def test_reproduce_leaves_a_folder_with_an_unreadable_final_json_alone(tmp_path, monkeypatch, capsys):
@@ -4272,11 +4292,17 @@ def test_reproduce_leaves_a_folder_with_an_unreadable_final_json_alone(tmp_path,
     monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
     folder = tmp_path / "results" / "g" / "r-s0"
     folder.mkdir()
-    for text in ('{"best_val_acc": 5', "[1]"):
-        (folder / "final.json").write_text(text)
-        assert reproduce.main(["claims"]) == 1
-        assert "g/r-s0" in capsys.readouterr().out and not launched
-        assert (folder / "final.json").read_text() == text and os.listdir(folder) == ["final.json"]
+    run, = reproduce.runs_of(reproduce.claims(None), ["--model", "cnn", "--epochs", "3"], reproduce.DATA_DIR, "auto")
+    config = json.dumps(train.run_config(train.parse_settings(run.args), run.args, torch.device("cpu"), 1, None))
+    for files in (["final.json"], ["config.json", "final.json"]):   # also beside the config.json its command gives
+        if "config.json" in files:
+            (folder / "config.json").write_text(config)
+        for text in ('{"best_val_acc": 5', "[1]"):
+            (folder / "final.json").write_text(text)
+            assert reproduce.main(["claims"]) == 1
+            printed = capsys.readouterr().out
+            assert "g/r-s0 was run with other settings (final.json unreadable)" in printed and "stale 1" in printed and not launched
+            assert (folder / "final.json").read_text() == text and sorted(os.listdir(folder)) == files
 
 
 def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stale(tmp_path, monkeypatch, capsys):
@@ -4551,6 +4577,88 @@ def test_reproduce_counts_a_job_the_deadline_stops_before_train_py_handles_sigin
     run = reproduce.Run("g", "r", 0, "sgd", ["--out", str(out)], out)
     counts = reproduce.execute([run], jobs=1, deadline=1.0, grace=0.5)
     assert counts == dict(done=0, diverged=0, incomplete=1, failed=0, skipped=0, stale=0)
+
+
+def test_reproduce_counts_each_run_the_deadline_leaves_unstarted_as_incomplete(tmp_path, monkeypatch, capsys):
+    """Past deadline - grace before a job is launched, the runner starts none and counts each queued run incomplete
+    (to start next call), not one for the whole queue; with 5 s left it launches them all, in order."""
+    import reproduce
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
+    runs = [reproduce.Run("g", f"r{i}", 0, "sgd", [], tmp_path / "results" / "g" / f"r{i}-s0") for i in range(3)]
+    runs[0].out.parent.mkdir(parents=True)
+    deadline, grace = 10.0, 1.0
+    counts = reproduce.execute(runs, jobs=1, deadline=deadline, grace=grace, start=time.monotonic() - (deadline - grace + 0.5))
+    assert launched == [] and counts == dict(done=0, diverged=0, incomplete=len(runs), failed=0, skipped=0, stale=0)
+    assert f"deadline: stopping 0 jobs, {len(runs)} not started" in capsys.readouterr().out
+    counts = reproduce.execute(runs, jobs=1, deadline=deadline, grace=grace, start=time.monotonic() - (deadline - grace - 5))
+    assert launched == [(run.out.name, "start") for run in runs] and counts["incomplete"] == len(runs)   # ended, no final.json
+
+
+def test_reproduce_stopping_gives_every_job_one_grace_together(tmp_path, monkeypatch):
+    """stop_jobs' grace is one span for all its jobs, not one each in turn: two jobs that ignore their SIGINT are both
+    killed grace seconds after it, so that the runner ends by its deadline however many jobs it stops."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_STOPS)   # "stubborn": never ends on a SIGINT (for 20 s)
+    jobs = []
+    for name in ("stubborn", "stubborn2"):
+        out = tmp_path / "results" / "g" / f"{name}-s0"
+        run = reproduce.Run("g", name, 0, "sgd", ["--out", str(out)], out)
+        jobs.append((run, *reproduce.launch(run, "start", 1)))
+    end = time.monotonic() + 10
+    while time.monotonic() < end and not all(
+            (run.out / "events.txt").exists() and "ready" in (run.out / "events.txt").read_text() for run, _, _ in jobs):
+        time.sleep(0.05)   # their SIGINT handlers are set
+    grace = 1.5
+    began = time.monotonic()
+    try:
+        reproduce.stop_jobs(jobs, grace)
+        stopped = time.monotonic() - began
+    finally:
+        for run, proc, log in jobs:
+            log.close()
+            reproduce.signal_job(proc, signal.SIGKILL)
+            proc.wait()
+    assert all("sigint" in (run.out / "events.txt").read_text() for run, _, _ in jobs)
+    assert [proc.returncode for _, proc, _ in jobs] == [-signal.SIGKILL] * 2
+    assert grace <= stopped < 1.8 * grace, stopped   # one grace for both; one each in turn is 2 x 1.5 s
+
+
+def test_reproduce_select_dry_run_prints_the_commands_and_runs_decodes_and_chooses_nothing(tmp_path, monkeypatch, capsys):
+    """`select --dry-run` prints each candidate's SGD and SAM commands, --override split as a shell splits it, and exits
+    0: it decodes no images, neither chooses nor writes setting.json (a fresh results/ has nothing to choose from)."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "CANDIDATES", {"a": ["--model", "cnn", "--epochs", "3"]})
+    monkeypatch.setattr(reproduce, "SELECT_SEEDS", {})
+    monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: pytest.fail("a dry run decoded the images"))
+    assert reproduce.main(["select", "--dry-run", "--override", "--epochs 1 --data-dir 'my data'"]) == 0
+    printed = capsys.readouterr().out
+    commands = [shlex.split(line.split(" train.py ", 1)[1]) for line in printed.splitlines() if line.startswith("[start] ")]
+    assert len(commands) == 2 * len(reproduce.SEEDS) and f"to run: {len(commands)} runs" in printed
+    assert {(reproduce.value(c, "--epochs"), reproduce.value(c, "--data-dir")) for c in commands} == {("1", "my data")}
+    assert "the rule" not in printed and not (tmp_path / "results" / "setting.json").exists()
+
+
+def test_reproduce_keeps_the_output_of_every_launch_of_a_run(tmp_path, monkeypatch, capsys):
+    """Each launch appends to the run's log: beside a folder its job did not make (a job that failed first) the log
+    gathers every launch; once the folder exists, the log goes into its train.log after the output of the launches
+    before. --override runs also without a setting.json, in the first candidate's setting."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)   # ROOT is tmp_path: launch runs the fake train.py
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_RECORDS)   # ends with 0 at once, makes no folder
+    (tmp_path / "results" / "setting.json").unlink()
+    out, beside = tmp_path / "results" / "g" / "r-s0", tmp_path / "results" / "g" / "r-s0.log"
+    for launches in (1, 2):
+        assert reproduce.main(["claims", "--override", "--epochs 1"]) == 0
+        assert [line.startswith("$ ") for line in beside.read_text().splitlines()] == [True] * launches
+    assert "showing the first candidate's setting" in capsys.readouterr().out
+    out.mkdir()
+    for launches in (3, 4):
+        assert reproduce.main(["claims", "--override", "--epochs 1"]) == 0
+        assert [line.startswith("$ ") for line in (out / "train.log").read_text().splitlines()] == [True] * launches
+        assert not beside.exists()
 
 
 def _pids():
