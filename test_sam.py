@@ -4712,7 +4712,9 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
     final = train.main(_tiny_run(tmp_path, "--variant", "samme1", "--out", str(out), "--sharpness",
                                  "--sharpness-batches", "2", "--sharpness-batch-size", "6",
                                  "--sharpness-iters", "10"))
-    assert {"config.json", "steps.csv", "epochs.csv", "final.json", "last.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    # run.lock stays: a process that opened it before an unlink and one that made a new one would both hold "the" lock
+    assert {"config.json", "steps.csv", "epochs.csv", "final.json", "last.pt", "best.pt", "run.lock"} <= \
+        {p.name for p in out.iterdir()}
     steps = _rows(out / "steps.csv")
     assert list(steps[0]) == ["step", "epoch", "lr", "rho", "loss", "acc"] + [k for k in sam.STAT_KEYS if k != "step"]
     assert [int(r["step"]) for r in steps] == list(range(len(steps)))
@@ -4832,11 +4834,12 @@ def test_train_resume_with_rho_min_continues_the_schedule_without_a_changed_flag
     assert (tmp_path / "cut" / "steps.csv").read_bytes() == (tmp_path / "whole" / "steps.csv").read_bytes()
 
 
-def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatch):
+def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatch, capsys):
     settings = _tiny_run(tmp_path, "--variant", "samckpt1", "--label-noise", "0.2", "--out", str(tmp_path / "b"))
     train.main(_tiny_run(tmp_path, "--variant", "samckpt1", "--label-noise", "0.2", "--out", str(tmp_path / "a")))
 
     assert train.main(settings + ["--max-steps", "4"]) is None   # stops mid-epoch 1, checkpointed
+    assert "stopped at step 4 (--max-steps 4); continue with the same command and --resume\n" in capsys.readouterr().out
 
     calls = {"n": 0}
     step = train.train_step
@@ -4850,6 +4853,7 @@ def test_train_resume_after_max_steps_and_ctrl_c_is_bitwise(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as stop:   # checkpointed, and a stopped run exits 130
         train.main(settings + ["--resume"])
     assert stop.value.code == 130
+    assert f"stopped at step {4 + 3} (Ctrl-C);" in capsys.readouterr().out   # after the session's third step
     monkeypatch.setattr(train, "train_step", step)
     train.main(settings + ["--resume"])
 
@@ -6008,12 +6012,12 @@ def test_train_resume_with_a_damaged_run_file_fails_naming_it_and_writes_nothing
         assert train.main(argv) == done and (run / name).read_bytes() == whole
 
 
-@pytest.mark.parametrize("which", ["best.pt", "last.pt"])
+@pytest.mark.parametrize("which,error", [("best.pt", "full disk"), ("last.pt", "full disk"), ("last.pt", "Ctrl-C")])
 def test_train_a_full_disk_during_a_checkpoint_keeps_the_old_one_and_no_partial_copy(tmp_path, monkeypatch,
-                                                                                    finished_and_stopped, which):
-    """torch.save fails half-way (ENOSPC) at an epoch's end: the error stops the run, the checkpoint before it is
-    untouched, no half-written temporary file is left to fill the disk further, and --resume gives the logs of a
-    run never stopped."""
+                                                                                    finished_and_stopped, which, error):
+    """torch.save fails half-way (ENOSPC, or a second Ctrl-C: a KeyboardInterrupt, no Exception) at an epoch's end:
+    the error stops the run, the checkpoint before it is untouched, no half-written temporary file is left to fill
+    the disk further, and --resume gives the logs of a run never stopped."""
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     run = tmp_path / "run"
     before = (run / "last.pt").read_bytes()
@@ -6024,10 +6028,10 @@ def test_train_a_full_disk_during_a_checkpoint_keeps_the_old_one_and_no_partial_
             buffer = io.BytesIO()
             save(obj, buffer)
             Path(f).write_bytes(buffer.getvalue()[:1000])
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device") if error == "full disk" else KeyboardInterrupt
         return save(obj, f)
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError if error == "full disk" else SystemExit, match="No space left|^130$"):   # Ctrl-C: 130
         train.main(argv + ["--resume"])
     monkeypatch.undo()
     assert (run / "last.pt").read_bytes() == before and not list(run.glob("*tmp"))
@@ -6493,6 +6497,7 @@ def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a
         "too many fields": (good[:3] + ["3,0.3,0.3"] + good[3:], good[:3]),
         "no number": (good[:1] + ["x,0.1", ",0.1"] + good[1:], good[:1]),
         "nan": (good[:2] + ["nan,0.2"] + good[2:], good[:2]),
+        "only the cut row after the kept ones": (good[:3], good[:3]),   # "3,0." has 2 fields and a step: still cut
     }
     path = tmp_path / "steps.csv"
     for case, (rows, kept) in cases.items():
@@ -6501,10 +6506,25 @@ def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a
         log.write({"step": 5, "loss": 0.5})
         log.file.close()
         assert path.read_text() == "".join(line + "\n" for line in ["step,loss"] + kept + ["5,0.5"]), case
+    path.write_text("".join(line + "\n" for line in ["step,loss"] + good))
+    train.CsvLog(path, columns, "step", last=0).file.close()   # stopped after step 0 (--max-steps 1): row 0 stays
+    assert path.read_text() == "step,loss\n0,0.0\n"
     train.CsvLog(path, columns, "step").file.close()   # a fresh run
     assert path.read_text() == "step,loss\n"
     assert [train.format_value(v) for v in (None, 7, 10**9, 0.1 + 0.2, 1 / 3, -2.5e-12, math.nan)] == \
         ["", "7", "1000000000", "0.3", "0.33333333", "-2.5e-12", "nan"]
+
+
+def test_train_resume_warns_of_a_lost_first_row_of_a_log(tmp_path, capsys):
+    """A checkpoint at step 5 and epoch 1 with --log-every 5 logged step 0's row and epoch 1's, and (every 2 epochs)
+    no sharpness row: the logs that lost their only row warn, and sharpness.csv, which had none to lose, does not."""
+    for name, (columns, _) in train.LOGS.items():
+        (tmp_path / f"{name}.csv").write_text(",".join(columns) + "\n")
+    train.warn_of_lost_rows(tmp_path, types.SimpleNamespace(log_every=5, sharpness_every=2), {"step": 5, "epoch": 1})
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path / name}.csv holds no whole row, but the checkpoint logged up to {key} {last}: the rows "
+        "between are lost, and the log goes on after a gap" for name, key, last in (("steps", "step", 0),
+                                                                                    ("epochs", "epoch", 1))]
 
 
 def test_train_changed_settings_are_the_keys_both_configs_hold_with_other_values():
@@ -6528,9 +6548,11 @@ def test_train_resume_takes_a_sam_flag_given_at_the_value_the_run_had(tmp_path, 
     the run goes on as if uninterrupted."""
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     log_every = argv[argv.index("--log-every") + 1]
+    config = (tmp_path / "run" / "config.json").read_bytes()
     train.main(argv + ["--resume", "--rho", str(sam.VARIANTS["sam"].get("rho", sam.FLAGS["rho"])),
                        "--stats-every", log_every])
     _same_logs(finished_and_stopped / "done", tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_bytes() == config   # no END setting changed: nothing recorded
 
 
 def test_train_default_folder_names_tell_the_runs_apart():
@@ -6539,6 +6561,9 @@ def test_train_default_folder_names_tell_the_runs_apart():
     names = [train.parse_settings(["--data-dir", "x", *v]).out for v in variants]
     assert len(set(names)) == len(names) and all(n.startswith("runs/") for n in names)
     assert train.parse_settings(["--out", "mine"]).out == "mine"
+    defaults = train.parse_settings([])   # --imbalance 1 (the default), --label-noise 0: no long tail, no noise
+    assert names[0] == train.parse_settings(["--imbalance", "1", "--label-noise", "0"]).out == \
+        f"runs/{defaults.dataset}-{defaults.model}-{defaults.variant}-e{defaults.epochs}-s{defaults.seed}"
 
 
 
@@ -6843,6 +6868,8 @@ def test_train_resume_of_a_run_that_measured_its_sharpness_measures_nothing_agai
     capsys.readouterr()
     assert train.main(argv + ["--resume"]) == final
     assert capsys.readouterr().out == f"{tmp_path / 'run'} is finished; nothing to resume\n"
+    (tmp_path / "run" / "best.pt").unlink()   # measured: best.pt is read no more, so one gone since is no error
+    assert train.main(argv + ["--resume"]) == final
 
 
 def test_train_ssamf_draws_new_fisher_images_at_each_refresh_from_the_runs_seed(tmp_path, monkeypatch):
