@@ -213,10 +213,12 @@ class SAM(torch.optim.Optimizer):
             part.grads = [p.grad for p in part.params]                # now g'
         if any(x is None for part in parts for x in part.grads):
             raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
-        with_grad, late = [p for group in self.param_groups for p in group["params"] if p.grad is not None], []
-        if len(with_grad) > sum(len(part.params) for part in parts):   # a branch reached at w + e only (a routed
-            mine = {id(p) for part in parts for p in part.params}      # expert): its e was 0, so SAM's d is its g'
-            late = [p.grad for p in with_grad if id(p) not in mine]
+        late = []
+        if not self._covers_every_param(parts):   # a branch reached at w + e only (a routed expert): e was 0 there,
+            mine = {id(p) for part in parts for p in part.params}   # so SAM's d is its g'
+            late = [p.grad for group in self.param_groups for p in group["params"]
+                    if p.grad is not None and id(p) not in mine]
+        if late:
             self._warn_once("late", "second_step(): a parameter without a gradient at w has one at w + e; it takes the "
                             "base step with that g' (plain SAM's d), outside the bin rules and the statistics")
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
@@ -486,6 +488,10 @@ class SAM(torch.optim.Optimizer):
             parts += [_Part(group, params) for params in by_kind.values()]
         return parts
 
+    def _covers_every_param(self, parts):
+        """True when every parameter has a gradient (parts as _gather(with_grad_only=False)), counted per part."""
+        return sum(len(x.params) for x in parts) == sum(len(group["params"]) for group in self.param_groups)
+
     def _uses_g(self):
         """g enters d (bin rules, combine, GSAM) or later steps (FriendlySAM's EMA, LookSAM's g_v)."""
         f = self.flags
@@ -510,9 +516,9 @@ class SAM(torch.optim.Optimizer):
     def _b1_sets(self, parts, buckets):
         """B1 per param group and (device, dtype) over all its parameters, one without a gradient outside it (as
         r = 0), so that the sets of t0 and of every later step line up coordinate for coordinate."""
-        every = self._gather(with_grad_only=False)
-        if [list(map(id, x.params)) for x in every] == [list(map(id, x.params)) for x in parts]:
+        if self._covers_every_param(parts):   # the same layout as over all parameters
             return [b >= 6 for b in buckets]
+        every = self._gather(with_grad_only=False)
         in_b1 = {id(p): x for part, b in zip(parts, buckets) for p, x in zip(part.params, _views(b >= 6, part.params))}
         return [torch.cat([in_b1[id(p)].reshape(-1) if id(p) in in_b1 else p.new_zeros(p.numel(), dtype=torch.bool)
                            for p in x.params]) for x in every]
