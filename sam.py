@@ -213,14 +213,7 @@ class SAM(torch.optim.Optimizer):
             part.grads = [p.grad for p in part.params]                # now g'
         if any(x is None for part in parts for x in part.grads):
             raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
-        late = []
-        if not self._covers_every_param(parts):   # a branch reached at w + e only (a routed expert): e was 0 there,
-            mine = {id(p) for part in parts for p in part.params}   # so SAM's d is its g'
-            late = [p.grad for group in self.param_groups for p in group["params"]
-                    if p.grad is not None and id(p) not in mine]
-        if late:
-            self._warn_once("late", "second_step(): a parameter without a gradient at w has one at w + e; it takes the "
-                            "base step with that g' (plain SAM's d), outside the bin rules and the statistics")
+        late = self._late_grads(parts)                                # g' of parameters without a g: checked too
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
         dots = _dots(parts, gp) if gp[0] is not None else None
         d = [self._direction(part, gp_part, dots) for part, gp_part in zip(parts, gp)]
@@ -487,6 +480,19 @@ class SAM(torch.optim.Optimizer):
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             parts += [_Part(group, params) for params in by_kind.values()]
         return parts
+
+    def _late_grads(self, parts):
+        """g' of the parameters with no g: a branch reached at w + e only (a routed expert). Their e was 0, so
+        SAM's d is their g'; the base step takes it as it is, and the finite check sees it."""
+        if self._covers_every_param(parts):
+            return []
+        mine = {id(p) for part in parts for p in part.params}
+        late = [p.grad for group in self.param_groups for p in group["params"]
+                if p.grad is not None and id(p) not in mine]
+        if late:
+            self._warn_once("late", "second_step(): a parameter without a gradient at w has one at w + e; it takes the "
+                            "base step with that g' (plain SAM's d), outside the bin rules and the statistics")
+        return late
 
     def _covers_every_param(self, parts):
         """True when every parameter has a gradient (parts as _gather(with_grad_only=False)), counted per part."""
