@@ -334,8 +334,8 @@ class SAM(torch.optim.Optimizer):
         tracks = gp is not None and self._tracks_persistence()
         if tracks or self._stats_step():      # the ratio instrument, at this step's w before the base step
             buckets = [self._buckets(part, x) for part, x in zip(parts, gp)] if gp is not None else None
-            if tracks:
-                self.ratio_stats.track_persistence(self._b1_sets(parts, buckets))
+            if tracks:   # a skipped step leaves the sets as they were (its r holds NaN)
+                self.ratio_stats.track_persistence(None if self.last_step_skipped else self._b1_sets(parts, buckets))
             if self._stats_step():
                 weights = [x.params for x in parts]
                 self.ratio_stats.measure(self._step, buckets, dots or _dots(parts, None), weights, d_sq)
@@ -641,7 +641,12 @@ class RatioStats:
                                           persist])
 
     def track_persistence(self, in_b1):
-        """B1 at t0, its overlap with this step's B1, and the running intersection since t0 (seed 000)."""
+        """B1 at t0, its overlap with this step's B1, and the running intersection since t0 (seed 000).
+        in_b1 None: a skipped step, which changes no set and whose counts read NaN."""
+        if in_b1 is None:
+            if self.state["persist"] is not None:
+                self.state["persist"]["counts"] = torch.full_like(self.state["persist"]["counts"], math.nan)
+            return
         if self.state["persist"] is None:
             self.state["persist"] = {"t0": in_b1, "running": [x.clone() for x in in_b1]}
         persist = self.state["persist"]

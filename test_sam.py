@@ -1229,6 +1229,36 @@ def test_persistence_sets_line_up_when_a_parameter_has_no_gradient_on_a_step():
     assert 0 < s["persist_overlap"] < s["persist_t0"]
 
 
+@pytest.mark.parametrize("skipped", [1, 2])
+def test_a_skipped_step_leaves_the_persistence_sets_as_they_were(skipped):
+    # a step skipped for a NaN g' was not taken: the t0 set is the first taken step's B1 (t0 itself skipped: 1),
+    # the running intersection ignores the skipped step (its NaN coordinates would leave it), its counts read NaN
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, persist_from=1, rho=RHO, lr=LR, stats_every=1)
+    at_t0 = running = None
+    for t in range(5):
+        g, gp = synthetic_pair(t)
+        if t == skipped:
+            gp[1] = gp[1].clone()
+            gp[1].view(-1)[0] = math.nan
+        set_grads(params, g)
+        opt.first_step(zero_grad=True)
+        set_grads(params, gp)
+        opt.second_step(zero_grad=True)
+        s = opt.stats
+        assert opt.last_step_skipped == (t == skipped)
+        if t == skipped or t < 1:
+            assert all(math.isnan(s[k]) for k in ("persist_t0", "persist_overlap", "persist_running"))
+            continue
+        b1 = torch.cat([checkpoints(x, y)[1].flatten() for x, y in zip(g, gp)])
+        at_t0 = b1 if at_t0 is None else at_t0
+        running = b1 if running is None else running & b1
+        assert s["persist_t0"] == float(at_t0.sum())
+        assert s["persist_overlap"] == float((at_t0 & b1).sum())
+        assert s["persist_running"] == float(running.sum())
+    assert 0 < s["persist_running"] < s["persist_overlap"] < s["persist_t0"]
+
+
 @pytest.mark.parametrize("every", [2, 3])
 def test_stats_every_k_computes_only_every_k_steps(every):
     params = make_params()
