@@ -5939,7 +5939,8 @@ def test_train_resume_refuses_other_data(tmp_path, finished_and_stopped):
 @pytest.mark.parametrize("damage,lost,holds", [("tail", [], None), ("cut", [2, 3], "whole rows up to step 1"),
                                                ("middle", [1, 2, 3], "whole rows up to step 0"),
                                                ("not-utf8", [2, 3], "whole rows up to step 1"),
-                                               ("deleted", [0, 1, 2, 3], "no whole row")])
+                                               ("deleted", [0, 1, 2, 3], "no whole row"),
+                                               ("header-cut", [0, 1, 2, 3], "no whole row")])
 def test_train_resume_cuts_partial_rows_and_nul_bytes(tmp_path, finished_and_stopped, capsys, damage, lost, holds):
     """A row cut by a crash and the zeros a file system leaves after a power cut go. Rows the checkpoint (at step 4)
     logged that are gone (a power cut can keep the checkpoint and lose the rows flushed before it), deleted, or
@@ -5956,6 +5957,8 @@ def test_train_resume_cuts_partial_rows_and_nul_bytes(tmp_path, finished_and_sto
         steps.write_bytes(b"\n".join(lines[:2] + [bytes(len(lines[2]))] + lines[3:]))
     elif damage == "not-utf8":   # a flipped bit in a field other than the step: no UTF-8, the field count intact
         steps.write_bytes(b"\n".join(lines[:3] + [lines[3].replace(b".", b"\xff", 1)] + lines[4:]))
+    elif damage == "header-cut":   # not another train.py's columns: a header cut off, no row after it
+        steps.write_bytes(lines[0][:20])
     else:
         steps.unlink()
     with open(run / "epochs.csv", "ab") as f:

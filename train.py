@@ -910,12 +910,13 @@ class CsvLog:
 
     @staticmethod
     def header(path):
-        """The columns a log was written with ([] for none): another train.py's would make every row look cut."""
+        """The columns a log was written with ([] for none, or a header cut off with no row after it): another
+        train.py's would make every row look cut."""
         if not path.exists():
             return []
         with open(path, "rb") as f:   # text mode would decode the rows after it too
-            line = f.readline().decode("utf-8", "replace").rstrip("\n")
-        return line.split(",") if line else []
+            line = f.readline()
+        return line.decode("utf-8", "replace").rstrip("\n").split(",") if line.endswith(b"\n") else []
 
 
 def is_number(text):
