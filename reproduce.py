@@ -403,7 +403,8 @@ def stale(run, end_open=False):
     """What a run folder was made with that its row's command no longer gives (a new setting, an edited row, a
     changed preset), as 'setting folder -> command' strings; empty when they agree. Such a folder is not this
     row's result, so the runner neither skips nor resumes it. While the run's end is open (it trains, or it
-    finished without sharpness) the sharpness settings may differ: train.py takes them on --resume. A row that
+    finished without sharpness) the sharpness settings may differ: train.py takes them on --resume; a diverged
+    run (end_open too) measured none. A row that
     asks for no sharpness ignores them: a measurement it did not ask for leaves the training its own."""
     import torch
     import train
@@ -517,7 +518,7 @@ def execute(runs, jobs, deadline, grace, dry_run=False, start=None, threads=None
         elif action in ("overwrite", "start"):
             changed = []
         else:
-            changed = stale(run, end_open=action not in ("skip", "diverged"))
+            changed = stale(run, end_open=action != "skip")   # a diverged run measured nothing either
         if changed:   # left as it is: it holds another experiment's results, which nothing here may delete
             counts["stale"] += 1
             print(f"stale: {run.group}/{run.out.name} was run with other settings ({'; '.join(changed)}); "

@@ -4367,6 +4367,28 @@ def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stal
     assert launched == [("r-s0", "resume")] and "stale 0" in capsys.readouterr().out
 
 
+def test_reproduce_counts_a_diverged_folder_with_other_sharpness_settings_as_diverged(tmp_path, monkeypatch, capsys):
+    """A diverged run measured no sharpness, so its sharpness settings may differ from its row's (a row edited to
+    measure on more batches) as an unfinished run's may: counted diverged, exit 0. Another training setting (--lr)
+    makes the same folder stale, exit 1. Nothing is launched and the folder is left as it is."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    row = reproduce.Row("r", "sgd", ["--sharpness", "--sharpness-batches", "4"], (0,))
+    monkeypatch.setattr(reproduce, "claims", lambda setting: [reproduce.Group("g", "c", [row])])
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", _fake_launch(launched))
+    run, = reproduce.runs_of(reproduce.claims(None), ["--model", "cnn", "--epochs", "3"], reproduce.DATA_DIR, "auto")
+    assert train.parse_settings(run.args).sharpness_batches == 4
+    run.out.mkdir(parents=True)
+    (run.out / "diverged.txt").write_text("train.py: the training loss is nan at step 7; stopping\n")
+    for other, code, verdict in ((["--sharpness-batches", "2"], 0, "diverged 1"), (["--lr", "0.05"], 1, "stale 1")):
+        args = reproduce.last_wins(run.args + other)
+        config = json.dumps(train.run_config(train.parse_settings(args), args, torch.device("cpu"), 1, None))
+        (run.out / "config.json").write_text(config)
+        assert reproduce.main(["claims"]) == code, other
+        assert verdict in capsys.readouterr().out and launched == []
+        assert sorted(os.listdir(run.out)) == ["config.json", "diverged.txt"]
+
+
 def test_reproduce_exits_non_zero_when_a_job_fails(tmp_path, monkeypatch, capsys):
     """A job that ends with an error (not a signal, not a divergence) is failed, and the runner exits with 1; one that
     ends with 0 before its final.json (cut) is incomplete, to resume, and the runner exits with 0. A runner interrupted
