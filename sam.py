@@ -161,11 +161,6 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"{err}; SAM flags are: {', '.join(FLAGS)}") from None
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        for group in self.param_groups:
-            _check_flags(group)
-        for name in set(FLAGS) - set(GROUP_FLAGS):
-            if len({repr(group[name]) for group in self.param_groups}) > 1:
-                raise ValueError(f"SAM flag {name!r} must be the same in every param group")
         self.variant, self.flags = variant, {k: self.param_groups[0][k] for k in FLAGS}
         self.ratio_stats = RatioStats()
         self.last_step_skipped = False
@@ -240,6 +235,15 @@ class SAM(torch.optim.Optimizer):
             closure()
         self.second_step(zero_grad=True)
         return loss
+
+    def add_param_group(self, param_group):
+        """torch's, once the group's flags are checked: the constructor's groups and any added later (unfrozen layers)."""
+        group = {**self.defaults, **param_group}
+        _check_flags(group)
+        for name in set(FLAGS) - set(GROUP_FLAGS):
+            if self.param_groups and repr(group[name]) != repr(self.param_groups[0][name]):
+                raise ValueError(f"SAM flag {name!r} must be the same in every param group")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ the variants' math
     def _ascent(self, parts, in_place):

@@ -1564,6 +1564,23 @@ def test_add_param_group_joins_the_base_optimizer_with_the_flags_and_climbs_by_t
         assert_lists_close([snap(params)], [w])
 
 
+@pytest.mark.parametrize("flags,words", [(dict(rho=-1.0), "rho must be a finite number >= 0; got -1.0"),
+                                         (dict(bin_scale=(1, 2)), "bin_scale must be 5 entries"),
+                                         (dict(stats_every=3), "SAM flag 'stats_every' must be the same in every"),
+                                         (dict(p=math.inf), "SAM flag 'p' must be the same in every")])
+def test_a_param_group_with_bad_or_mixed_flags_is_refused_when_built_and_when_added(flags, words):
+    # a group's own flags are checked as the constructor's are, and the flags outside GROUP_FLAGS are SAM-wide;
+    # a refused add_param_group leaves SAM's groups and the base's as they were
+    params = make_params()
+    with pytest.raises(ValueError, match=re.escape(words)):
+        SAM([{"params": params[:2]}, {"params": params[2:], **flags}], torch.optim.SGD, lr=LR)
+    opt = SAM(params[:2], torch.optim.SGD, lr=LR)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        opt.add_param_group({"params": params[2:], **flags})
+    assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
+    assert opt.param_groups[0]["params"] == params[:2]
+
+
 def test_step_without_closure_raises():
     opt = SAM(make_params(), torch.optim.SGD, lr=0.1)
     with pytest.raises((ValueError, TypeError), match="closure"):
