@@ -312,7 +312,7 @@ class SAM(torch.optim.Optimizer):
     def _one_pass_direction(self, parts):
         """sgd: d = g; sgdhess: (1 + rho |H z|) g; sgdhess-exact: g + rho H g; LookSAM: g + alpha ||g||/||g_v|| g_v."""
         f = self.flags
-        if f["descent"] in ("hessian", "hessian-exact") and not all(g.requires_grad for x in parts for g in x.grads):
+        if f["descent"] in ("hessian", "hessian-exact") and not any(g.requires_grad for x in parts for g in x.grads):
             raise ValueError("sgdhess needs the first backward with create_graph=True (see opt.create_graph)")
         if f["descent"] == "hessian-exact":
             hg = self._hvp(parts, [[g.detach() for g in x.grads] for x in parts])
@@ -351,11 +351,26 @@ class SAM(torch.optim.Optimizer):
             for part, x in zip(parts, d):
                 if x is not part.grads:
                     torch._foreach_copy_(part.grads, x)
-            self.base_optimizer.step()
+            self._base_step()
             self._opt_called = True            # lets LR schedulers attached to this wrapper see the step
             self._remember(parts, gp, dots)
         self._clean = None
         self._step += 1
+
+    def _base_step(self):
+        """torch's fused SGD refuses a group where some momentum buffers exist and some not (a tensor unfrozen or first
+        reached later): such a group steps unfused once, which starts the new buffers as torch's SGD does."""
+        base, n = self.base_optimizer, sum(len(group["params"]) for group in self.param_groups)
+        mixed = [] if not isinstance(base, torch.optim.SGD) or len(base.state) in (0, n) else [
+            group for group in self.param_groups if group.get("fused") and group["momentum"] != 0 and len(
+                {"momentum_buffer" in base.state.get(p, ()) for p in group["params"] if p.grad is not None}) > 1]
+        for group in mixed:
+            group["fused"] = False
+        try:
+            base.step()
+        finally:
+            for group in mixed:
+                group["fused"] = True
 
     def _remember(self, parts, gp, dots):
         """State carried to later steps, updated only on steps taken: FriendlySAM's EMA, LookSAM's g_v."""
@@ -402,7 +417,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def stash_clean_grad(self):
         """ImbSAM: keep the current grads (of the head-class loss) unperturbed; they are added to d."""
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for part in self._gather() for p in part.params]   # in the order of the parts, as d
         grads = [p.grad.clone() for p in params]
         if self._clean is not None and [id(p) for p in self._clean[0]] == [id(p) for p in params]:
             torch._foreach_add_(grads, self._clean[1])
@@ -445,6 +460,9 @@ class SAM(torch.optim.Optimizer):
         """SAM's own state (masks, EMAs), the base optimizer's (momentum, moments), counters and statistics."""
         return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict(), "variant": self.variant,
                 "counters": {"step": self._step, "skipped": self._skipped}, "ratio_stats": self.ratio_stats.state}
+
+    def __getstate__(self):   # deepcopy, pickle: torch's keeps defaults, state and param_groups, not the base optimizer
+        return {k: v for k, v in self.__dict__.items() if k != "step" and not k.startswith("_optimizer")}
 
     def load_state_dict(self, state_dict):
         if "sam" not in state_dict:   # davda54/sam's layout: SAM's param_groups only, no base state
@@ -560,10 +578,12 @@ class SAM(torch.optim.Optimizer):
         return [self._state_list(x, "hess_d") for x in parts]
 
     def _hvp(self, parts, vectors):
-        """H v over all parts at once: a product per part would drop the Hessian's blocks between them."""
+        """H v over all parts at once: a product per part would drop the Hessian's blocks between them. A constant g
+        (a loss linear in that tensor) has no graph: its row and column of H are 0."""
+        gv = [(g, v) for x, part_v in zip(parts, vectors) for g, v in zip(x.grads, part_v) if g.requires_grad]
         with torch.enable_grad():
-            hv = iter(torch.autograd.grad([g for x in parts for g in x.grads], [p for x in parts for p in x.params],
-                                          [v for part_v in vectors for v in part_v], retain_graph=True))
+            hv = iter(torch.autograd.grad([g for g, _ in gv], [p for x in parts for p in x.params], [v for _, v in gv],
+                                          retain_graph=True, allow_unused=True, materialize_grads=True))
         return [[next(hv) for _ in x.params] for x in parts]
 
     def _masks(self, params):

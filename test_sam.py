@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import shlex
@@ -881,6 +882,24 @@ def test_imbsam_stashes_add_up_and_last_for_one_step():
         assert_lists_close([snap(params)], [w])
 
 
+def test_imbsam_over_a_param_group_of_two_dtypes_adds_each_head_gradient_to_its_own_tensor():
+    # a group over float64 and float32 tensors is split by dtype for the math: the stash must line up with that split
+    params = [p.detach().to(dt).requires_grad_() for p, dt in zip(make_params(), (DT, torch.float32, DT))]
+    w = [x.double() for x in snap(params)]
+    opt = SAM(params, torch.optim.SGD, variant="imbsam", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    head, tail, tail_p = ([x.detach().to(p.dtype).double() for x, p in zip(make_params(seed=s), params)]
+                          for s in (11, 12, 13))
+    for grads in (head, tail, tail_p):
+        set_grads(params, [x.to(p.dtype) for x, p in zip(grads, params)])
+        (opt.stash_clean_grad if grads is head else opt.first_step if grads is tail else opt.second_step)()
+        opt.zero_grad()
+        if grads is tail:
+            e = ascent("sam", w, tail, RHO)
+            assert_lists_close([[x.double() for x in snap(params)]], [[x + y for x, y in zip(w, e)]], 1e-6, 1e-7)
+    expected = SGDRef().step(w, [a + b for a, b in zip(tail_p, head)])
+    assert_lists_close([[x.double() for x in snap(params)]], [expected], 1e-6, 1e-7)
+
+
 def test_imbsam_skips_a_parameter_that_neither_loss_reaches():
     params = make_params()
     unused = torch.ones(4, dtype=DT, requires_grad=True)
@@ -940,6 +959,31 @@ def test_sgdhess_without_create_graph_raises():
     sum((p ** 3).sum() for p in params).backward()
     with pytest.raises(ValueError, match="create_graph"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("name", ["sgdhess", "sgdhess-exact"])
+def test_sgdhess_with_a_parameter_of_constant_gradient_takes_its_zero_hessian_row(name):
+    # a loss linear in one tensor (a WGAN critic's last bias): its g is constant, so it has no graph even after
+    # backward(create_graph=True); its Hessian row and column are 0, not a reason to ask for create_graph
+    A, c = _hess_problem()[:36, :36], torch.linspace(-1.0, 1.0, 4, dtype=DT)
+    params = make_params(seed=2, shapes=HESS_SHAPES)
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=0.5, lr=LR)
+    w = snap(params)
+    torch.manual_seed(0)
+    theta = torch.cat([p.flatten() for p in params[:2]])
+    (0.5 * theta @ A @ theta + params[2] @ c).backward(create_graph=True)
+    opt.first_step(zero_grad=True)
+    theta = torch.cat([x.flatten() for x in w[:2]])
+    g = split(A @ theta, HESS_SHAPES[:2]) + [c]
+    if name == "sgdhess":   # z drawn for every tensor in order; H z is 0 on the linear tensor
+        torch.manual_seed(0)
+        z = torch.cat([(torch.randint_like(x, 2) * 2 - 1).flatten() for x in w])
+        hz = split((A @ z[:36]).abs(), HESS_SHAPES[:2]) + [torch.zeros(4, dtype=DT)]
+        D = [h.mean(dim=(2, 3), keepdim=True).expand_as(h) if h.dim() == 4 else h for h in hz]
+        d = [(1 + 0.5 * dd) * x for dd, x in zip(D, g)]
+    else:                   # d = g + rho H g, H g = 0 on the linear tensor
+        d = [x + 0.5 * y for x, y in zip(g, split(A @ A @ theta, HESS_SHAPES[:2]) + [torch.zeros(4, dtype=DT)])]
+    assert_lists_close([snap(params)], [SGDRef(momentum=0.0, weight_decay=0.0).step(w, d)])
 
 
 @pytest.mark.parametrize("name", ["sgdhess", "sgdhess-exact"])
@@ -1381,6 +1425,33 @@ def test_a_parameter_whose_first_gradient_comes_later_starts_its_own_state(name,
         assert_lists_close([snap(params)], [w])
 
 
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_tensor_unfrozen_later_starts_its_momentum_under_the_fused_sgd_base(nesterov, late):
+    # torch's fused SGD (sam.py's default base) refuses a step where some momentum buffers exist and others not: a
+    # tensor unfrozen after the first steps (late: reached at w + e only first) starts its buffer as torch's SGD does
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, nesterov=nesterov)
+    assert opt.base_optimizer.defaults["fused"]
+    bases = [SGDRef(nesterov=nesterov) for _ in params]
+    for t in range(4):
+        g, gp = synthetic_pair(t)
+        live = [0, 2] if t < 2 else [0, 1, 2]
+        set_grads(params, [g[i] if i in live else None for i in range(3)])
+        opt.first_step(zero_grad=True)
+        e = ascent("sam", None, [g[i] for i in live], RHO)
+        assert_lists_close([[snap(params)[i] for i in live]], [[w[i] + x for i, x in zip(live, e)]])
+        stepped = live + [1] if late and t == 1 else live   # g' without g: d = g', e = 0
+        set_grads(params, [gp[i] if i in stepped else None for i in range(3)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.second_step(zero_grad=True)
+        for i in stepped:
+            w[i] = bases[i].step([w[i]], [gp[i]])[0]
+        assert_lists_close([snap(params)], [w])
+
+
 # ------------------------------------------------------------------ state_dict and schedulers
 def walk_keys(obj):
     if isinstance(obj, dict):
@@ -1445,6 +1516,27 @@ def test_state_dict_resume_continues_bit_identically(name, flags, base, kw, stat
     assert_same(resumed, full)
     a, b = opt_resumed.stats, opt_full.stats
     assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("name", ["friendlysam", "looksam", "ssamd"])
+def test_deepcopy_and_pickle_keep_the_base_optimizer_and_go_on_bit_for_bit(name):
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a copy must keep the base optimizer
+    # (its Adam moments), SAM's counters and state, and take the very steps of the original
+    params = mlp_params()
+    opt = SAM(params, torch.optim.Adam, variant=name, rho=RHO, looksam_k=2, lr=LR, weight_decay=WD)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)   # wraps opt.step; the copies are not tied to opt
+    for t in range(3):
+        opt.step(mlp_closure(opt, params, *mlp_data(t)))
+    copies = [copy.deepcopy((params, opt)), pickle.loads(pickle.dumps((params, opt)))]
+    for ps, o in copies:
+        assert o.param_groups is o.base_optimizer.param_groups and o._step == 3
+    rng = torch.get_rng_state()
+    for ps, o in [(params, opt)] + copies:
+        torch.set_rng_state(rng)
+        for t in range(3, 6):
+            o.step(mlp_closure(o, ps, *mlp_data(t)))
+    for ps, o in copies:
+        assert all(torch.equal(a, b) for a, b in zip(ps, params))
 
 
 @pytest.mark.parametrize("resumed", [False, True])
