@@ -144,6 +144,10 @@ class SAM(torch.optim.Optimizer):
         if clash:   # the param groups are shared: the base would read SAM's value (Adadelta's rho 0.9 became 0.05)
             raise ValueError(f"{base_optimizer.__name__} has its own {', '.join(clash)}, which SAM's flag of that "
                              "name would replace in the shared param groups; use another base optimizer")
+        closure = inspect.signature(base_optimizer.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:   # LBFGS: its line search needs the loss
+            raise ValueError(f"{base_optimizer.__name__}.step needs a closure to re-evaluate the loss; SAM's base step "
+                             "takes a fixed direction d: use a base optimizer whose step needs no closure")
         given = dict(rho=rho, adaptive=adaptive, **{k: kwargs.pop(k) for k in list(kwargs) if k in FLAGS})
         flags = {**FLAGS, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
         _check_flags(flags)

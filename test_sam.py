@@ -1632,6 +1632,13 @@ def test_a_base_optimizer_with_a_hyper_parameter_named_as_a_flag_is_refused():
         SAM(make_params(), torch.optim.Adadelta, lr=1.0)
 
 
+def test_a_base_optimizer_whose_step_needs_a_closure_is_refused():
+    # LBFGS was accepted, then failed at the first second_step with "missing 1 required positional argument"
+    with pytest.raises(ValueError, match="LBFGS.step needs a closure"):
+        SAM(make_params(), torch.optim.LBFGS, lr=1.0)
+    assert SAM(make_params(), torch.optim.Rprop, lr=0.01).base_optimizer.__class__ is torch.optim.Rprop
+
+
 def test_add_param_group_joins_the_base_optimizer_with_the_flags_and_climbs_by_the_global_norm():
     # a group added after some steps (fine-tuning): SAM's flags and the base's defaults fill it in, its own rho, lr
     # and weight decay act, ||g|| spans every group, and its momentum starts at its first step
