@@ -165,7 +165,7 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"{err}; SAM flags are: {', '.join(FLAGS)}") from None
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        self.variant, self.flags = variant, {k: self.param_groups[0][k] for k in FLAGS}
+        self.variant = variant
         self.ratio_stats = RatioStats()
         self.last_step_skipped = False
         self._step, self._skipped = 0, 0      # completed steps; skipped (non-finite) steps
@@ -403,6 +403,12 @@ class SAM(torch.optim.Optimizer):
         return self.flags["descent"].startswith("hessian")
 
     @property
+    def flags(self):
+        """The flags now, read from the first param group (a schedule may set them there; the SAM-wide ones are set
+        alike in every group): a dict holding every FLAGS key, the base optimizer's settings beside them."""
+        return self.param_groups[0]
+
+    @property
     def perturbed(self):
         """True between first_step() and second_step(): the weights are at w + e."""
         return self._parts is not None
@@ -488,7 +494,6 @@ class SAM(torch.optim.Optimizer):
         changed = [k for k in FLAGS if repr(self.param_groups[0][k]) != now[k]]
         if changed:
             warnings.warn(f"load_state_dict: the saved flags replace {', '.join(changed)}")
-        self.flags = {k: self.param_groups[0][k] for k in FLAGS}
         self._step, self._skipped = state_dict["counters"]["step"], state_dict["counters"]["skipped"]
         device = self.param_groups[0]["params"][0].device   # a checkpoint loaded to the CPU, a run on CUDA
         self.ratio_stats.state = _to_device(state_dict["ratio_stats"], device)

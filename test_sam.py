@@ -406,6 +406,29 @@ def one_step_direction(name, g, gp, **flags):
     return (-params[0].detach()).tolist()
 
 
+def test_a_sam_wide_flag_set_in_the_param_groups_mid_run_takes_effect_and_is_saved():
+    # a schedule of GSAM's alpha written into the param groups (as a scheduler writes lr) was ignored: opt.flags was
+    # a copy made when built, while state_dict saved the groups, so a resumed run took the new alpha and the
+    # uninterrupted one the old
+    g, gp = torch.tensor([1.0, -2.0, 0.5], dtype=DT), torch.tensor([1.5, -1.0, -0.5], dtype=DT)
+    params = [torch.zeros(3, dtype=DT, requires_grad=True)]
+    opt = SAM(params, torch.optim.SGD, variant="gsam", rho=RHO, lr=1.0)
+    for group in opt.param_groups:
+        group["gsam_alpha"] = 0.1
+    resumed = SAM([torch.zeros(3, dtype=DT, requires_grad=True)], torch.optim.SGD, variant="gsam", rho=RHO, lr=1.0)
+    with pytest.warns(UserWarning, match="replace gsam_alpha"):
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    expected = gp - 0.1 * (g - (g @ gp) / (gp @ gp) * gp)   # g' - alpha (g - (<g,g'>/||g'||^2) g')
+    for o in (opt, resumed):
+        w = o.param_groups[0]["params"]
+        set_grads(w, [g])
+        o.first_step(zero_grad=True)
+        set_grads(w, [gp])
+        o.second_step(zero_grad=True)
+        assert o.flags["gsam_alpha"] == 0.1
+        assert torch.allclose(-w[0].detach(), expected, rtol=1e-12, atol=0)
+
+
 def test_samckpt14_is_done_right_and_samckpt23_is_the_origins_inverted_rule():
     #    B1    B2    B3    B4    B0(g'=0)
     g = [1.0, 1.0, 1.0, 1.0, 1.0]
