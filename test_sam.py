@@ -715,6 +715,175 @@ def test_bench_prints_each_ratio_from_its_medians(monkeypatch, capsys):
         "SAM, stats off, no host read (skip_nonfinite=False)": (0, False)}
 
 
+def test_bench_cuda_timer_reads_the_events_around_the_call_in_seconds(monkeypatch):
+    """On a GPU, timer() records an event before and after fn(), synchronizes, and gives start.elapsed_time(end), CUDA's
+    milliseconds, in seconds. Fake events on a fake clock: fn() takes 250 ms of it."""
+    import bench
+    log, clock = [], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.ms = None
+
+        def record(self):
+            log.append("record")
+            self.ms = clock[0]
+
+        def elapsed_time(self, end):   # CUDA: milliseconds from this event to end
+            log.append("elapsed")
+            return end.ms - self.ms
+
+    def fn():
+        log.append("fn")
+        clock[0] += 250.0
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    assert bench.timer(torch.device("cuda"))(fn) == pytest.approx(0.25, rel=1e-12)
+    assert log == ["record", "fn", "record", "sync", "elapsed"]
+
+
+def test_bench_cli_checks_and_defaults(monkeypatch, capsys):
+    """bench.py's arguments: every benchmark by default, in the docstring's order, on PyramidNet-110, ResNet-18 and
+    WRN-16-8, 20 timed optimizer steps, 10,000 images and 3 epochs a data run, the step benchmark's batch and repeats
+    left to the device; --threads sets torch's threads only when given; refused: --device cuda without CUDA, fewer
+    than 256 images, 0 threads or repeats, an unknown benchmark."""
+    import bench
+    ran, threads = [], []
+    monkeypatch.setattr(bench, "BENCHMARKS", {name: (lambda args, device, measure, name=name: ran.append(
+        (name, args, device)) or ("t", [("a", "1", "")])) for name in ("optimizer", "data", "step")})
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bench.main([])
+    assert [name for name, _, _ in ran] == ["optimizer", "data", "step"] and threads == []
+    args = ran[0][1]
+    assert (args.repeats, args.optimizer_models, args.data_images, args.data_repeats, args.step_batch,
+            args.step_repeats, args.device) == (20, ["pyramidnet110", "resnet18", "wrn16-8"], 10_000, 3, None, None, "auto")
+    assert ran[0][2] == torch.device("cpu")
+    ran.clear()
+    bench.main(["--only", "step", "data", "--threads", "3", "--data-images", "256"])
+    assert [name for name, _, _ in ran] == ["step", "data"] and threads == [3]
+    capsys.readouterr()
+    for argv, message in ((["--device", "cuda"], "--device cuda: torch finds no CUDA device"),
+                          (["--data-images", "255"], "--data-images"), (["--threads", "0"], "--threads"),
+                          (["--repeats", "0"], "--repeats"), (["--step-repeats", "0"], "--step-repeats"),
+                          (["--only", "bogus"], "invalid choice")):
+        with pytest.raises(SystemExit) as err:
+            bench.main(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err, argv
+    assert len(ran) == 2
+
+
+def test_bench_optimizer_shows_each_models_targets_and_times_only_the_optimizer_calls(monkeypatch):
+    """The optimizer benchmark's targets: SAM / loop <= 0.6 on PyramidNet-110 (there also stats every step / loop
+    <= 1.0), <= 1.0 on ResNet-18 and WRN-16-8. Its configurations are timed by their own measure() calls around
+    first_step and second_step (grad copies left out): interleaved_medians gets a measure that returns what the
+    configuration returns, not one that times it; args.repeats timed calls after 3 warm-up ones."""
+    import bench
+    monkeypatch.setitem(bench.train.MODELS, "pyramidnet110", bench.train.MODELS["cnn"])   # small stand-ins
+    monkeypatch.setitem(bench.train.MODELS, "resnet18", bench.train.MODELS["cnn"])
+    got = {}
+
+    def medians(configs, repeats, warmup, measure):
+        got.update(repeats=repeats, warmup=warmup, measure=measure)
+        return {name: 0.001 * (i + 1) for i, name in enumerate(configs)}
+    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    args = types.SimpleNamespace(repeats=7)
+    fixed = lambda fn: 0.25   # noqa: E731  (a timer that does not call fn: only the configuration's own value counts)
+    targets = {}
+    for model in ("pyramidnet110", "resnet18"):
+        title, rows = bench.bench_optimizer_on(model, args, torch.device("cpu"), fixed)
+        targets[model] = {label: target for label, _, target in rows if "/" in label}
+        assert (got["repeats"], got["warmup"], got["measure"](lambda: 3.5)) == (7, 3, 3.5), model
+    assert targets == {
+        "pyramidnet110": {"SAM / loop": "<= 0.6", "SAM stats every step / loop": "<= 1.0", "samme1 / loop": "",
+                          "stats every step: branch-free buckets / torch.bucketize": ""},
+        "resnet18": {"SAM / loop": "<= 1.0", "SAM stats every step / loop": "", "samme1 / loop": "",
+                     "stats every step: branch-free buckets / torch.bucketize": ""}}
+
+
+def test_bench_data_times_davda54s_pil_pipeline_against_the_device_loaders_cutout_epoch(monkeypatch):
+    """The data benchmark: the device loader's epoch is every image once, in batches of 256 of a permutation, with
+    cutout; the DataLoader is davda54/sam's: batch 256, shuffled, 2 workers, RandomCrop(32, padding 4), a horizontal
+    flip, ToTensor, CIFAR-10's Normalize and a 16-pixel Cutout at p 0.5. data_repeats timed epochs after 1 warm-up."""
+    import bench
+    import inspect
+    got, batches = {}, []
+
+    def medians(configs, repeats, warmup, measure):
+        got.update(configs=configs, repeats=repeats, warmup=warmup)
+        return dict(zip(configs, (0.5, 2.0)))
+    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    monkeypatch.setattr(bench.train.DeviceLoader, "train_batch",
+                        lambda self, idx, generator, cutout, part=slice(None): batches.append((idx.clone(), cutout)))
+    args = types.SimpleNamespace(data_images=600, data_repeats=4)
+    title, rows = bench.bench_data(args, torch.device("cpu"), lambda fn: fn())
+    assert (got["repeats"], got["warmup"]) == (4, 1) and "600 images per epoch, batch 256" in title
+    assert list(got["configs"]) == ["device loader", "DataLoader, PIL, 2 workers"]
+    assert rows == [("device loader [img/s]", "1,200", ""), ("DataLoader, PIL, 2 workers [img/s]", "300", ""),
+                    ("device loader / DataLoader", "4.0", ">= 10")]   # 600 images in 0.5 s and in 2 s
+    got["configs"]["device loader"]()
+    assert [len(idx) for idx, _ in batches] == [256, 256, 88] and all(cutout for _, cutout in batches)
+    assert sorted(torch.cat([idx for idx, _ in batches]).tolist()) == list(range(600))
+    workers = inspect.getclosurevars(got["configs"]["DataLoader, PIL, 2 workers"]).nonlocals["workers"]
+    assert (workers.batch_size, workers.num_workers, type(workers.sampler).__name__) == (256, 2, "RandomSampler")
+    assert len(workers.dataset) == 600
+    crop, flip, to_tensor, normalize, cutout = workers.dataset.transform.transforms
+    assert (type(crop), crop.size, crop.padding) == (bench.T.RandomCrop, (32, 32), 4)
+    assert (type(flip), flip.p, type(to_tensor)) == (bench.T.RandomHorizontalFlip, 0.5, bench.T.ToTensor)
+    stats = bench.train.DATASETS["cifar10"]
+    assert (type(normalize), tuple(normalize.mean), tuple(normalize.std)) == (bench.T.Normalize, stats["mean"], stats["std"])
+    assert (type(cutout), cutout.size, cutout.p) == (bench.Cutout, 16, 0.5)
+
+
+def test_bench_cutout_zeroes_a_16_pixel_square_centred_at_a_uniform_point_half_the_time():
+    """davda54/sam's Cutout: with probability p, a size x size square of zeros, rows cy - 8 .. cy + 7 and columns
+    cx - 8 .. cx + 7 cut at the border, centred at a uniform (cy, cx); else the image as it was."""
+    import bench
+    cut = 0
+    for seed in range(60):
+        torch.manual_seed(seed)
+        u = torch.rand(1).item()
+        cy, cx = torch.randint(0, 32, (1,)).item(), torch.randint(0, 32, (1,)).item()
+        torch.manual_seed(seed)
+        image = bench.Cutout()(torch.ones(3, 32, 32))
+        rows, cols = torch.arange(32)[:, None], torch.arange(32)[None, :]
+        square = (rows >= cy - 8) & (rows < cy + 8) & (cols >= cx - 8) & (cols < cx + 8)
+        expected = torch.ones(3, 32, 32) if u > 0.5 else (~square).float().expand(3, 32, 32)
+        assert torch.equal(image, expected), seed
+        cut += u <= 0.5
+    assert 15 < cut < 45
+
+
+def test_bench_step_sgd_baseline_is_one_sgd_step_on_the_batch_loss(monkeypatch):
+    """The step benchmark's baseline: one forward and backward of ResNet-18 on the batch and torch's SGD step (lr 0.01,
+    momentum 0.9, weight decay 1e-3), gradients cleared after; on the CPU, batch 16 and 3 timed steps after 1 warm-up.
+    Checked against a copy of the model stepped by hand: w - lr (grad + wd w) (the first momentum step); a small CNN
+    stands in for ResNet-18."""
+    import bench
+    import inspect
+    monkeypatch.setitem(bench.train.MODELS, "resnet18", bench.train.MODELS["cnn"])
+    got = {}
+
+    def medians(configs, repeats, warmup, measure):
+        got.update(configs=configs, repeats=repeats, warmup=warmup)
+        return {name: 1.0 for name in configs}
+    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    title, _ = bench.bench_step(types.SimpleNamespace(step_batch=None, step_repeats=None), torch.device("cpu"), None)
+    assert (got["repeats"], got["warmup"]) == (3, 1) and "batch 16, fp32" in title
+    sgd = got["configs"]["SGD"]
+    held = inspect.getclosurevars(sgd).nonlocals
+    model, x, y = held["model"], held["x"], held["y"]
+    assert x.shape == (16, 3, 32, 32)
+    twin = copy.deepcopy(model)
+    loss = torch.nn.functional.cross_entropy(twin(x), y)
+    grads = torch.autograd.grad(loss, list(twin.parameters()))
+    expected = [w.detach() - 0.01 * (g + 1e-3 * w.detach()) for w, g in zip(twin.parameters(), grads)]
+    sgd()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-5, atol=1e-6) and p.grad is None
+
+
 # ------------------------------------------------------------------ ascent geometries
 @pytest.mark.parametrize("flags,kind,kw", [
     (dict(), "sam", {}),
@@ -2703,6 +2872,10 @@ def test_sensing_toy_figure_draws_the_4_iterate_means_and_usam_clipped_at_1e6(tm
         assert list(sam_line.get_ydata()) == pytest.approx([1.0 / (t + 1) + rho for t in range(4)])
         assert list(usam_line.get_ydata()) == pytest.approx([2.0 * (1 + rho), 5e5 * (1 + rho), 1e6, 1e6])
     assert list(ax1.lines[8].get_ydata()) == gd
+    assert [line.get_label() for line in ax1.lines] == [f"{v} rho={rho}" for rho in toy.RHOS for v in ("SAM", "USAM")] + ["GD"]
+    assert all(list(line.get_xdata()) == list(range(steps + 1)) for line in ax1.lines)   # GD too: x = steps taken
+    assert [line.get_label() for line in ax2.lines] == [line.get_label() for line in ax3.lines] == \
+        ["GD (under USAM)", "SAM", "USAM"]
     for i, variant in enumerate(("sgd", "sam", "usam")):
         x = losses[variant]
         assert list(ax2.lines[i].get_xdata()) == list(range(6))
@@ -2751,9 +2924,14 @@ def test_toy_sparse_trajectories_rebuild_the_mask_every_10_steps_from_16_example
     weights = torch.tensor([[1.0, 0.0]] * 8 + [[0.0, 9.0]] * 8 + [[100.0, 0.0]] * 4, dtype=torch.float64)
     examples = toy.Landscape("examples", lambda w: (weights * w * w).sum(-1).mean() / 2, (1.0, 1.0), lr=0.02,
                              rho=0.05, steps=31, box=None, where=None, samples=lambda w: (weights * w * w).sum(-1) / 2)
+    # 16 examples, not 15 or 17: the first 15 favour x a little, the 16th y (30^2 > 15), the 17th on x again (1000^2)
+    weights16 = torch.tensor([[1.0, 0.0]] * 15 + [[0.0, 30.0]] + [[1000.0, 0.0]] * 4, dtype=torch.float64)
+    sixteenth = toy.Landscape("sixteenth", lambda w: (weights16 * w * w).sum(-1).mean() / 2, (1.0, 1.0), lr=0.002,
+                              rho=0.05, steps=12, box=None, where=None,
+                              samples=lambda w: (weights16 * w * w).sum(-1) / 2)
     for land, variant, steps in ((logistic, "ssamf", 31), (two_basins, "ssamf", 31), (two_basins, "ssamd", 31),
                                  (logistic, "ssamd", 31), (switch, "ssamf", 31), (switch, "ssamd", 31),
-                                 (examples, "ssamf", 12)):
+                                 (examples, "ssamf", 12), (sixteenth, "ssamf", 12)):
         expected = _sparse_reference(land, variant, steps)
         torch.manual_seed(1)   # another state of the global generator (SSAM-D's first growth picks the other side here)
         assert torch.allclose(toy.trajectory(land, variant, steps=steps), expected, rtol=0, atol=1e-12), \
@@ -2887,6 +3065,84 @@ def test_toy_landscape_figure_draws_each_panels_trajectories_their_ends_and_the_
         assert (start.get_label(), start.get_marker(), start.get_xydata().tolist()) == ("start", "*", [list(land.start)])
         assert (ax.get_xlim(), ax.get_ylim()) == ((0, 2.8), (0, 2.8))
     close(fig)
+
+
+def test_toy_landscape_figure_contours_the_loss_over_its_box_and_titles_lr_rho_and_steps(tmp_path, monkeypatch):
+    """landscape_<name>.png on a landscape whose box is not square (two basins: x in [-2.5, 3.5], y in [-2.5, 2.5]):
+    each panel fills contours of the loss itself on a grid spanning the box, x along w1 and y along w2, with levels
+    from its least to its largest value, and shows the box; the title gives the landscape's lr, rho and steps."""
+    import matplotlib.axes
+    close = toy.plt.close
+    kept, filled = [], []
+    contourf = matplotlib.axes.Axes.contourf
+    monkeypatch.setattr(toy.plt, "close", kept.append)
+    monkeypatch.setattr(matplotlib.axes.Axes, "contourf", lambda ax, *a, **k: filled.append((a, k)) or contourf(ax, *a, **k))
+    land = toy.landscapes()[0]
+    toy._plot_landscape(str(tmp_path / "landscape_two_basins.png"), land,
+                        {"sgd": torch.tensor([list(land.start), [-1.0, 0.4]], dtype=torch.float64)})
+    (fig,) = kept
+    assert fig._suptitle.get_text() == "two_basins: lr 0.22, rho 0.1, 150 full-batch steps (dots: end points)"
+    assert len(filled) == 4
+    for ax, ((X, Y, Z), kwargs) in zip(fig.axes, filled):
+        assert (ax.get_xlim(), ax.get_ylim()) == ((-2.5, 3.5), (-2.5, 2.5))
+        X, Y, Z = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (X, Y, Z))
+        assert (X.min().item(), X.max().item(), Y.min().item(), Y.max().item()) == pytest.approx((-2.5, 3.5, -2.5, 2.5))
+        sharp = 4 * ((X + 1) ** 2 + (Y - 0.5) ** 2) - 0.3
+        flat = 0.2 * ((X - 1.5) ** 2 + (Y + 0.5) ** 2)
+        assert torch.allclose(Z, torch.minimum(sharp, flat), rtol=1e-12, atol=1e-12)
+        levels = np.asarray(kwargs["levels"])
+        assert (levels[0], levels[-1]) == pytest.approx((Z.min().item(), Z.max().item())) and (np.diff(levels) > 0).all()
+    close(fig)
+
+
+def test_toy_main_runs_the_part_named_or_all_three_in_order_into_figures_by_default(tmp_path, monkeypatch):
+    """`python toy.py` runs sensing, landscape and checkpoints in that order, writing to figures/ (README: toy.py
+    writes its figures and CSVs to figures/); `python toy.py landscape --out DIR` runs that part alone, into DIR."""
+    ran = []
+    monkeypatch.setattr(toy, "PARTS", {name: (lambda out, name=name: ran.append((name, out)))
+                                       for name in ("sensing", "landscape", "checkpoints")})
+    monkeypatch.setattr(toy.torch, "set_num_threads", lambda n: None)
+    monkeypatch.chdir(tmp_path)
+    toy.main([])
+    assert ran == [("sensing", "figures"), ("landscape", "figures"), ("checkpoints", "figures")]
+    assert os.listdir(tmp_path) == ["figures"] and os.listdir(tmp_path / "figures") == []
+    ran.clear()
+    toy.main(["landscape", "--out", str(tmp_path / "other")])
+    assert ran == [("landscape", str(tmp_path / "other"))]
+
+
+def test_sensing_toy_prints_table_iii_at_rho_01_the_seeds_numbers_and_gds_stable_lr(tmp_path, monkeypatch, capsys):
+    """sensing()'s printout: for steps 1..steps, the loss after that many SAM, USAM (rho 0.1) and GD steps, then the
+    seed's Table III numbers for steps 1 to 4 (SAM 4.714, 2.81, 1.748, 1.199; USAM 4.872, 22.873, 70595465, 1.545e65);
+    the loss after `steps` steps of SAM / USAM at every rho; GD's lambda_max after 150 steps and 2 / lambda_max.
+    Recomputed from the update formulas and the exact Hessian."""
+    monkeypatch.setattr(toy, "_plot_sensing", lambda *args: None)
+    d, r, steps = 6, 2, 5
+    toy.sensing(str(tmp_path), d=d, r=r, steps=steps, long_d=4, long_r=1, long_steps=12)
+    lines = capsys.readouterr().out.splitlines()
+    prob = toy.Sensing(d, r)
+    U0 = prob.init()
+    paths = {(v, rho): _sensing_reference(prob, U0, v, rho, 0.5, steps) for v in ("sam", "usam") for rho in toy.RHOS}
+    gd = _sensing_reference(prob, U0, "sgd", 0.0, 0.5, steps)
+    seed = {"sam": (4.714, 2.81, 1.748, 1.199), "usam": (4.872, 22.873, 70595465.0, 1.545e65)}
+    head = next(i for i, line in enumerate(lines) if line.split()[:4] == ["step", "SAM", "USAM", "GD"])
+    for t in range(1, steps + 1):
+        left, right = lines[head + t].split("|")
+        values = [float(v) for v in left.split()]
+        assert values == pytest.approx([t, prob.loss(paths["sam", 0.1][t]).item(), prob.loss(paths["usam", 0.1][t]).item(),
+                                        prob.loss(gd[t]).item()], rel=1e-3), t
+        quoted = [float(v) for v in right.split()]
+        assert quoted == (pytest.approx([seed["sam"][t - 1], seed["usam"][t - 1]], rel=1e-3) if t <= 4 else []), t
+    last = next(line for line in lines if line.startswith(f"loss after {steps} steps (SAM / USAM):"))
+    for rho in toy.RHOS:
+        shown = re.search(rf"rho={rho}: (\S+) / (\S+?)(,|$)", last)
+        assert (float(shown[1]), float(shown[2])) == pytest.approx(
+            (prob.loss(paths["sam", rho][steps]).item(), prob.loss(paths["usam", rho][steps]).item()), rel=5e-3), rho
+    U = _sensing_reference(prob, U0, "sgd", 0.0, 0.5, 150)[-1]
+    lam = torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda v: prob.loss(v.view_as(U)), U.flatten()))[-1].item()
+    shown = re.search(r"GD lr 0.5, 150 steps: .* lambda_max (\S+), so GD is stable there for lr < (\S+)$",
+                      next(line for line in lines if line.startswith("GD lr")))
+    assert float(shown[1]) == pytest.approx(lam, rel=2e-3) and float(shown[2]) == pytest.approx(2 / lam, rel=2e-3)
 
 
 # ----------------------------------------------------------------------------- plots.py
