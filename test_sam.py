@@ -2864,9 +2864,10 @@ def test_sensing_toy_figure_draws_the_4_iterate_means_and_usam_clipped_at_1e6(tm
         losses[variant] = [(i + 1) * 2.0 ** -t * (3 if t % 2 else 1) for t in range(9)]
         long_rows += [dict(variant=variant, step=t, loss=loss, lambda_max=t + i if t % 4 == 0 else math.nan)
                       for t, loss in enumerate(losses[variant])]
-    toy._plot_sensing(str(tmp_path / "sensing.png"), rows, gd, long_rows, steps)
+    toy._plot_sensing(str(tmp_path / "sensing.png"), rows, gd, long_rows, steps, 30, 7)
     (fig,) = kept
     ax1, ax2, ax3 = fig.axes
+    assert ax1.get_title().startswith("Matrix sensing d=30, lr 0.5") and ax2.get_title().startswith("Long run d=7 ")
     for i, rho in enumerate(toy.RHOS):
         sam_line, usam_line = ax1.lines[2 * i], ax1.lines[2 * i + 1]
         assert list(sam_line.get_ydata()) == pytest.approx([1.0 / (t + 1) + rho for t in range(4)])
@@ -2989,7 +2990,8 @@ def test_sensing_toy_figure_gets_gd_at_lr_half_and_every_step_of_the_long_run(tm
     monkeypatch.setattr(toy, "_plot_sensing", lambda *args: seen.append(args))
     d, r, steps, long_d, long_r, long_steps = 6, 2, 3, 4, 1, 12
     toy.sensing(str(tmp_path), d=d, r=r, steps=steps, long_d=long_d, long_r=long_r, long_steps=long_steps)
-    (_, rows, gd, long_rows, got_steps), = seen
+    (_, rows, gd, long_rows, got_steps, got_d, got_long_d), = seen
+    assert (got_d, got_long_d) == (d, long_d)   # the titles name them
     prob = toy.Sensing(d, r)
     path = _sensing_reference(prob, prob.init(), "sgd", 0.0, 0.5, steps)
     assert got_steps == steps and len(rows) == 4 * (steps + 1)

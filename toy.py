@@ -168,7 +168,7 @@ def sensing(out, d=100, r=5, steps=10, long_d=20, long_r=2, long_steps=2000):
         first, *_, last = [row for row in long_rows if row["variant"] == variant and math.isfinite(row["lambda_max"])]
         print(f"  {variant:>4}: {first['lambda_max']:.4f} ({first['loss']:.1e}) -> "
               f"{last['lambda_max']:.4f} ({last['loss']:.1e})")
-    _plot_sensing(os.path.join(out, "sensing.png"), rows, gd, long_rows, steps)
+    _plot_sensing(os.path.join(out, "sensing.png"), rows, gd, long_rows, steps, d, long_d)
 
 
 def _power_eigenvalue(loss_fn, w, iters=50):
@@ -183,7 +183,7 @@ def _power_eigenvalue(loss_fn, w, iters=50):
     return lam
 
 
-def _plot_sensing(path, rows, gd, long_rows, steps):
+def _plot_sensing(path, rows, gd, long_rows, steps, d, long_d):
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = plt.cm.viridis([0.0, 0.35, 0.65, 0.9])
     cap = 1e6   # USAM at rho = 0.1 leaves any sensible axis: draw it up to here, then mark it
@@ -194,7 +194,7 @@ def _plot_sensing(path, rows, gd, long_rows, steps):
         ax1.plot([r["step"] for r in run], usam, "--x", ms=4, color=color, label=f"USAM rho={rho}")
     ax1.plot(range(steps + 1), gd, ":", color="gray", label="GD")
     ax1.set(yscale="log", ylim=(None, cap * 2), xlabel="step", ylabel="training loss f(U)",
-            title="Matrix sensing d=100, lr 0.5 (USAM clipped at 1e6)")
+            title=f"Matrix sensing d={d}, lr {LR} (USAM clipped at 1e6)")
     ax1.legend(fontsize=7, ncol=2)
     styles = {"sgd": ("GD (under USAM)", "k", ":"), "sam": ("SAM", "C0", "-"), "usam": ("USAM", "C3", "-")}
     for variant, (label, color, ls) in styles.items():
@@ -205,7 +205,7 @@ def _plot_sensing(path, rows, gd, long_rows, steps):
         ax3.plot([r["step"] for r in run], [r["lambda_max"] for r in run], ls, marker="o", ms=3, color=color,
                  label=label, zorder=3 if ls == ":" else 2)
     ax2.set(yscale="log", xlabel="step after reaching a minimum", ylabel="training loss (mean of 4 iterates)",
-            title="Long run d=20 from GD's minimum, lr 0.1, rho 0.1")
+            title=f"Long run d={long_d} from GD's minimum, lr 0.1, rho 0.1")
     ax3.set(xlabel="step after reaching a minimum", ylabel="top Hessian eigenvalue (mean of 4 iterates)",
             title="Sharpness: only SAM keeps moving")
     for ax in (ax2, ax3):
