@@ -5345,6 +5345,26 @@ def test_train_bn_running_stats_come_from_the_first_pass_only():
         assert torch.equal(model.get_buffer(name), buffer), name
 
 
+def test_train_bn_running_stats_count_the_first_pass_of_every_step():
+    # each step's first pass updates BN's running statistics (train_step turns them back on after the last step's
+    # second pass turned them off): after two steps they are those of one forward pass on x1 at w0, then x2 at w1
+    torch.manual_seed(0)
+    model = train.MODELS["cnn"](3, 1.0)
+    reference = train.MODELS["cnn"](3, 1.0)
+    reference.load_state_dict(model.state_dict())
+    opt = sam.SAM(model.parameters(), torch.optim.SGD, variant="sam", lr=0.1, momentum=0.9)
+    for _ in range(2):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+        with torch.no_grad():
+            for name, p in model.named_parameters():   # the reference at this step's weights
+                reference.get_parameter(name).copy_(p)
+            reference(x)
+        train.train_step(model, opt, x, y, train.StepSettings())
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(model.get_buffer(name), buffer), name
+    assert {int(b) for n, b in model.named_buffers() if n.endswith("num_batches_tracked")} == {2}
+
+
 @pytest.mark.parametrize("name,flags,passes", [
     ("sam", {}, [2] * 6), ("sgd", {}, [1] * 6), ("looksam", dict(looksam_k=3), [2, 1, 1, 2, 1, 1])])
 def test_train_step_runs_one_forward_pass_per_gradient_the_step_needs(name, flags, passes):
@@ -5984,6 +6004,8 @@ def test_train_builds_the_optimizer_the_command_line_asks_for():
     assert type(opt.base_optimizer) is torch.optim.SGD and opt.variant == "saner"
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.3, 0.8, True, 5e-4)
     assert opt.flags["condition_warmup"] == 25   # epochs times steps per epoch
+    args.condition_warmup_epochs = 2.57   # 25.7 steps: the nearest whole step
+    assert train.build_optimizer(args, model, steps_per_epoch=10, world=1).flags["condition_warmup"] == 26
     args = train.parse_settings(["--data-dir", "x", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05"])
     opt = train.build_optimizer(args, model, steps_per_epoch=10, world=1)
     assert type(opt.base_optimizer) is torch.optim.AdamW and opt.base_optimizer.param_groups[0]["weight_decay"] == 0.05
@@ -6049,6 +6071,26 @@ def test_train_wide_resnet_of_a_tiny_width_keeps_one_channel_where_the_others_do
     widths = sorted({m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)} - {16})
     assert widths == [1, 2] and _pooled_shape(model) == (1, 2, 8, 8)
 
+
+def test_train_pyramidnet_and_vgg16_halve_the_map_where_their_papers_do():
+    """PyramidNet-110: 3 stages of 18 blocks on 32x32, 16x16 and 8x8 maps, the first block of stages 2 and 3 striding.
+    VGG-16 (config D): 13 conv3x3 (with a bias) + BN + ReLU layers, 5 max-pools down to 1x1, then the linear head."""
+    model, sizes = train.MODELS["pyramidnet110"](10, 1.0), []
+    for block in (m for m in model.modules() if isinstance(m, train.PyramidBlock)):
+        block.register_forward_hook(lambda m, inputs, output: sizes.append(output.shape[-1]))
+    _pooled_shape(model)
+    assert sizes == [32] * 18 + [16] * 18 + [8] * 18
+    widths = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    count, cin = 0, 3
+    for v in widths:
+        if v != "M":
+            count, cin = count + _conv(cin, v, 3) + v + 2 * v, v
+    vgg = train.MODELS["vgg16"](10, 1.0)
+    assert sum(p.numel() for p in vgg.parameters()) == count + 512 * 10 + 10
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in vgg.modules()) == 13
+    assert _pooled_shape(vgg) == (1, 512, 1, 1)
+
+
 def _bn_by_hand(t, bn):
     """Eval-mode BatchNorm2d written out."""
     shape = (1, -1, 1, 1)
@@ -6096,6 +6138,23 @@ def test_train_evaluation_and_hutchinson_by_hand():
     rng = torch.Generator().manual_seed(0)
     samples = [float(z @ matrix @ z) for z in (torch.randint(0, 2, (8,), generator=rng).to(DT) * 2 - 1 for _ in range(12))]
     assert mean == pytest.approx(np.mean(samples)) and se == pytest.approx(np.std(samples, ddof=1) / math.sqrt(12))
+
+
+def test_train_evaluation_gives_nan_for_a_class_without_images():
+    # accuracy per class is hits / images of that class: a class the split lacks (a long tail's val split) has no
+    # accuracy, NaN, not 0% (which would read as a class never predicted and pull a head or tail mean down)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    images, labels = torch.randint(0, 256, (10, 3, 2, 2), dtype=torch.uint8), torch.arange(10) % 2   # no class 2
+    loader = train.DeviceLoader(images, labels, None, "cifar10", torch.device("cpu"), channels_last=False)
+    loss, acc, per_class = train.evaluate(model, loader, train.StepSettings(), batch_size=4)
+    with torch.no_grad():
+        logits = model((images / 255 - CIFAR10_MEAN) / CIFAR10_STD)
+    hit = logits.argmax(1) == labels
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert acc == pytest.approx(100 * float(hit.double().mean()))
+    assert per_class[:2] == pytest.approx([100 * float(hit[labels == k].double().mean()) for k in range(2)])
+    assert len(per_class) == 3 and math.isnan(per_class[2])
 
 
 def test_train_schedules_match_their_formulas():
@@ -6184,6 +6243,22 @@ def test_train_augmentation_is_a_padded_crop_a_mirror_and_a_cutout():
                 assert len(at) == 16 or at[0] == 0 or at[-1] == 31
             sizes.append(len(rows))
     assert 0.35 < len(sizes) / n < 0.65 and sizes.count(16) > len(sizes) / 3
+
+
+def test_train_augmentation_crops_images_that_are_not_square():
+    # a 5x9 image (any size decode accepts): each crop is a 5x9 window of the image zero-padded by 4, maybe mirrored
+    n, gen = 64, torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (n, 3, 5, 9), dtype=torch.uint8, generator=gen)
+    loader = train.DeviceLoader(images, torch.zeros(n, dtype=torch.long), None, "cifar10", torch.device("cpu"),
+                                channels_last=False)
+    x, _, _ = loader.train_batch(torch.arange(n), torch.Generator().manual_seed(1), cutout=False)
+    pixels = ((x * CIFAR10_STD + CIFAR10_MEAN) * 255).round()
+    padded = torch.nn.functional.pad(images.float(), (4, 4, 4, 4))
+    found = torch.zeros(n, dtype=torch.long)
+    for dy, dx, mirror in itertools.product(range(9), range(9), (False, True)):
+        window = padded[:, :, dy:dy + 5, dx:dx + 9]
+        found += (pixels == (window.flip(-1) if mirror else window)).flatten(1).all(1)
+    assert x.shape == (n, 3, 5, 9) and (found == 1).all()
 
 
 def test_train_cutout_centres_are_any_pixel_row_and_column_drawn_apart():
@@ -6940,6 +7015,37 @@ def test_train_long_tail_keeps_a_random_share_of_each_class():
         assert not torch.equal(mine, torch.nonzero(labels == c).flatten()[:len(mine)]), c
 
 
+def test_train_long_tail_counts_from_the_largest_class_when_the_classes_differ_in_size():
+    # n_max is the largest class's count, whatever the class order: classes of 60, 100 and 100 images under
+    # --imbalance 4 keep min(60, 100), int(100 / 2) and int(100 / 4) (a profile from the smallest class, 60, would
+    # keep 60, 30 and 15)
+    labels = torch.cat([torch.zeros(60, dtype=torch.long), torch.ones(100, dtype=torch.long), torch.full((100,), 2)])
+    kept = train.long_tailed(torch.arange(260), labels, 4.0, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[kept], minlength=3).tolist() == [60, int(100 * 4.0 ** -0.5), int(100 * 4.0 ** -1)]
+
+
+def test_train_a_subset_as_large_as_the_pool_is_no_subset():
+    # --subset N of a pool of N or fewer images takes them all: the same val and training images as without --subset
+    labels = torch.arange(10).repeat(20)
+    images = torch.arange(200).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)   # pixel = index
+    data = dict(train=(images, labels), test=(images[:10], labels[:10]), classes=[f"c{k}" for k in range(10)])
+
+    def split(*argv):
+        (x_train, _, _), (x_val, _, _), _ = train.make_splits(train.parse_settings(["--data-dir", "x", *argv]), data)
+        return x_train[:, 0, 0, 0].tolist(), x_val[:, 0, 0, 0].tolist()
+    whole = split()
+    assert split("--subset", "200") == whole and split("--subset", "500") == whole
+    assert split("--subset", "199") != whole
+
+
+def test_train_images_of_two_sizes_are_refused_naming_the_split(tmp_path):
+    # decode stacks each split's images: one of another size is a DataError that says so, not numpy's stack error
+    images = _image_folder(tmp_path / "images", per_class=(3, 1))
+    Image.new("RGB", (16, 16)).save(images / "train" / "class1" / "0.png")
+    with pytest.raises(train.DataError, match="the train images differ in size"):
+        train.load_images(train.parse_settings(_tiny_run(tmp_path)))
+
+
 def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a_bad_one(tmp_path):
     columns, good = ["step", "loss"], [f"{k},0.{k}" for k in range(6)]
     cases = {   # the rows on disk -> the rows kept with the checkpoint's step 4
@@ -7345,6 +7451,24 @@ def test_train_ssamf_draws_new_fisher_images_at_each_refresh_from_the_runs_seed(
         assert len(drawn[0]) == 16 and all(len(set(s)) == 8 for s in samples[seed])
         assert set(samples[seed][0]) != set(samples[seed][1])
     assert samples["1"] != samples["2"]
+
+
+def test_train_fisher_images_are_augmented_as_training_is_cutout_included():
+    # SSAM-F's Fisher passes: n_samples images drawn by a permutation of the split, one at a time, each cropped,
+    # mirrored and (with --cutout) cut out by the same generator, as a training batch of it would be
+    images = torch.randint(1, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = train.DeviceLoader(images, torch.arange(12) % 3, None, "cifar10", torch.device("cpu"), channels_last=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    seen = []
+    model[0].register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].clone()))
+    opt = SAM(model.parameters(), torch.optim.SGD, variant="ssamf", lr=0.1)
+    for cutout in (True, False):
+        seen.clear()
+        train.fisher_pass(model, opt, loader, torch.Generator().manual_seed(3), 8, train.StepSettings(), cutout)
+        rng = torch.Generator().manual_seed(3)
+        expected = [loader.train_batch(i, rng, cutout)[0] for i in torch.randperm(12, generator=rng)[:8].split(1)]
+        assert len(seen) == 8 and all(torch.equal(x, want) for x, want in zip(seen, expected))
+        assert any((x == 0).any() for x in seen) == cutout   # a cutout hole: the only zeros after normalisation
 
 
 def test_train_label_noise_that_flips_no_image_logs_no_noisy_accuracy(tmp_path):
