@@ -458,6 +458,9 @@ class SAM(torch.optim.Optimizer):
         else:
             death = self.flags["drop_rate"] * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
             n_keep = round(n_live * (1 - death))
+            if all(p.grad is None for p in params):   # every |g| would tie: the drop would follow the tensor order
+                raise ValueError("update_mask() (SSAM-D) drops the live entries of smallest |g|: call it after "
+                                 "backward() and before first_step(), while the gradients are there")
             grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
             new = _top_k_mask(grad.abs().float().masked_fill(~alive, -1.0), n_keep)
             # grow among the dead: first those dead before, then (only if too few) the ones just dropped
@@ -468,6 +471,9 @@ class SAM(torch.optim.Optimizer):
 
     def state_dict(self):
         """SAM's own state (masks, EMAs), the base optimizer's (momentum, moments), counters and statistics."""
+        if self.perturbed:
+            self._warn_once("perturbed", "state_dict() between first_step() and second_step(): the model is at w + e, "
+                            "and no state_dict holds the w SAM returns to; save after second_step()")
         return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict(), "variant": self.variant,
                 "counters": {"step": self._step, "skipped": self._skipped}, "ratio_stats": self.ratio_stats.state}
 

@@ -1024,6 +1024,33 @@ def test_sparse_masks_keep_one_minus_sparsity_of_the_coordinates(sparsity):
         assert_same([fisher.state[p]["mask"] for p in params], expected)
 
 
+def test_ssamd_update_mask_without_gradients_is_refused_and_keeps_the_mask():
+    # after second_step(zero_grad=True) every |g| is missing: the drop by smallest |g| was a tie, broken by the
+    # tensors' order, silently
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant="ssamd", lr=LR)
+    before = [m.clone() for m in opt._masks(params)]
+    with pytest.raises(ValueError, match="after backward"):
+        opt.update_mask(progress=0.0)
+    assert_same([opt.state[p]["mask"] for p in params], before)
+
+
+def test_state_dict_between_the_two_steps_warns_that_the_model_is_at_w_plus_e():
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, lr=LR)
+    for seed in (3, 5):
+        set_grads(params, make_params(seed=seed))
+        opt.first_step(zero_grad=True)
+        if seed == 5:
+            with pytest.warns(RuntimeWarning, match="the model is at w \\+ e"):
+                opt.state_dict()
+        set_grads(params, make_params(seed=seed + 1))
+        opt.second_step(zero_grad=True)
+        with warnings.catch_warnings():   # after a whole step (the first time round: before any warning)
+            warnings.simplefilter("error")
+            opt.state_dict()
+
+
 @pytest.mark.parametrize("progress,death", [(-1.0, 0.5), (1.5, 0.0)])
 def test_ssamd_death_rate_holds_progress_to_zero_one(progress, death):
     # death rate drop_rate (1 + cos(pi progress))/2 with progress clamped to [0, 1]: 0.5 before the start, 0 after the end
