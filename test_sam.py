@@ -3371,7 +3371,7 @@ def test_plots_drops_a_last_line_cut_inside_its_last_cell(tmp_path):
     assert len(",".join(row)[:-2].split(",")) == len(STEP_COLS)   # the next step's row, cut after the 1 of 166
     with io.StringIO(whole) as f:
         written = list(csv.DictReader(f))
-    for tail in (",".join(row)[:-2], "35,3,0.1\n"):   # then a line short of fields, even with its newline
+    for tail in (",".join(row)[:-2], "35,3,0.1\n", ",".join(row[:-1]) + "\n"):   # then lines short of fields
         path.write_text(whole + tail)
         steps = plots.load_run(str(tmp_path / "run"))["steps"]
         for name in ("step", "persist_running"):
@@ -3439,6 +3439,13 @@ def test_plots_bad_paths(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:   # a --toy folder without toy.py's CSVs would add nothing, silently
         plots.main([str(tmp_path), "--toy", str(tmp_path)])
     assert err.value.code == 2 and "neither sensing_rho.csv nor landscape_ends.csv" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    for argv, words in (([str(tmp_path / "a_file")], "is not a folder"),
+                        ([str(tmp_path), "--toy", str(tmp_path / "missing")], "--toy folder"),
+                        ([str(tmp_path), "--out", str(tmp_path / "a_file" / "out")], "cannot create --out")):
+        with pytest.raises(SystemExit) as err:
+            plots.main(argv)
+        assert err.value.code == 2 and words in capsys.readouterr().err, argv
 
 
 def test_plots_toy_tables_from_toys_csvs(tmp_path, monkeypatch):
@@ -3476,8 +3483,10 @@ def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
     make_run(tmp_path, "sam_s0", "sam", 0)
     make_run(tmp_path, "sam_s1", "sam", 1)
     shutil.copytree(tmp_path / "sam_s0", tmp_path / "sam_s0_copy")
+    make_run(tmp_path, "sam_s2", "sam", 2, final=False)   # copies both still going: the first found is kept
+    shutil.copytree(tmp_path / "sam_s2", tmp_path / "sam_s2_copy")
     runs, skipped = plots.load_runs(str(tmp_path))
-    assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s1"]
+    assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s1", "sam_s2"]
     assert "sam_s0_copy holds the same run as" in capsys.readouterr().out
 
 
@@ -4057,8 +4066,10 @@ def test_plots_persistence_and_bins_figures_plot_what_they_name(tmp_path, monkey
     steps. Fine bins: one panel per group for the first three groups, one line per r > 1 bin."""
     import statistics
     tracked = {0: (10, 1000, [None, None, 700, 650, 600, 640]), 1: (5, 500, [None, 500, 400, 420, 300, 310])}
+    share = {0: [50.0, 52.0, 54.5, 56.0, 58.0, 61.0], 1: [40.0, 43.0, 47.0, 44.0, 49.0, 45.5]}   # B1 (%)
     for seed, (t0, size, overlap) in tracked.items():
         make_run(tmp_path, f"sam_s{seed}", "sam", seed)
+        rewrite_column(tmp_path / f"sam_s{seed}", "steps", "ckpt1", share[seed])
         steps = [5 * k for k in range(6)]
         rewrite_column(tmp_path / f"sam_s{seed}", "steps", "persist_t0", [size if s >= t0 else None for s in steps])
         rewrite_column(tmp_path / f"sam_s{seed}", "steps", "persist_overlap", overlap)
@@ -4074,6 +4085,11 @@ def test_plots_persistence_and_bins_figures_plot_what_they_name(tmp_path, monkey
     assert list(line.get_xdata()) == both == [10, 15, 20, 25]
     assert np.allclose(line.get_ydata(), [statistics.mean(100 * overlap[s // 5] / size for _, size, overlap
                                                           in tracked.values()) for s in both])
+    chance = axes[0].lines[1]   # overlap's chance level: the B1 share, dotted, no band
+    assert chance.get_linestyle() == ":" and [len(ax.collections) for ax in axes] == [1, 1]
+    assert list(chance.get_xdata()) == both
+    assert np.allclose(chance.get_ydata(), [statistics.mean(share[seed][s // 5] for seed in tracked) for s in both])
+    assert axes[0].get_title().startswith("overlap") and axes[1].get_title().startswith("running")
     earliest = min(t0 for t0, _, _ in tracked.values())
     assert axes[1].get_xlim() == (earliest - 2, earliest + 60)
     plots.plot_ckpt1_bins(groups, str(tmp_path))
@@ -4085,7 +4101,140 @@ def test_plots_persistence_and_bins_figures_plot_what_they_name(tmp_path, monkey
         plots.plt.close(fig)
 
 
-def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its_sgd_and_sam(tmp_path):
+def test_plots_main_draws_each_checkpoint_share_and_mag_up_per_setting_over_every_seed(tmp_path, monkeypatch):
+    """Outside results/, main draws ckpt_shares (one panel per checkpoint, titled with the r range sam.py buckets into
+    it) and mag_up from every run, an unfinished seed too (plotted, not tabulated): one line per setting, in the order
+    of the settings and not of the folders, each the mean over seeds at each step with a band of +- one sample std,
+    checked against statistics on the steps.csv columns this test writes."""
+    import statistics
+    root = tmp_path / "runs"
+    root.mkdir()
+    made = {"a_sgd_s0": ("sgd", 0, True), "a_sgd_s1": ("sgd", 1, True),   # sgd's folders sort first, its setting second
+            "b_sam_s0": ("sam", 0, True), "b_sam_s1": ("sam", 1, False), "b_sam_s2": ("sam", 2, True)}
+    cols = ("ckpt1", "ckpt2", "ckpt3", "ckpt4", "mag_up")
+    data = {}
+    for k, (name, (variant, seed, final)) in enumerate(made.items()):
+        make_run(root, name, variant, seed, final=final)
+        rng = np.random.default_rng(100 + k)
+        data[name] = {c: [round(float(v), 3) for v in rng.uniform(0, 100, 6)] for c in cols}
+        for c, values in data[name].items():
+            rewrite_column(root / name, "steps", c, values)
+    figures = kept_figures(monkeypatch)
+    assert plots.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    steps = [float(r["step"]) for r in _rows(root / "a_sgd_s0" / "steps.csv")]
+    seeds = {v: [n for n, (variant, _, _) in made.items() if variant == v] for v in ("sam", "sgd")}
+
+    def check(ax, col):
+        assert [line.get_label() for line in ax.lines] == list(seeds), col
+        for i, (line, names) in enumerate(zip(ax.lines, seeds.values())):
+            per_step = [[data[n][col][k] for n in names] for k in range(len(steps))]
+            assert list(line.get_xdata()) == steps, col
+            assert np.allclose(line.get_ydata(), [statistics.mean(v) for v in per_step]), col
+            edges = band_edges(ax, i)
+            for step, v in zip(steps, per_step):
+                mean, std = statistics.mean(v), statistics.stdev(v)
+                assert edges[step] == pytest.approx((mean - std, mean + std)), (col, step)
+    shares = figures["ckpt_shares"].axes
+    # sam.py's CHECKPOINT_OF_BUCKET: r > 1 -> 1, (0, 1) -> 2, r < -1 -> 3, (-1, 0) -> 4
+    assert [ax.get_title() for ax in shares] == ["checkpoint 1: r > 1", "checkpoint 2: 0 < r < 1",
+                                                 "checkpoint 3: r < -1", "checkpoint 4: -1 < r < 0"]
+    for ax, col in zip(shares, cols[:4]):
+        check(ax, col)
+    check(figures["mag_up"].axes[0], "mag_up")
+    assert set(figures) == set(plots.FIGURES)
+    for fig in figures.values():
+        plots.plt.close(fig)
+
+
+def test_plots_ckpt1_bins_draw_each_fine_bins_seed_mean_for_the_first_groups_that_log_them(tmp_path, monkeypatch):
+    """ckpt1_bins: a panel per group that logged the r > 1 bins (a run from before they existed is left out, its
+    panel not taken), a line per bin without a band (crowded), each the mean over seeds; the panels left over say
+    so."""
+    import statistics
+    for name, variant, seed in (("asam_s0", "asam", 0), ("sam_s0", "sam", 0), ("sam_s1", "sam", 1), ("sgd_s0", "sgd", 0)):
+        make_run(tmp_path, name, variant, seed)
+    path = tmp_path / "sgd_s0" / "steps.csv"   # sgd's run has no fine bins
+    keep = [i for i, c in enumerate(STEP_COLS) if c not in sam.FINE_NAMES]
+    path.write_text("".join(",".join(line.split(",")[i] for i in keep) + "\n" for line in path.read_text().splitlines()))
+    groups = plots.group_runs(plots.load_runs(str(tmp_path))[0])
+    figures = kept_figures(monkeypatch)
+    plots.plot_ckpt1_bins(groups, str(tmp_path))
+    axes = figures["ckpt1_bins"].axes
+    assert [ax.get_title() for ax in axes[:2]] == ["asam", "sam"]
+    for ax, names in zip(axes, (["asam_s0"], ["sam_s0", "sam_s1"])):
+        assert len(ax.collections) == 0 and not ax.texts
+        assert [line.get_label() for line in ax.lines] == [f"r in {b[1:].replace('_', '..')}" for b in sam.FINE_NAMES]
+        for line, b in zip(ax.lines, sam.FINE_NAMES):
+            per_step = {}
+            for n in names:
+                for row in _rows(tmp_path / n / "steps.csv"):
+                    per_step.setdefault(float(row["step"]), []).append(float(row[b]))
+            assert list(line.get_xdata()) == sorted(per_step)
+            assert np.allclose(line.get_ydata(), [statistics.mean(per_step[s]) for s in sorted(per_step)]), b
+    assert not axes[2].lines and [t.get_text() for t in axes[2].texts] == ["no further group"]
+    plots.plt.close(figures["ckpt1_bins"])
+
+
+def test_plots_curves_past_eight_rows_put_the_legend_beside_and_past_ten_change_the_line_style(tmp_path, monkeypatch):
+    """plot_curves: up to 8 groups the legend sits in the first panel, past 8 beside the panels; colours repeat past
+    ten groups, so the 11th group's lines are dashed and the first ten's solid."""
+    for k in range(11):
+        make_run(tmp_path, f"sam_rho{k}", "sam", 0)
+        update_json(tmp_path / f"sam_rho{k}" / "config.json", rho=0.01 * (k + 1))
+    groups = plots.group_runs(plots.load_runs(str(tmp_path))[0])
+    assert len(groups) == 11
+    figures = kept_figures(monkeypatch)
+    for n in (8, 9, 11):
+        plots.plot_curves(dict(list(groups.items())[:n]), str(tmp_path), f"curves{n}")
+        fig = figures[f"curves{n}"]
+        beside = n > 8
+        assert (len(fig.legends), fig.axes[0].get_legend() is None) == (int(beside), beside), n
+        for ax in fig.axes:
+            assert [line.get_linestyle() for line in ax.lines] == ["-"] * min(n, 10) + ["--"] * (n - 10), n
+            assert [line.get_color() for line in ax.lines] == [f"C{i % 10}" for i in range(n)], n
+        plots.plt.close(fig)
+
+
+def test_plots_shares_by_setting_rounds_training_done_to_a_tenth_of_a_percent(tmp_path, monkeypatch):
+    """shares_by_setting's x: 100 * step / the run's last step, to 0.1 %, so seeds whose steps differ a little share
+    points; each checkpoint's line is the mean of the seeds at each point."""
+    import statistics
+    for seed, last in ((0, 60), (1, 600)):
+        make_run(tmp_path, f"sam_s{seed}", "sam", seed)
+        rewrite_column(tmp_path / f"sam_s{seed}", "steps", "step", [0, 1, 2, 3, 4, 6] if last == 60 else
+                       [0, 10, 20, 30, 40, 60])
+        rewrite_column(tmp_path / f"sam_s{seed}", "steps", "ckpt3", [seed + k * 1.5 for k in range(6)])
+    runs, _ = plots.load_runs(str(tmp_path))
+    figures = kept_figures(monkeypatch)
+    plots.plot_shares_by_setting({"one": runs}, str(tmp_path))
+    ax = figures["shares_by_setting"].axes[2]   # checkpoint 3
+    assert ax.get_title() == "checkpoint 3"
+    line, = ax.lines
+    assert np.allclose(line.get_xdata(), [0, 16.7, 33.3, 50, 66.7, 100])
+    assert np.allclose(line.get_ydata(), [statistics.mean([0 + k * 1.5, 1 + k * 1.5]) for k in range(6)])
+    plots.plt.close(figures["shares_by_setting"])
+
+
+def test_plots_main_under_results_writes_results_md_and_the_claims_figures_into_results(tmp_path, monkeypatch, capsys):
+    """Under reproduce.py's layout main writes results.md (no tables.md) into --out and the claims' figures into
+    <out>/results, each from the geometry row's seeds."""
+    (tmp_path / "geometry").mkdir()
+    for seed in (0, 1):
+        make_run(tmp_path / "geometry", f"sam-s{seed}", "sam", seed)
+        update_json(tmp_path / "geometry" / f"sam-s{seed}" / "config.json", subset=10000, epochs=20)
+    figures = kept_figures(monkeypatch)
+    out = tmp_path / "out"
+    assert plots.main([str(tmp_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "results.md").exists() and not (out / "tables.md").exists()
+    for name in ("ckpt_shares", "ckpt1_bins", "persistence", "mag_up"):
+        assert f"wrote {out / 'results' / name}.png" in printed, name
+    assert set(figures) == {"ckpt_shares", "ckpt1_bins", "persistence", "mag_up"}
+    for fig in figures.values():
+        plots.plt.close(fig)
+
+
+def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its_sgd_and_sam(tmp_path, monkeypatch):
     """The rows judged against a selection candidate's runs get one figure of curves per epoch in that candidate's
     setting, after the candidate's SGD and SAM (the references); rows judged otherwise, rows run for other epochs
     (LookSAM at SAM's wall time, judged against the candidate's SAM) and rows not run are left out."""
@@ -4101,8 +4250,12 @@ def test_plots_fitting_figure_draws_the_rows_judged_against_a_candidate_with_its
     assert {k: len(v) for k, v in fitting[cand].items()} == {"sgd (selection)": 2, "sam (selection)": 3,
                                                              "samme1-c2-n2500": 2}   # samckpt1-n2500 has not run
     assert all(r["config"]["subset"] == f"same/{label}" for label in ["samme1-c2-n2500"] for r in fitting[cand][label])
+    scales, save = {}, plots._save   # each figure's y scales, read as it is saved
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: scales.setdefault(name, [
+        ax.get_yscale() for ax in fig.axes]) and save(fig, out, name))
     paths = plots.results_figures(str(tmp_path), runs, str(tmp_path / "figs"))
     assert [os.path.basename(p) for p in paths] == ["shares_by_setting.png", f"fits-{cand}.png"]
+    assert scales[f"fits-{cand}"] == ["linear", "linear", "log", "log"]   # losses on a log scale: an early spike
     assert png_size(paths[1]) == tuple(round(x * plots.DPI) for x in plots.FIGURES["curves"])
 
 
