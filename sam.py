@@ -135,7 +135,8 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, rho=None, adaptive=None, *, variant="sam", **kwargs):
         if isinstance(rho, str):
-            raise TypeError(f"SAM's third argument is rho (davda54/sam's signature); pass variant={rho!r} by keyword")
+            raise TypeError(f"SAM's third argument is rho (davda54/sam's signature), a number; got {rho!r}" + (
+                f": pass variant={rho!r} by keyword" if rho in VARIANTS else ""))   # "0.05" from a config is no preset
         if variant not in VARIANTS:
             raise ValueError(f"unknown SAM variant {variant!r}; valid: {', '.join(sorted(VARIANTS))}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -183,7 +184,9 @@ class SAM(torch.optim.Optimizer):
         if self.single_pass:
             self._descend(parts, self._one_pass_direction(parts))
             self._took_one_pass = True
-        elif parts:
+        elif not parts:   # else second_step() would say "without first_step()"
+            raise ValueError("first_step(): no parameter has a gradient; call loss.backward() before first_step()")
+        else:
             keep_g = self._stats_step() or self._tracks_persistence() or self._uses_g()
             for part in parts:
                 part.g = _flat(part.grads) if keep_g else None        # g, kept for d and the ratio
@@ -242,6 +245,9 @@ class SAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         """torch's, once the group's flags are checked: the constructor's groups and any added later (unfrozen layers)."""
+        if hasattr(self, "base_optimizer"):   # added later: SAM-wide flags as a schedule set them, not as built
+            for name in set(FLAGS) - set(GROUP_FLAGS):
+                param_group.setdefault(name, self.param_groups[0][name])
         group = {**self.defaults, **param_group}
         _check_flags(group)
         for name in set(FLAGS) - set(GROUP_FLAGS):
@@ -501,7 +507,7 @@ class SAM(torch.optim.Optimizer):
         if changed:
             warnings.warn(f"load_state_dict: the saved flags replace {', '.join(changed)}")
         self._step, self._skipped = state_dict["counters"]["step"], state_dict["counters"]["skipped"]
-        device = self.param_groups[0]["params"][0].device   # a checkpoint loaded to the CPU, a run on CUDA
+        device = next(p.device for group in self.param_groups for p in group["params"])   # saved on CPU, run on CUDA
         self.ratio_stats.state = _to_device(state_dict["ratio_stats"], device)
 
     # ------------------------------------------------------------------ small helpers

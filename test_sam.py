@@ -1886,6 +1886,27 @@ def test_add_param_group_joins_the_base_optimizer_with_the_flags_and_climbs_by_t
         assert_lists_close([snap(params)], [w])
 
 
+def test_add_param_group_after_a_schedule_takes_the_sam_wide_flags_as_they_are_now():
+    # a schedule wrote gsam_alpha and stats_every into every group (as the README allows); a group added later
+    # (unfreezing) was filled with the constructor's values and refused: "'gsam_alpha' must be the same in every
+    # param group", though the caller gave no such flag. It now joins with the flags as they are, and steps as GSAM
+    # with alpha 0.2 over all tensors
+    params = make_params()
+    opt = SAM(params[:2], torch.optim.SGD, variant="gsam", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    for group in opt.param_groups:
+        group["gsam_alpha"], group["stats_every"] = 0.2, 1
+    opt.add_param_group({"params": params[2:]})
+    assert opt.param_groups[1]["gsam_alpha"] == 0.2 and opt.param_groups[1]["stats_every"] == 1
+    _, weights = drive(opt, params, synthetic, 2)
+    _, expected = reference_run("gsam", make_params(), synthetic, 2, gsam_alpha=0.2)
+    assert_lists_close(weights, expected)
+    assert opt.stats["step"] == 1
+    with pytest.raises(ValueError, match="'gsam_alpha' must be the same"):   # a value given explicitly still differs
+        opt.add_param_group({"params": [torch.zeros(2, dtype=DT, requires_grad=True)], "gsam_alpha": 0.4})
+    with pytest.raises(ValueError, match="'stats_every' must be the same"):   # the constructor's groups: as before
+        SAM([{"params": make_params()[:2], "stats_every": 1}, {"params": make_params()[2:]}], torch.optim.SGD, lr=LR)
+
+
 @pytest.mark.parametrize("flags,words", [(dict(rho=-1.0), "rho must be a finite number >= 0; got -1.0"),
                                          (dict(bin_scale=(1, 2)), "bin_scale must be 5 entries"),
                                          (dict(stats_every=3), "SAM flag 'stats_every' must be the same in every"),
@@ -2181,6 +2202,8 @@ def test_davda54_positional_signature_and_its_example_loop():
     assert SAM(make_params(), torch.optim.SGD, None, variant="asam", lr=LR).flags["rho"] == 2.0   # None: preset's
     with pytest.raises(TypeError, match="variant='samme1'"):
         SAM(make_params(), torch.optim.SGD, "samme1", lr=LR)
+    with pytest.raises(TypeError, match="a number; got '0.05'$"):   # a config's string: no "pass variant='0.05'"
+        SAM(make_params(), torch.optim.SGD, rho="0.05", lr=LR)
     _, got = drive(opt, params, synthetic, 2)
     base = SGDRef(weight_decay=0.0)
     w = [x.detach().clone() for x in ref]
@@ -2305,6 +2328,44 @@ def test_the_two_step_protocol_refuses_steps_out_of_order():
     one_pass.second_step()                # the step was taken in first_step: a no-op, once
     with pytest.raises(RuntimeError, match="without first_step"):
         one_pass.second_step()
+
+
+def test_an_empty_first_param_group_resumes_from_a_state_dict():
+    # a group filtered to nothing (no-decay for BN and biases, in a model without them) is legal in torch; SAM
+    # stepped with it, and load_state_dict failed with IndexError reading the first group's first tensor's device
+    def build(params):
+        return SAM([{"params": [], "weight_decay": 0.0}, {"params": params}], torch.optim.SGD, rho=RHO, lr=LR,
+                   momentum=MOM, weight_decay=WD)
+    params = make_params()
+    opt = build(params)
+    drive(opt, params, synthetic, 2)
+    saved, w = copy.deepcopy(opt.state_dict()), snap(params)
+    resumed = [x.clone().requires_grad_() for x in w]
+    opt = build(resumed)
+    opt.load_state_dict(saved)
+    _, weights = drive(opt, resumed, lambda t, point, which: synthetic(t + 2, point, which), 2)
+    _, expected = reference_run("sam", make_params(), synthetic, 4)
+    assert_lists_close(weights, expected[2:])
+
+
+def test_first_step_without_gradients_says_so_at_first_step():
+    # a forgotten backward (or a closure under no_grad): the error names the missing gradients where they are
+    # missing, not "second_step() without first_step()" one call later; w, the step count and the state stay
+    params = make_params()
+    w = snap(params)
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        opt.first_step(zero_grad=True)
+    assert not opt.perturbed and opt._step == 0 and not opt.base_optimizer.state
+    assert_same(snap(params), w)
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        opt.step(lambda: torch.zeros(()))
+    set_grads(params, synthetic(0, w, "g"))   # the protocol goes on as usual afterwards
+    opt.first_step(zero_grad=True)
+    set_grads(params, synthetic(0, w, "gp"))
+    opt.second_step(zero_grad=True)
+    _, weights = reference_run("sam", make_params(), synthetic, 1)
+    assert_lists_close([snap(params)], [weights[-1]], rtol=1e-10, atol=1e-12)
 
 
 def test_imbsam_refuses_a_clean_gradient_over_other_parameters():
