@@ -209,9 +209,8 @@ class SAM(torch.optim.Optimizer):
                 raise RuntimeError("second_step() without first_step(): nothing to descend from")
             self._took_one_pass = False                               # the step was taken in first_step
             return self.zero_grad() if zero_grad else None
+        self._back_to_w(parts)
         for part in parts:
-            for p, w in zip(part.params, part.w):
-                p.data = w                                            # back to w
             part.grads = [p.grad for p in part.params]                # now g'
         if any(x is None for part in parts for x in part.grads):
             raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
@@ -239,7 +238,12 @@ class SAM(torch.optim.Optimizer):
         loss = closure()
         self.first_step(zero_grad=True)
         if self.perturbed:
-            closure()
+            try:
+                closure()
+            except BaseException:   # a caller that skips the batch (out of memory) goes on from w, not w + e
+                self._back_to_w(self._parts)
+                self._parts = None
+                raise
         self.second_step(zero_grad=True)
         return loss
 
@@ -511,6 +515,10 @@ class SAM(torch.optim.Optimizer):
         self.ratio_stats.state = _to_device(state_dict["ratio_stats"], device)
 
     # ------------------------------------------------------------------ small helpers
+    def _back_to_w(self, parts):
+        for part in parts:
+            for p, w in zip(part.params, part.w):
+                p.data = w                                            # a storage swap: w bit for bit
     def _gather(self, with_grad_only=True):
         """The parameters with a gradient (or all), one _Part per param group and (device, dtype)."""
         parts = []

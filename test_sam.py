@@ -1354,6 +1354,38 @@ def test_closure_step_equals_the_two_step_form(name, flags):
         assert_same(a, b)
 
 
+def test_an_error_in_the_second_pass_of_step_closure_leaves_the_weights_at_w():
+    # a loop that skips a batch on an error (out of memory) went on from w + e, and every later step refused
+    params = mlp_params()
+    opt = SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9)
+    x, y = mlp_data(0)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("the second pass")
+        loss = mlp_loss(params, x, y)
+        loss.backward()
+        return loss
+    w = snap(params)
+    with pytest.raises(MemoryError):
+        opt.step(closure)
+    assert not opt.perturbed and all(torch.equal(p.detach(), x0) for p, x0 in zip(params, w))
+    reference = SAM(mlp_params(), torch.optim.SGD, lr=0.1, momentum=0.9)   # the next step: as a first step from w
+    ref_params = reference.param_groups[0]["params"]
+
+    def ref_closure():
+        reference.zero_grad()
+        loss = mlp_loss(ref_params, x, y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    reference.step(ref_closure)
+    assert_same(params, ref_params)
+
+
 @pytest.mark.parametrize("name,flags,calls", [
     ("sam", {}, [2, 2, 2, 2]), ("sgd", {}, [1, 1, 1, 1]), ("sgdhess", {}, [1, 1, 1, 1]),
     ("looksam", dict(looksam_k=3), [2, 1, 1, 2]),
