@@ -149,6 +149,8 @@ class SAM(torch.optim.Optimizer):
         if closure is not None and closure.default is inspect.Parameter.empty:   # LBFGS: its line search needs the loss
             raise ValueError(f"{base_optimizer.__name__}.step needs a closure to re-evaluate the loss; SAM's base step "
                              "takes a fixed direction d: use a base optimizer whose step needs no closure")
+        if kwargs.get("maximize"):   # the ascent would climb the objective the base optimizer climbs too
+            raise ValueError("maximize=True: SAM perturbs towards a higher loss; minimize the negated objective instead")
         given = dict(rho=rho, adaptive=adaptive, **{k: kwargs.pop(k) for k in list(kwargs) if k in FLAGS})
         flags = {**FLAGS, **VARIANTS[variant], **{k: v for k, v in given.items() if v is not None}}
         _check_flags(flags)

@@ -1894,6 +1894,13 @@ def test_a_base_optimizer_whose_step_needs_a_closure_is_refused():
     assert SAM(make_params(), torch.optim.Rprop, lr=0.01).base_optimizer.__class__ is torch.optim.Rprop
 
 
+def test_maximize_is_refused():
+    # with the base's maximize=True SAM still perturbed towards a higher objective, the direction the base ascends
+    with pytest.raises(ValueError, match="maximize=True"):
+        SAM(make_params(), torch.optim.SGD, lr=LR, maximize=True)
+    assert not SAM(make_params(), torch.optim.SGD, lr=LR, maximize=False).param_groups[0]["maximize"]
+
+
 def test_add_param_group_joins_the_base_optimizer_with_the_flags_and_climbs_by_the_global_norm():
     # a group added after some steps (fine-tuning): SAM's flags and the base's defaults fill it in, its own rho, lr
     # and weight decay act, ||g|| spans every group, and its momentum starts at its first step
