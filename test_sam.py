@@ -1375,14 +1375,8 @@ def test_an_error_in_the_second_pass_of_step_closure_leaves_the_weights_at_w():
     assert not opt.perturbed and all(torch.equal(p.detach(), x0) for p, x0 in zip(params, w))
     reference = SAM(mlp_params(), torch.optim.SGD, lr=0.1, momentum=0.9)   # the next step: as a first step from w
     ref_params = reference.param_groups[0]["params"]
-
-    def ref_closure():
-        reference.zero_grad()
-        loss = mlp_loss(ref_params, x, y)
-        loss.backward()
-        return loss
     opt.step(closure)
-    reference.step(ref_closure)
+    reference.step(mlp_closure(reference, ref_params, x, y))
     assert_same(params, ref_params)
 
 
@@ -1738,13 +1732,7 @@ def test_state_dict_resume_continues_bit_identically(name, flags, base, kw, stat
                 set_grads(params, mlp_grad(t, params, "g"))
                 opt.update_mask(progress=0.3)
                 opt.zero_grad()   # step(closure) computes its own g (and warns of grads left over)
-
-            def closure():
-                opt.zero_grad()
-                loss = mlp_loss(params, x, y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(mlp_closure(opt, params, x, y))
 
     torch.manual_seed(0)
     full = mlp_params()
