@@ -212,10 +212,10 @@ class SAM(torch.optim.Optimizer):
             self._took_one_pass = False                               # the step was taken in first_step
             return self.zero_grad() if zero_grad else None
         self._back_to_w(parts)
+        if any(p.grad is None for part in parts for p in part.params):   # a branch not reached at w + e: g' = 0
+            self._unreached(parts)
         for part in parts:
             part.grads = [p.grad for p in part.params]                # now g'
-        if any(x is None for part in parts for x in part.grads):
-            raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e")
         late = self._late_grads(parts)                                # g' of parameters without a g: checked too
         gp = [_flat(part.grads) if part.g is not None else None for part in parts]
         dots = _dots(parts, gp) if gp[0] is not None else None
@@ -533,6 +533,18 @@ class SAM(torch.optim.Optimizer):
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             parts += [_Part(group, params) for params in by_kind.values()]
         return parts
+
+    def _unreached(self, parts):
+        """g' of a trainable parameter with a g but none at w + e (a routed expert left idle there) is 0: L(w + e) does
+        not depend on it. None at all (no backward), or on a parameter frozen in between, is refused."""
+        params = [p for part in parts for p in part.params]
+        unreached = [p for p in params if p.grad is None]
+        if len(unreached) == len(params) or not all(p.requires_grad for p in unreached):
+            raise ValueError("second_step(): a parameter that had a gradient at w has none at w + e (no backward at "
+                             "w + e, or frozen in between)")
+        self._warn_once("unreached", "second_step(): a parameter with a gradient at w has none at w + e; its g' is 0")
+        for p in unreached:
+            p.grad = torch.zeros_like(p)
 
     def _late_grads(self, parts):
         """g' of the parameters with no g: a branch reached at w + e only (a routed expert). Their e was 0, so

@@ -2333,10 +2333,37 @@ def test_second_step_error_puts_the_weights_back_to_w_first():
     w = snap(params)
     set_grads(params, synthetic(0, w, "g"))
     opt.first_step(zero_grad=True)
-    set_grads(params, [None] + synthetic(0, w, "gp")[1:])
+    set_grads(params, [None] * len(params))   # no backward at w + e
     with pytest.raises(ValueError, match="none at w"):
         opt.second_step()
     assert_same(snap(params), w)
+    assert not opt.perturbed
+
+
+def test_a_parameter_left_unreached_at_w_plus_e_takes_g_prime_zero():
+    # top-1 routing: the ascent moves a past the gate, so b (an expert used at w) gets no gradient at w + e;
+    # L(w + e) does not depend on b, g'_b = 0 (as the reverse case, a branch reached at w + e only, is handled)
+    a, b = torch.tensor([0.3, 0.4], dtype=DT, requires_grad=True), torch.tensor([0.1], dtype=DT, requires_grad=True)
+    loss = lambda: (a ** 2).sum() + ((b ** 2).sum() if float(a.detach().sum()) < 0.75 else 0.0)
+    opt = SAM([a, b], torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    w = snap([a, b])
+    loss().backward()
+    opt.first_step(zero_grad=True)
+    loss().backward()
+    assert b.grad is None
+    with pytest.warns(RuntimeWarning, match="none at w \\+ e; its g' is 0"):
+        opt.second_step(zero_grad=True)
+    g = torch.cat([2 * w[0], 2 * w[1]])
+    e_a = RHO * g[:2] / g.norm()
+    d = [2 * (w[0] + e_a), torch.zeros(1, dtype=DT)]   # g' at w + e
+    assert_lists_close([snap([a, b])], [[x - LR * (y + WD * x) for x, y in zip(w, d)]])
+    # frozen between the passes is still refused, at w
+    loss().backward()
+    opt.first_step(zero_grad=True)
+    b.requires_grad_(False)
+    loss().backward()
+    with pytest.raises(ValueError, match="none at w"):
+        opt.second_step()
     assert not opt.perturbed
 
 
