@@ -86,7 +86,7 @@ def load_run(folder):
             config = json.load(f)
     except FileNotFoundError:
         raise Skip("no config.json") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:   # ValueError: not JSON, or not UTF-8
         raise Skip(f"unreadable config.json ({err})") from None
     for key, value in config.get("sam_flags", {}).items():   # train.py's effective flags: the preset's
         if config.get(key) is None:                            # rho or condition where none was given
@@ -98,7 +98,10 @@ def load_run(folder):
                diverged=os.path.exists(os.path.join(folder, "diverged.txt")))
     for table in ("steps", "epochs"):
         path = os.path.join(folder, f"{table}.csv")
-        run[table] = read_csv(path) if os.path.exists(path) else {}
+        try:
+            run[table] = read_csv(path) if os.path.exists(path) else {}
+        except (OSError, UnicodeDecodeError) as err:
+            raise Skip(f"unreadable {table}.csv ({err})") from None
     if not any(len(col) for table in ("steps", "epochs") for col in run[table].values()) and not run["diverged"]:
         raise Skip("no rows in steps.csv or epochs.csv yet")
     try:
@@ -106,7 +109,7 @@ def load_run(folder):
             run["final"] = json.load(f)
     except FileNotFoundError:
         pass   # still running: curves yes, final table no
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise Skip(f"unreadable final.json ({err})") from None
     return run
 
@@ -577,11 +580,23 @@ def claim_rows(root, runs):
     setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
     groups = reproduce.claims(setting_args)
     by_path = by_folder(root, runs)
-    rows = {f"{g.name}/{row.label}": [by_path[p] for s in row.seeds if (p := f"{g.name}/{row.label}-s{s}") in by_path]
+    rows = {f"{g.name}/{row.label}": distinct([by_path[p] for s in row.seeds
+                                               if (p := f"{g.name}/{row.label}-s{s}") in by_path])
             for g in groups for row in g.rows}
     for name in {ran_in(row) for g in groups for row in g.rows} - {None}:   # with their SGD, for the gate
         rows.update({f"select/{name}/{variant}": candidate_runs(by_path, name, variant) for variant in ("sgd", "sam")})
     return setting, setting_args, groups, rows
+
+
+def distinct(runs):
+    """A row's runs with each run once: a copy of one seed's folder under another seed's name (same settings and seed)
+    is not a second seed; the copy that finished counts, as in load_runs."""
+    kept = {}
+    for run in runs:
+        key = identity(run["config"])
+        if key not in kept or run["final"] and not kept[key]["final"]:
+            kept[key] = run
+    return list(kept.values())
 
 
 def candidate(reference):
@@ -767,7 +782,7 @@ def geometry_rows(root, runs):
 
 def candidate_runs(by_path, name, variant):
     """A selection candidate's runs of one optimizer, finished or not, over the seeds reproduce.py gives it."""
-    return [by_path[p] for s in reproduce.select_seeds(name) if (p := f"select/{name}/{variant}-s{s}") in by_path]
+    return distinct([by_path[p] for s in reproduce.select_seeds(name) if (p := f"select/{name}/{variant}-s{s}") in by_path])
 
 
 def selection_sam_runs(root, runs):

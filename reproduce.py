@@ -704,6 +704,8 @@ def main(argv=None):
     if args.stage == "pack":
         if not args.outfile:
             parser.error("pack needs OUTFILE")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.outfile))):
+            parser.error(f"pack: the folder of {args.outfile!r} does not exist")
         return pack(args.outfile)
     if args.stage == "choose":
         choose(dry_run=args.dry_run)
@@ -741,7 +743,14 @@ def main(argv=None):
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     if seeds and not set(seeds) & {s for g in groups for row in g.rows for s in row.seeds}:
         parser.error(f"no row chosen has seeds {seeds}; `claims --dry-run` lists every row's folder")
-    runs = runs_of(groups, setting, args.data_dir, args.device, seeds, shlex.split(args.override))
+    try:
+        override = shlex.split(args.override)
+    except ValueError as err:   # an unclosed quote
+        parser.error(f"--override {args.override!r}: {err}")
+    runs = runs_of(groups, setting, args.data_dir, args.device, seeds, override)
+    if runs and override:   # train.py judges the override (--epochs x) before any cost or folder is read from it
+        import train
+        train.parse_settings(runs[0].args)
     for group in groups:
         mine = [r for r in runs if r.group == group.name]
         print(f"{group.name}: {len(mine)} runs, {sum(map(cost, mine)) / 1e6:.1f} M SGD-equivalent images")

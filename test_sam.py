@@ -4134,6 +4134,41 @@ def test_plots_a_copied_run_folder_leaves_the_finished_run_and_its_row_in_place(
     assert sorted(os.path.basename(r["folder"]) for r in rows["core/sam"]) == ["sam-s0", "sam-s1"]
 
 
+def test_plots_a_seeds_folder_copied_under_another_seeds_name_is_not_a_second_seed(tmp_path, capsys):
+    """core/sam-s0 copied over core/sam-s2: plots.py warns that it counts the run once, so the row core/sam holds
+    seeds 0 and 1 (n 2, their mean), not seed 0 twice."""
+    root = tmp_path / "results"
+    (root / "core").mkdir(parents=True)
+    finals = [make_run(root / "core", f"sam-s{s}", "sam", s) for s in (0, 1)]
+    shutil.copytree(root / "core" / "sam-s0", root / "core" / "sam-s2")
+    runs = plots.load_runs(str(root))[0]
+    assert "counted once" in capsys.readouterr().out
+    rows = plots.claim_rows(str(root), runs)[3]
+    assert sorted(r["config"]["seed"] for r in rows["core/sam"]) == [0, 1]
+    acc = [f["test_acc_best"] for f in finals]   # 71 and 72: seed 0 twice would give 71.33
+    [row] = [line for line in plots.results_md(str(root), runs).splitlines()
+             if line.startswith("| sam | ") and line.split(" | ")[1].isdigit() and line.split(" | ")[1] != "0"]
+    assert row.startswith("| sam | 2 | ") and f"| {np.mean(acc):.4g} ± {np.std(acc, ddof=1):.2g} |" in row, row
+
+
+def test_plots_skips_a_run_with_bytes_that_are_not_utf8_and_names_it(tmp_path, capsys):
+    """A CSV or JSON file with bytes that are not UTF-8 is a run that cannot be read: skipped with the reason,
+    the other runs tabulated, not a traceback that writes nothing."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    finals = [make_run(runs, f"sam_s{s}", "sam", s) for s in range(4)]
+    with open(runs / "sam_s1" / "epochs.csv", "ab") as f:
+        f.write(b"\xff\xfe\x80,1\n")
+    (runs / "sam_s2" / "final.json").write_bytes(b"\xff")
+    (runs / "sam_s3" / "config.json").write_bytes(b"\xff")
+    assert plots.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    for name, file in (("sam_s1", "epochs.csv"), ("sam_s2", "final.json"), ("sam_s3", "config.json")):
+        assert f"skipped {runs / name}: unreadable {file}" in out, out
+    row = next(line for line in (tmp_path / "out" / "tables.md").read_text().splitlines() if "| sam |" in line)
+    assert f"| 1 | {finals[0]['test_acc_best']:.4g} |" in row, row
+
+
 def test_plots_toy_table_leaves_out_a_landscape_row_cut_while_written(tmp_path):
     """toy_tables reads landscape_ends.csv as read_csv reads a run's CSVs: a last line cut while written (too few
     fields, no newline) is left out, not a traceback, and the whole rows are tabulated."""
@@ -5371,6 +5406,30 @@ def test_reproduce_stopping_gives_every_job_one_grace_together(tmp_path, monkeyp
     assert all("sigint" in (run.out / "events.txt").read_text() for run, _, _ in jobs)
     assert [proc.returncode for _, proc, _ in jobs] == [-signal.SIGKILL] * 2
     assert grace <= stopped < 1.8 * grace, stopped   # one grace for both; one each in turn is 2 x 1.5 s
+
+
+def test_reproduce_pack_into_a_missing_folder_is_a_usage_error(tmp_path, capsys):
+    """`pack DIR/x.tar.gz` with no DIR: the reason and exit 2, not a traceback."""
+    import reproduce
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main(["pack", str(tmp_path / "missing" / "x.tar.gz")])
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("override, message", [("--epochs x", "argument --epochs: invalid int value: 'x'"),
+                                               ("--data-dir 'my data", "No closing quotation")])
+def test_reproduce_a_bad_override_is_a_usage_error_not_a_traceback(tmp_path, monkeypatch, capsys, override, message):
+    """An --override train.py would refuse, or one no shell could split, ends the call with the reason (exit 2)
+    before a cost is estimated or a folder read."""
+    import reproduce
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "CANDIDATES", {"a": ["--model", "cnn", "--epochs", "3"]})
+    monkeypatch.setattr(reproduce, "SELECT_SEEDS", {})
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main(["select", "--dry-run", "--override", override])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_reproduce_select_dry_run_prints_the_commands_and_runs_decodes_and_chooses_nothing(tmp_path, monkeypatch, capsys):
