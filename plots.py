@@ -575,8 +575,7 @@ def claim_rows(root, runs):
     setting_path = os.path.join(root, "setting.json")
     setting = None
     if os.path.exists(setting_path):
-        with open(setting_path) as f:
-            setting = json.load(f)
+        setting = reproduce.read_setting(setting_path)
     setting_args = setting["args"] if setting else next(iter(reproduce.CANDIDATES.values()))
     groups = reproduce.claims(setting_args)
     by_path = by_folder(root, runs)

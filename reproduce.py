@@ -380,6 +380,17 @@ def runs_of(groups, setting, data_dir, device, seeds=None, override=()):
     return runs
 
 
+def read_setting(path):
+    """results/setting.json as a dict; exit with a message naming the file when it is cut or not a setting."""
+    try:
+        setting = json.loads(Path(path).read_text())
+        setting["name"], setting["args"]
+        return setting
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        sys.exit(f"{path} is no setting ({type(err).__name__}: {err}); restore it (git checkout results/setting.json) "
+                 "or write it again with `python reproduce.py choose`")
+
+
 def decision(out, sharpness_wanted=False):
     """What the runner does with a run folder: skip, diverged (a result: never run again), measure (a finished run
     without the sharpness its row asks for: train.py --resume measures its best-val checkpoint), resume, overwrite
@@ -623,11 +634,11 @@ def choose(switch=True, dry_run=False):
               f"(gain {t['gain']:+.2f}, {t['seeds']} seeds{partial}){'  <- the rule picks this' if name == chosen else ''}")
     setting = dict(name=chosen, args=CANDIDATES[chosen], rule=RULE, candidates=table)
     path = RESULTS / "setting.json"
-    previous = json.loads(path.read_text())["name"] if path.exists() else chosen
+    previous = read_setting(path)["name"] if path.exists() else chosen
     if previous != chosen and not switch:
         print(f"note: the rule now picks {chosen}; the setting stays {previous}, the one the claims folders in "
               "results/ ran in. `reproduce.py choose` switches it (and makes those folders stale)")
-        return json.loads(path.read_text())
+        return read_setting(path)
     if dry_run:
         print(f"dry run: setting.json stays {previous}" + ("" if previous == chosen else
               f"; `reproduce.py choose` would switch it to {chosen} and make the claims folders stale"))
@@ -716,7 +727,7 @@ def main(argv=None):
     else:
         path = RESULTS / "setting.json"
         if path.exists():
-            setting = json.loads(path.read_text())["args"]
+            setting = read_setting(path)["args"]
         elif args.dry_run or args.override:
             setting = next(iter(CANDIDATES.values()))
             print(f"note: no {path.relative_to(ROOT)} yet; showing the first candidate's setting")

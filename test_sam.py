@@ -4815,7 +4815,7 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
                 (out / "final.json").write_text(json.dumps({"best_val_acc": val}))
                 fit = train_acc if variant == "sgd" else 100 - train_acc   # the rule reads SGD's fit, never SAM's
                 (out / "epochs.csv").write_text(f"epoch,train_acc\n1,10\n2,{fit}\n")
-    (tmp_path / "setting.json").write_text(json.dumps({"name": "c"}))
+    (tmp_path / "setting.json").write_text(json.dumps({"name": "c", "args": ["--subset", "c"]}))
     # the end of `select` keeps the setting the claims ran in and says what the rule picks now (its runs are finished
     # here: execute stands in for them)
     for name, stub in (("decode_once", lambda data_dir: None), ("stop_on_signals", lambda: None),
@@ -4823,10 +4823,10 @@ def test_reproduce_chooses_the_setting_by_its_rule(tmp_path, monkeypatch, capsys
         monkeypatch.setattr(reproduce, name, stub)
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
     assert reproduce.main(["select"]) == 0
-    assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c"}
+    assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c", "args": ["--subset", "c"]}
     assert "the rule now picks b; the setting stays c" in capsys.readouterr().out
     assert reproduce.main(["choose", "--dry-run"]) == 0   # says what `choose` would do, writes nothing
-    assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c"}
+    assert json.loads((tmp_path / "setting.json").read_text()) == {"name": "c", "args": ["--subset", "c"]}
     assert "stays c; `reproduce.py choose` would switch it to b" in capsys.readouterr().out
     setting = reproduce.choose()
     # a has the largest gain (+5) but SGD fits only 90% there; b (+1, train 97.5) beats c (-1, train 99)
@@ -5118,6 +5118,20 @@ def test_reproduce_counts_a_diverged_folder_with_other_sharpness_settings_as_div
         assert reproduce.main(["claims"]) == code, other
         assert verdict in capsys.readouterr().out and launched == []
         assert sorted(os.listdir(run.out)) == ["config.json", "diverged.txt"]
+
+
+def test_a_cut_setting_json_is_named_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """results/setting.json cut by a crash or an editor (or holding no setting): claims, choose and plots.py stop with
+    a message naming the file and the way back, not a JSONDecodeError or KeyError traceback; the file is left as is."""
+    reproduce = _one_row_claims(tmp_path, monkeypatch)
+    path = tmp_path / "results" / "setting.json"
+    for text in ('{"name": "x", "ar', '{"name": "x"}', "[]"):
+        path.write_text(text)
+        for call in (lambda: reproduce.main(["claims", "--dry-run"]), lambda: plots.claim_rows(str(path.parent), [])):
+            with pytest.raises(SystemExit) as exit:
+                call()
+            assert str(path) in str(exit.value.code) and "reproduce.py choose" in str(exit.value.code), text
+        assert path.read_text() == text
 
 
 def test_reproduce_exits_non_zero_when_a_job_fails(tmp_path, monkeypatch, capsys):
