@@ -119,6 +119,11 @@ def identity(config):
     return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, sort_keys=True, default=str)
 
 
+def finished_first(kept, copy):
+    """Of two copies of one run, the one that counts: the copy that finished, not one cut before its end."""
+    return copy if copy["final"] and not kept["final"] else kept
+
+
 def load_runs(root):
     """Every run folder under root (a folder holding config.json), and the skipped ones with reasons. A
     folder holding the same run on the same device as an earlier one (a copied folder is not a second seed)
@@ -136,7 +141,7 @@ def load_runs(root):
         key = identity(run["config"])
         if key in seen:
             kept = runs[seen[key]]
-            if run["final"] and not kept["final"]:   # the copy that finished counts, not one cut before its end
+            if finished_first(kept, run) is run:
                 runs[seen[key]], run, kept = run, kept, run
             kept["copies"] = kept.get("copies", []) + run.pop("copies", []) + [run]   # by_folder finds them
             print(f"warning: {run['folder']} holds the same run as {kept['folder']} (same settings and seed): "
@@ -589,12 +594,11 @@ def claim_rows(root, runs):
 
 def distinct(runs):
     """A row's runs with each run once: a copy of one seed's folder under another seed's name (same settings and seed)
-    is not a second seed; the copy that finished counts, as in load_runs."""
+    is not a second seed; of the two, finished_first counts, as in load_runs."""
     kept = {}
     for run in runs:
         key = identity(run["config"])
-        if key not in kept or run["final"] and not kept[key]["final"]:
-            kept[key] = run
+        kept[key] = finished_first(kept[key], run) if key in kept else run
     return list(kept.values())
 
 

@@ -415,8 +415,8 @@ def stale(run, end_open=False):
     changed preset), as 'setting folder -> command' strings; empty when they agree. Such a folder is not this
     row's result, so the runner neither skips nor resumes it. While the run's end is open (it trains, or it
     finished without sharpness) the sharpness settings may differ: train.py takes them on --resume; a diverged
-    run (end_open too) measured none. A row that
-    asks for no sharpness ignores them: a measurement it did not ask for leaves the training its own."""
+    run (end_open too) measured none. A row that asks for no sharpness ignores them: a measurement it did not ask
+    for leaves the training its own."""
     import torch
     import train
     try:
@@ -634,11 +634,12 @@ def choose(switch=True, dry_run=False):
               f"(gain {t['gain']:+.2f}, {t['seeds']} seeds{partial}){'  <- the rule picks this' if name == chosen else ''}")
     setting = dict(name=chosen, args=CANDIDATES[chosen], rule=RULE, candidates=table)
     path = RESULTS / "setting.json"
-    previous = read_setting(path)["name"] if path.exists() else chosen
+    in_force = read_setting(path) if path.exists() else setting
+    previous = in_force["name"]
     if previous != chosen and not switch:
         print(f"note: the rule now picks {chosen}; the setting stays {previous}, the one the claims folders in "
               "results/ ran in. `reproduce.py choose` switches it (and makes those folders stale)")
-        return read_setting(path)
+        return in_force
     if dry_run:
         print(f"dry run: setting.json stays {previous}" + ("" if previous == chosen else
               f"; `reproduce.py choose` would switch it to {chosen} and make the claims folders stale"))

@@ -251,12 +251,13 @@ class SAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         """torch's, once the group's flags are checked: the constructor's groups and any added later (unfrozen layers)."""
+        sam_wide = set(FLAGS) - set(GROUP_FLAGS)
         if hasattr(self, "base_optimizer"):   # added later: SAM-wide flags as a schedule set them, not as built
-            for name in set(FLAGS) - set(GROUP_FLAGS):
+            for name in sam_wide:
                 param_group.setdefault(name, self.param_groups[0][name])
         group = {**self.defaults, **param_group}
         _check_flags(group)
-        for name in set(FLAGS) - set(GROUP_FLAGS):
+        for name in sam_wide:
             if self.param_groups and repr(group[name]) != repr(self.param_groups[0][name]):
                 raise ValueError(f"SAM flag {name!r} must be the same in every param group")
         super().add_param_group(param_group)
@@ -377,8 +378,9 @@ class SAM(torch.optim.Optimizer):
         """torch's fused SGD refuses a group where some momentum buffers exist and some not (a tensor unfrozen or first
         reached later): such a group steps unfused once, which starts the new buffers as torch's SGD does."""
         base, n = self.base_optimizer, sum(len(group["params"]) for group in self.param_groups)
-        mixed = [] if not isinstance(base, torch.optim.SGD) or len(base.state) in (0, n) else [
-            group for group in self.param_groups if group.get("fused") and group["momentum"] != 0 and len(
+        mixed = []
+        if isinstance(base, torch.optim.SGD) and len(base.state) not in (0, n):   # some tensor has never stepped
+            mixed = [group for group in self.param_groups if group.get("fused") and group["momentum"] != 0 and len(
                 {"momentum_buffer" in base.state.get(p, ()) for p in group["params"] if p.grad is not None}) > 1]
         for group in mixed:
             group["fused"] = False
@@ -518,9 +520,11 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ small helpers
     def _back_to_w(self, parts):
+        """Each parameter back to the storage first_step kept: w bit for bit, no copy."""
         for part in parts:
             for p, w in zip(part.params, part.w):
-                p.data = w                                            # a storage swap: w bit for bit
+                p.data = w
+
     def _gather(self, with_grad_only=True):
         """The parameters with a gradient (or all), one _Part per param group and (device, dtype)."""
         parts = []
