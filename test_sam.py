@@ -7268,6 +7268,46 @@ def test_readme_line_counts_match_the_files():
         assert len((REPO / name).read_text().splitlines()) == int(lines), name
 
 
+def _readme_section(heading):
+    """The README's text under a heading, up to the next heading of any level."""
+    return re.search(rf"^{re.escape(heading)}\n(.*?)(?=^#)", (REPO / "README.md").read_text(), re.S | re.M).group(1)
+
+
+def _readme_table_names(heading):
+    """The backquoted names in the first column of the README's table under a heading, `x1`..`x4` spelled out."""
+    names = set()
+    for cell in re.findall(r"^\| (`.*?) \|", _readme_section(heading).split("|---|")[-1], re.M):
+        for stem, first, last in re.findall(r"`([a-z-]+)(\d)`\.\.`\1(\d)`", cell):
+            names |= {stem + str(k) for k in range(int(first), int(last) + 1)}
+        names |= set(re.findall(r"`([\w.-]+)`", re.sub(r"`[a-z-]+\d`\.\.`[a-z-]+\d`", "", cell)))
+    return names
+
+
+def test_readme_variants_table_names_every_preset_and_counts_them():
+    """The preset count in the README's first line, and the Variants table's first column (`samme1`..`samme4`;
+    `samckpt12`, `13`, ... for the samckpt family) names exactly sam.VARIANTS."""
+    assert re.search(r"\((\d+) presets in `sam.VARIANTS`", (REPO / "README.md").read_text()).group(1) == str(len(VARIANTS))
+    named = {f"samckpt{n}" if n.isdigit() else n for n in _readme_table_names("### Variants")}
+    assert named == set(VARIANTS)
+
+
+def test_readme_statistics_table_names_every_stats_key():
+    """The Statistics table's keys are opt.stats' keys (the step aside), no more, no less."""
+    assert _readme_table_names("### Statistics") == set(sam.STAT_KEYS) - {"step"}
+
+
+def test_readme_train_commands_parse_and_name_their_run_folder():
+    """Every command of the README's train.py block parses (torchrun's launcher options aside), and the default
+    --out the Output item gives as its example is the one train.py makes from those flags."""
+    block = re.search(r"```\n(.*?)```", _readme_section("## train.py"), re.S).group(1)
+    commands = [shlex.split(line.split("#")[0].split("train.py", 1)[1]) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 4
+    for argv in commands:
+        train.parse_settings(argv)
+    example = re.search(r"e\.g\. `(runs/[^`]+)`", _readme_section("## train.py")).group(1)
+    assert train.parse_settings(["--variant", "samme1", "--rho", "0.1"]).out == example
+
+
 # ------------------------------------------------------------------ train.py: data, splits, logs and settings
 def test_train_cache_is_rebuilt_when_an_image_changes_in_place_and_when_it_is_damaged(tmp_path, capsys):
     """The cache is keyed on each file's size and modification time: an image rewritten with the same size (at a

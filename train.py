@@ -614,7 +614,7 @@ MODELS = {   # name -> (num_classes, width) -> nn.Module
     "resnet50": lambda c, w: cifar_resnet(Bottleneck, [3, 4, 6, 3], c, w),
     "wrn28-10": lambda c, w: wide_resnet(28, 10 * w, c),
     "wrn16-8": lambda c, w: wide_resnet(16, 8 * w, c),
-    # PyramidNet-110 (alpha 48, 1.7M parameters, 440 tensors) and the SAM paper's PyramidNet-272 (alpha 200,
+    # PyramidNet-110 (alpha 48, 1.7M parameters, 439 tensors) and the SAM paper's PyramidNet-272 (alpha 200,
     # bottleneck, 26M), both without ShakeDrop
     "pyramidnet110": lambda c, w: pyramidnet(110, 48 * w, False, c),
     "pyramidnet272": lambda c, w: pyramidnet(272, 200 * w, True, c),
