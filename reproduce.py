@@ -14,6 +14,8 @@ left off. A finished or cut folder made with other settings than its row's comma
 row) is reported as stale and left alone. Groups run in priority order.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -760,9 +762,17 @@ def main(argv=None):
     except ValueError as err:   # an unclosed quote
         parser.error(f"--override {args.override!r}: {err}")
     runs = runs_of(groups, setting, args.data_dir, args.device, seeds, override)
-    if runs and override:   # train.py judges the override (--epochs x) before any cost or folder is read from it
-        import train
-        train.parse_settings(runs[0].args)
+    if runs and override:   # train.py judges the override (--epochs x, a flag doing nothing in some row) before any
+        import train        # cost or folder is read from it
+        for run in runs:
+            said = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(said):   # a warning of a flag idle in this row: its run says it
+                    train.parse_settings(run.args, world=1)   # launched as one process each
+            except SystemExit:
+                print(f"{said.getvalue()}reproduce.py: the --override above is refused in row {run.group}/{run.label}",
+                      file=sys.stderr)
+                raise
     for group in groups:
         mine = [r for r in runs if r.group == group.name]
         print(f"{group.name}: {len(mine)} runs, {sum(map(cost, mine)) / 1e6:.1f} M SGD-equivalent images")

@@ -4646,10 +4646,10 @@ def test_reproduce_runs_name_each_option_once_with_the_value_train_py_reads():
     assert repeated >= 10   # the n2500 rows, the ResNet-18 and CNN rows, the long-tailed rows, claims 1-3
     # --override wins over every row's own flags; --seeds keeps, of each row's seeds, those asked for
     over = reproduce.runs_of(groups, setting, "data", "cuda", seeds=[2, 4],
-                             override=["--epochs", "1", "--rho", "0.3", "--device", "cpu"])
+                             override=["--epochs", "1", "--lr", "0.3", "--device", "cpu"])
     assert {(run.group, run.label, run.seed) for run in over} == {
         (g.name, row.label, s) for g in groups for row in g.rows for s in row.seeds if s in (2, 4)} != set()
-    assert all((x.epochs, x.rho, x.device) == (1, 0.3, "cpu") for x in map(train.parse_settings, (run.args for run in over)))
+    assert all((x.epochs, x.lr, x.device) == (1, 0.3, "cpu") for x in map(train.parse_settings, (run.args for run in over)))
     assert reproduce.last_wins(["python", "train.py", "--no-cutout", "--bin-scale", *"ccccc", "--subset", "9",
                                 "--cutout", "--bin-scale", "1", "1", "c", "1", "1", "--rho", "-1"]) == \
         ["python", "train.py", "--cutout", "--bin-scale", "1", "1", "c", "1", "1", "--subset", "9", "--rho", "-1"]
@@ -5432,7 +5432,9 @@ def test_reproduce_pack_into_a_missing_folder_is_a_usage_error(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("override, message", [("--epochs x", "argument --epochs: invalid int value: 'x'"),
-                                               ("--data-dir 'my data", "No closing quotation")])
+                                               ("--data-dir 'my data", "No closing quotation"),
+                                               ("--gamma 0.5", "the schedule is cosine)\nreproduce.py: the --override "
+                                                "above is refused in row select/")])
 def test_reproduce_a_bad_override_is_a_usage_error_not_a_traceback(tmp_path, monkeypatch, capsys, override, message):
     """An --override train.py would refuse, or one no shell could split, ends the call with the reason (exit 2)
     before a cost is estimated or a folder read."""
@@ -5770,7 +5772,7 @@ def test_train_variants_with_their_own_loop_paths_run(tmp_path, monkeypatch, var
     sparse, k, samples = variant in ("ssamf", "ssamd"), 3, 4
     epochs = 3 if sparse else 1
     extra = {"imbsam": ["--imbalance", "4", "--tail-threshold", "12", "--tail-weight", "3"],
-             "looksam": ["--looksam-k", str(k)], "ssamf": ["--mask-every-epochs", "2"],
+             "looksam": ["--looksam-k", str(k)], "ssamf": ["--mask-every-epochs", "2", "--fisher-samples", str(samples)],
              "ssamd": ["--mask-every-epochs", "2"]}.get(variant, [])
     events, models, loaders, shares, buffers = [], [], [], [], []
 
@@ -5822,8 +5824,8 @@ def test_train_variants_with_their_own_loop_paths_run(tmp_path, monkeypatch, var
         events.append(("backward", create_graph)), backward(self, *args, create_graph=create_graph, **kwargs))[1])
 
     out = tmp_path / variant
-    final = train.main(_tiny_run(tmp_path, "--variant", variant, "--epochs", str(epochs), "--fisher-samples",
-                                 str(samples), "--rho-min", "0.01", "--out", str(out), *extra))
+    final = train.main(_tiny_run(tmp_path, "--variant", variant, "--epochs", str(epochs), "--rho-min", "0.01",
+                                 "--out", str(out), *extra))
     assert np.isfinite(final["test_loss_last"])
 
     per_epoch = len(loaders[0]) // 12   # loaders: train, val, test; full batches of 12
@@ -7762,7 +7764,7 @@ def test_train_resume_is_bitwise_for_variants_drawing_from_the_global_rng(tmp_pa
     """SGDHESS's Rademacher probes (each step) and SSAM-D's mask regrowth (each refresh) draw from torch's global RNG,
     which last.pt holds: stopped by --max-steps mid-epoch and resumed, the run writes the uninterrupted run's
     steps.csv byte for byte and the same final.json."""
-    extra = ["--variant", variant, "--mask-every-epochs", "1", "--epochs", "2"]
+    extra = ["--variant", variant, "--epochs", "2", *(["--mask-every-epochs", "1"] if variant == "ssamd" else [])]
     whole = train.main(_tiny_run(tmp_path, *extra, "--out", str(tmp_path / "whole")))
     argv = _tiny_run(tmp_path, *extra, "--out", str(tmp_path / "cut"))
     assert train.main(argv + ["--max-steps", "4"]) is None
@@ -7810,6 +7812,148 @@ def test_train_command_line_refuses_sgdhess_compile_sync_ascent_and_an_oversized
     _fails(_tiny_run(tmp_path, "--batch-size", "67", "--out", str(tmp_path / "big")),
            r"--batch-size 67 must be a multiple of the 1 rank\(s\) and at most the 66 training images")
     assert not (tmp_path / "big").exists()
+
+
+# A flag given where it does nothing: (the command, what train.py says, the same flag in a setting where it acts)
+DEAD_FLAG_CASES = [
+    (["--optimizer", "adamw", "--nesterov"], "--nesterov does nothing here: --optimizer adamw has none", ["--nesterov"]),
+    (["--optimizer", "adamw", "--no-nesterov"], "--nesterov does nothing here", ["--no-nesterov"]),
+    (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum does nothing here: --optimizer adamw", ["--momentum", "0.5"]),
+    (["--milestones", "0.3"], "--milestones does nothing here: only --schedule multistep reads it (the schedule is cosine)",
+     ["--schedule", "multistep", "--milestones", "0.3"]),
+    (["--schedule", "step", "--gamma", "0.5"], "--gamma does nothing here: only --schedule multistep reads it (the "
+     "schedule is step)", ["--schedule", "multistep", "--gamma", "0.5"]),
+    (["--noise-type", "asym"], "--noise-type does nothing here: no label is flipped",
+     ["--label-noise", "0.2", "--noise-type", "asym"]),
+    (["--sharpness-batches", "4"], "--sharpness-batches does nothing here: no sharpness is measured",
+     ["--sharpness-every", "5", "--sharpness-batches", "4"]),
+    (["--schedule", "constant", "--rho-min", "0.01"], "--rho-min does nothing here: rho follows the lr schedule, constant",
+     ["--schedule", "constant", "--warmup-epochs", "1", "--rho-min", "0.01"]),
+]
+IDLE_SAM_FLAG_CASES = [
+    (["--variant", "sam", "--looksam-alpha", "0.5"], "--looksam-alpha does nothing here: looksam_k is 1",
+     ["--variant", "looksam", "--looksam-alpha", "0.5"]),
+    (["--tail-weight", "3"], "--tail-weight does nothing here: only --variant imbsam", ["--variant", "imbsam", "--tail-weight", "3"]),
+    (["--variant", "sam", "--condition", "3"], "--condition does nothing here: the bin scale (1, 1, 1, 1, 1) has no 'c'",
+     ["--variant", "sam", "--bin-scale", *"cc1cc", "--condition", "3"]),
+    (["--variant", "samckpt1", "--condition-warmup-epochs", "2"], "--condition-warmup-epochs does nothing here: the bin "
+     "scale", ["--variant", "saner", "--condition-warmup-epochs", "2"]),
+    (["--variant", "customsame-pos", "--condition", "3"], "--condition does nothing here", ["--variant", "customsame", "--condition", "3"]),
+    (["--variant", "sgd", "--rho", "0.1"], "--rho does nothing here: descent 'sgd' steps along g, with no radius",
+     ["--variant", "sgdhess", "--rho", "0.1"]),
+    (["--variant", "sgd", "--adaptive"], "--adaptive does nothing here: descent 'sgd' takes one pass a step",
+     ["--variant", "sam", "--adaptive"]),
+    (["--variant", "sgdhess", "--no-freeze-bn-stats"], "--freeze-bn-stats does nothing here: descent 'hessian' takes one "
+     "pass a step: no ascent, no second pass, no g'", ["--variant", "looksam", "--no-freeze-bn-stats"]),
+    (["--variant", "sgdhess-exact", "--persist-from", "0"], "--persist-from does nothing here: descent 'hessian-exact'",
+     ["--variant", "samme1", "--persist-from", "0"]),
+    (["--variant", "sam", "--hessian-every", "2"], "--hessian-every does nothing here: only descent 'hessian' (sgdhess)",
+     ["--variant", "sgdhess", "--hessian-every", "2"]),
+    (["--asam-eta", "0.01"], "--asam-eta does nothing here: only adaptive", ["--variant", "asam", "--asam-eta", "0.01"]),
+    (["--friendly-lambda", "0.5"], "--friendly-lambda does nothing here: friendly_sigma is 0",
+     ["--variant", "friendlysam", "--friendly-lambda", "0.5"]),
+    (["--mask-every-epochs", "2"], "--mask-every-epochs does nothing here: sparsity is 0",
+     ["--variant", "ssamd", "--mask-every-epochs", "2"]),
+    (["--variant", "ssamd", "--fisher-samples", "8"], "--fisher-samples does nothing here: only the Fisher mask (ssamf)",
+     ["--variant", "ssamf", "--fisher-samples", "8"]),
+    (["--variant", "ssamf", "--drop-rate", "0.3"], "--drop-rate does nothing here: only the dynamic mask (ssamd)",
+     ["--sparsity", "0.3", "--drop-rate", "0.3"]),
+    (["--dual"], "--dual does nothing here: at p 2", ["--p", "3", "--dual"]),
+]
+
+
+@pytest.mark.parametrize("argv, message, acting", DEAD_FLAG_CASES, ids=[" ".join(c[0]) for c in DEAD_FLAG_CASES])
+def test_train_refuses_a_flag_given_where_it_does_nothing(tmp_path, capsys, monkeypatch, argv, message, acting):
+    """A flag given on the command line that these training settings never read is a usage error naming it and why
+    (exit 2, no folder made), not a run of another experiment than the one asked for; where they read it, it is taken."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "run"), "--device", "cpu", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    train.parse_settings(["--data-dir", "x", *acting], world=1)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, message, acting", IDLE_SAM_FLAG_CASES, ids=[" ".join(c[0]) for c in IDLE_SAM_FLAG_CASES])
+def test_train_warns_of_a_sam_flag_its_variant_never_reads(capsys, argv, message, acting):
+    """A SAM flag the variant never reads is warned of with the reason, not refused: a sweep passes the same flags to
+    every variant (--rho to its sgd baseline). Where the variant reads it, nothing is said."""
+    args = train.parse_settings(["--data-dir", "x", *argv], world=1)
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: warning: ") and message in err and f"(--variant {args.variant})" in err
+    train.parse_settings(["--data-dir", "x", *acting], world=1)
+    assert capsys.readouterr().err == ""
+
+
+def test_train_idle_flags_are_judged_on_the_command_line_given_not_on_defaults(tmp_path, capsys, monkeypatch):
+    """Only flags given are judged: adamw with every default of SGD's momentum is taken; several dead flags are named
+    in one message; --sync-ascent is refused on one process only (torchrun's WORLD_SIZE), and a resumed run is not
+    judged again: it keeps its config.json's settings (a finished two-rank --sync-ascent run measures its sharpness on
+    one process with its own command)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train.parse_settings(["--data-dir", "x", "--optimizer", "adamw"], world=1).nesterov is False
+    assert capsys.readouterr().err == ""
+    dead = ["--optimizer", "adamw", "--nesterov", "--milestones", "0.5", "--tail-weight", "1", "--sync-ascent"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "run"), "--device", "cpu", *dead])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and all(f"{flag} does nothing here" in err for flag in (
+        "--nesterov", "--milestones", "--sync-ascent"))
+    assert train.parse_settings(["--data-dir", "x", "--sync-ascent"], world=2).sync_ascent
+    assert train.parse_settings(["--data-dir", "x", "--sync-ascent"]).sync_ascent   # world not known yet
+    monkeypatch.setenv("WORLD_SIZE", "1")   # torchrun --nproc_per_node 1
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(tmp_path / "run"), "--device", "cpu", "--sync-ascent"])
+    assert stop.value.code == 2 and "--sync-ascent does nothing here: one process" in capsys.readouterr().err
+    assert train.parse_settings(["--data-dir", "x", *dead, "--resume"], world=1).tail_weight == 1
+    idle = ["--variant", "sgd", "--rho", "0.1", "--persist-from", "5", "--tail-weight", "2"]
+    train.parse_settings(["--data-dir", "x", *idle], world=1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(f"{flag} does nothing here" in err for flag in (
+        "--rho", "--persist-from", "--tail-weight"))
+
+
+def _documented_train_commands():
+    """Every train.py command the repository states: each run reproduce.py launches (the claims in results/setting.json's
+    setting and the selection), the command (and end_settings_command) of each results/ run, figures/results.md's rows
+    and README.md's (its $V sweep for each of four variants)."""
+    import reproduce
+    root = Path(__file__).parent
+    setting = json.loads((root / "results" / "setting.json").read_text())["args"]
+    runs = reproduce.runs_of([*reproduce.claims(setting), *reproduce.select_groups()], setting, "data", "cpu")
+    commands = {f"reproduce {run.group}/{run.label}-s{run.seed}": run.args for run in runs}
+    for path in sorted((root / "results").glob("**/config.json")):
+        config = json.loads(path.read_text())
+        for key in ("command", "end_settings_command"):
+            if key in config:
+                commands[f"{path} {key}"] = shlex.split(config[key])
+    for name in ("figures/results.md", "README.md"):
+        text = (root / name).read_text().replace("\\\n", " ")
+        inline = re.findall(r"`((?:python|torchrun [^`]*?) train\.py[^`]*)`", text)
+        block = re.findall(r"^((?:python|torchrun .*?) train\.py[^#\n]*)", text, flags=re.M)
+        for i, line in enumerate(inline + block):
+            line = " ".join(line.split()).replace("$SEED", "0")
+            for v in ("sgd", "sam", "samme1", "samckpt1") if "$V" in line else ("",):
+                commands[f"{name} {i} {v}"] = shlex.split(line.replace("$V", v))
+    return {k: v[v.index("train.py") + 1:] if "train.py" in v else v for k, v in commands.items()}
+
+
+def test_every_documented_train_command_passes_the_idle_flag_check(capsys):
+    """No command that reproduce.py launches, that a results/ run recorded, or that the README or figures/results.md
+    gives is refused as giving a flag that does nothing; only the README's sweep warns, for its sgd baseline."""
+    commands = _documented_train_commands()
+    assert len(commands) > 800 and any(k.startswith("README.md") for k in commands) and any(
+        k.startswith("figures/results.md") for k in commands)
+    warned = set()
+    for where, argv in commands.items():
+        try:
+            train.parse_settings(argv, world=1)
+        except SystemExit:
+            pytest.fail(f"{where}: {shlex.join(argv)}")
+        if capsys.readouterr().err:
+            warned.add(where)
+    assert len(warned) == 1 and next(iter(warned)).startswith("README.md") and next(iter(warned)).endswith(" sgd")
 
 
 def test_train_overwrite_starts_again_a_run_killed_before_its_first_checkpoint_with_its_code(tmp_path):

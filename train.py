@@ -224,9 +224,10 @@ def sam_flags(args):
     return flags
 
 
-def parse_settings(argv):
+def parse_settings(argv, world=None):
     """The checked settings. Everything is judged here, before a file is touched: a bad argument leaves
-    nothing behind. The only defaults filled in are --out and --channels-last; nothing changes them later."""
+    nothing behind. The only defaults filled in are --out and --channels-last; nothing changes them later.
+    world: the number of processes (None: not known yet, and --sync-ascent is not judged by it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     base, kwargs = base_optimizer(args)
@@ -241,10 +242,74 @@ def parse_settings(argv):
         parser.error("--sync-ascent: sgdhess takes one pass and has no ascent to synchronise")
     if args.rho_min is not None and args.rho_min > probe.param_groups[0]["rho"]:
         parser.error("--rho-min must not exceed --rho")
+    if not args.resume:   # a resumed run keeps its config.json's settings, judged as that run started
+        judge_idle_flags(parser, argv, args, world)
     args.out = args.out or default_run_name(args)
     if args.channels_last is None:
         args.channels_last = uses_cuda(args)
     return args
+
+
+# Flags that do nothing in some settings: (flags, when(args, SAM flags as run, world), why, formatted with a=args and
+# f=those flags). world None: not known yet. A flag given on the command line where its training settings never read
+# it is refused: a typo (--nesterov with adamw) would else run another experiment than the one asked for, unseen.
+DEAD_FLAGS = [
+    (("momentum", "nesterov"), lambda a, f, w: a.optimizer != "sgd", "--optimizer {a.optimizer} has none"),
+    (("milestones", "gamma"), lambda a, f, w: a.schedule != "multistep",
+     "only --schedule multistep reads it (the schedule is {a.schedule})"),
+    (("noise_type",), lambda a, f, w: a.label_noise == 0, "no label is flipped (--label-noise 0)"),
+    (("sharpness_batches", "sharpness_batch_size", "sharpness_iters"),
+     lambda a, f, w: not a.sharpness and a.sharpness_every is None,
+     "no sharpness is measured (neither --sharpness nor --sharpness-every)"),
+    (("sync_ascent",), lambda a, f, w: w == 1, "one process has no other rank's gradient to average"),
+    (("rho_min",), lambda a, f, w: a.schedule == "constant" and a.warmup_epochs == 0,
+     "rho follows the lr schedule, constant here (--schedule constant, no --warmup-epochs)"),
+]
+# SAM flags the variant never reads are warned of, not refused: a sweep passes the same flags to every variant (--rho
+# to its sgd baseline, --condition to sam).
+IDLE_SAM_FLAGS = [
+    (("tail_weight",), lambda a, f, w: a.variant != "imbsam", "only --variant imbsam weights a tail loss"),
+    (("rho", "rho_min"), lambda a, f, w: f["descent"] == "sgd", "descent 'sgd' steps along g, with no radius"),
+    (("p", "dual", "normalize", "adaptive", "asam_eta", "fisher_eta", "friendly_sigma", "friendly_lambda", "sparsity",
+      "mask_mode", "drop_rate", "bin_scale", "sam_bins", "combine", "gsam_alpha", "looksam_k", "looksam_alpha",
+      "ratio_eps", "norm_eps", "persist_from", "freeze_bn_stats", "sync_ascent"), lambda a, f, w: f["descent"] != "sam",
+     "descent {f[descent]!r} takes one pass a step: no ascent, no second pass, no g'"),
+    (("hessian_every",), lambda a, f, w: f["descent"] != "hessian",
+     "only descent 'hessian' (sgdhess) refreshes a Hessian diagonal"),
+    (("condition", "condition_warmup_epochs"), lambda a, f, w: not {"c", "1/c"} & set(f["bin_scale"]),
+     "the bin scale {f[bin_scale]} has no 'c' or '1/c' entry (--bin-scale, or a preset with one)"),
+    (("asam_eta",), lambda a, f, w: not f["adaptive"], "only adaptive (ASAM: --adaptive, asam) reads it"),
+    (("friendly_lambda",), lambda a, f, w: f["friendly_sigma"] == 0,
+     "friendly_sigma is 0: no EMA enters the ascent (--friendly-sigma, friendlysam)"),
+    (("mask_mode", "drop_rate", "mask_every_epochs", "fisher_samples"), lambda a, f, w: f["sparsity"] == 0,
+     "sparsity is 0: there is no mask (--sparsity, ssamf, ssamd)"),
+    (("drop_rate",), lambda a, f, w: f["mask_mode"] != "dynamic", "only the dynamic mask (ssamd) drops entries"),
+    (("fisher_samples",), lambda a, f, w: f["mask_mode"] != "fisher", "only the Fisher mask (ssamf) takes Fisher passes"),
+    (("dual",), lambda a, f, w: f["p"] == 2, "at p 2 the dual and the plain ascent are one"),
+    (("looksam_alpha",), lambda a, f, w: f["looksam_k"] == 1,
+     "looksam_k is 1: every step is a SAM step (--looksam-k, looksam)"),
+]
+
+
+def judge_idle_flags(parser, argv, args, world):
+    """parser.error naming each flag given on the command line that does nothing in these training settings
+    (DEAD_FLAGS); a warning on stderr for each that this variant never reads (IDLE_SAM_FLAGS). The first rule's reason."""
+    unset, marked = object(), build_parser()   # every default a mark: what the command line sets loses it
+    marked.set_defaults(**dict.fromkeys(vars(args), unset))
+    given = {k for k, v in vars(marked.parse_args(argv)).items() if v is not unset}
+    flags = effective_flags(args)
+    said = []
+    for rules in (DEAD_FLAGS, IDLE_SAM_FLAGS):
+        idle = {}
+        for names, when, why in rules:
+            for name in names:
+                if name in given and name not in idle and when(args, flags, world):
+                    idle[name] = why.format(a=args, f=flags)
+        said.append("; ".join(f"--{name.replace('_', '-')} does nothing here: {why}" for name, why in idle.items()))
+    if said[0]:
+        parser.error(said[0])
+    if said[1]:
+        print(f"train.py: warning: {said[1]} (--variant {args.variant})", file=sys.stderr)
 
 
 def fail(message):
@@ -1609,7 +1674,7 @@ def ctrl_c_stops_the_run():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_settings(argv)
+    args = parse_settings(argv, int(os.environ.get("WORLD_SIZE", "1")))   # torchrun's, as init_distributed reads it
     if args.keep_freed_memory:
         keep_freed_memory()
     rank, world, device = init_distributed(args)
