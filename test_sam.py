@@ -6760,6 +6760,19 @@ def test_train_damaged_archive_fails_naming_it_and_caches_nothing(tmp_path, dama
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("cache/*"))
 
 
+def test_train_a_data_file_that_is_no_archive_is_named_so_and_an_archive_of_any_name_loads(tmp_path):
+    # an image or a text file is no archive: "damaged, download it again" would send the user after a good file
+    renamed = _archive(tmp_path).rename(tmp_path / "images.data")
+    png = tmp_path / "images" / "train" / "class0" / "0.png"
+    (tmp_path / "notes.txt").write_text("CIFAR-100\n")
+    for path in (png, tmp_path / "notes.txt"):
+        _fails(["--data-dir", str(path), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                "--out", str(tmp_path / "run")], re.escape(str(path)) + " is a file, but no tar archive")
+    from_archive = train.load_images(train.parse_settings(_tiny_run(tmp_path, "--data-dir", str(renamed))))
+    assert from_archive["fingerprint"] == train.load_images(train.parse_settings(_tiny_run(tmp_path)))["fingerprint"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("freeze", ["--freeze-bn-stats", "--no-freeze-bn-stats"])
 def test_train_skipped_steps_leave_weights_and_bn_buffers(tmp_path, freeze):
     # rho 1e30 puts w + e where the activations overflow: every g' is non-finite, every step is skipped
@@ -7458,6 +7471,45 @@ def test_train_images_of_two_sizes_are_refused_naming_the_split(tmp_path):
     Image.new("RGB", (16, 16)).save(images / "train" / "class1" / "0.png")
     with pytest.raises(train.DataError, match="the train images differ in size"):
         train.load_images(train.parse_settings(_tiny_run(tmp_path)))
+
+
+def test_train_test_images_of_another_size_than_the_train_images_are_refused(tmp_path):
+    # each split alike in itself, but the model would test at a size it never trained on (or fail there)
+    images = _image_folder(tmp_path / "images", per_class=(3, 1))
+    for path in (images / "test").glob("*/*.png"):
+        Image.new("RGB", (24, 24)).save(path)
+    with pytest.raises(train.DataError, match="the train images are 32x32 pixels, the test images 24x24"):
+        train.load_images(train.parse_settings(_tiny_run(tmp_path)))
+
+
+@pytest.mark.parametrize("fault", ["renamed", "empty train folder"])
+def test_train_a_test_class_without_training_images_is_refused_naming_it(tmp_path, fault):
+    # its test images would all count as errors (a class no training image shows is never predicted)
+    images = _image_folder(tmp_path / "images", per_class=(3, 1))
+    if fault == "renamed":
+        (images / "test" / "class2").rename(images / "test" / "Class2")
+    else:
+        for path in (images / "train" / "class1").iterdir():
+            path.unlink()
+    unseen = "Class2" if fault == "renamed" else "class1"
+    with pytest.raises(train.DataError, match=rf"test/ holds 1 class\(es\) without training images \({unseen}\)"):
+        train.load_images(train.parse_settings(_tiny_run(tmp_path)))
+
+
+def test_train_a_model_whose_max_pools_leave_nothing_of_the_images_is_refused_before_writing(tmp_path):
+    # VGG-16 halves the side 5 times (32 -> 1): a 16x16 image reaches 0x0, the small CNN's 2 pools leave it 4x4
+    small = tmp_path / "small"
+    for split, n in (("train", 8), ("test", 2)):
+        for c in range(3):
+            (small / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), (80 * c, 40, 200)).save(small / split / f"class{c}" / f"{i}.png")
+    argv = ["--data-dir", str(small), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1",
+            "--batch-size", "6"]
+    _fails([*argv, "--model", "vgg16", "--width", "0.1", "--out", str(tmp_path / "vgg")],
+           r"--model vgg16 needs images of at least 32x32 pixels .* holds 16x16")
+    assert not (tmp_path / "vgg").exists()
+    assert train.main([*argv, "--model", "cnn", "--out", str(tmp_path / "cnn")])["best_epoch"] == 1
 
 
 def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a_bad_one(tmp_path):

@@ -339,6 +339,8 @@ def load_images(args):
     uint8 (N, 3, H, W), int64, CPU."""
     source = Path(args.data_dir)
     try:
+        if source.is_file() and not source.name.endswith(ARCHIVE_SUFFIXES) and not tarfile.is_tarfile(source):
+            raise DataError(f"--data-dir {source} is a file, but no tar archive. {DATA_LAYOUTS}.")   # not "damaged"
         if source.is_file() or source.name.endswith(ARCHIVE_SUFFIXES):
             return cached(source, args.cache_dir, read_archive, [source])
         if (source / "train").is_dir():
@@ -397,7 +399,12 @@ def read_folder(root):
 def decode(files, source):
     """{(split, class, file): encoded image} -> uint8 tensors; classes sorted by name, as ImageFolder.
     Shows its progress: the first decode of CIFAR-10 takes tens of seconds."""
-    classes = sorted({c for _, c, _ in files})
+    classes = sorted({c for split, c, _ in files if split == "train"})
+    unseen = sorted({c for split, c, _ in files if split == "test"} - set(classes))
+    if classes and unseen:   # a class no training image shows is never predicted: each of its test images is an error
+        raise DataError(f"{source}: test/ holds {len(unseen)} class(es) without training images "
+                        f"({', '.join(unseen[:3])}{', ...' if len(unseen) > 3 else ''}); train/ and test/ must hold "
+                        "class folders of the same names")
     label = {c: i for i, c in enumerate(classes)}
     data, done, started, shown = {"classes": classes}, 0, time.perf_counter(), 0.0
     for split in ("train", "test"):
@@ -420,6 +427,10 @@ def decode(files, source):
             raise DataError(f"{source}: the {split} images differ in size; they must all be alike (32x32 for CIFAR)")
         data[split] = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
                        torch.tensor([label[k[1]] for k in keys]))
+    sizes = ["x".join(map(str, data[split][0].shape[2:])) for split in ("train", "test")]
+    if sizes[0] != sizes[1]:   # the model would test at a size it never trained on
+        raise DataError(f"{source}: the train images are {sizes[0]} pixels, the test images {sizes[1]}; they must "
+                        "all be alike")
     return data
 
 
@@ -1382,6 +1393,12 @@ def set_up(args, argv, folder, rank, world, device):
     if args.batch_size % world or steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} must be a multiple of the {world} rank(s) and at most the "
              f"{len(loaders[0])} training images")
+    model, net, opt = build_model(args, len(data["classes"]), steps_per_epoch, world, device)
+    pools = sum(isinstance(m, nn.MaxPool2d) for m in model.modules())   # each halves the side, rounding down
+    if min(data["train"][0].shape[2:]) < 2 ** pools:
+        fail(f"--model {args.model} needs images of at least {2 ** pools}x{2 ** pools} pixels (its {pools} max-pools "
+             f"would leave nothing of them); --data-dir {args.data_dir} holds "
+             f"{'x'.join(map(str, data['train'][0].shape[2:]))}: choose another --model")
     if checkpoint is None:
         folder.create(run_config(args, argv, device, world, data["fingerprint"]))
     elif checkpoint["data_fingerprint"] not in (None, data["fingerprint"]):
@@ -1389,7 +1406,6 @@ def set_up(args, argv, folder, rank, world, device):
              f"{data['fingerprint']}, run: {checkpoint['data_fingerprint']}); point --data-dir at the run's data")
     else:
         folder.record_end_settings(args, argv, world)
-    model, net, opt = build_model(args, len(data["classes"]), steps_per_epoch, world, device)
     cuda = device.type == "cuda"
     tail = tail_mask(loaders[0].labels, args.tail_threshold, len(data["classes"]))
     step_settings = StepSettings(
