@@ -450,10 +450,12 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def accumulate_fisher(self):
-        """SSAM-F: add the current squared gradients to the empirical Fisher diagonal."""
+        """SSAM-F: add the current squared gradients to the empirical Fisher diagonal, in float32 at least (a float16
+        square underflows below 6e-8: per-sample gradients of 1e-4 would all score 0)."""
         for part in self._gather():
-            fisher = [self.state[p].setdefault("fisher", torch.zeros_like(p)) for p in part.params]
-            torch._foreach_addcmul_(fisher, part.grads, part.grads)
+            grads = [_wide(g) for g in part.grads]
+            fisher = [self.state[p].setdefault("fisher", torch.zeros_like(g)) for p, g in zip(part.params, grads)]
+            torch._foreach_addcmul_(fisher, grads, grads)
 
     @torch.no_grad()
     def update_mask(self, progress=0.0):
@@ -536,6 +538,10 @@ class SAM(torch.optim.Optimizer):
                         raise TypeError("SAM does not support sparse gradients")
                     by_kind.setdefault((p.device, p.dtype), []).append(p)
             parts += [_Part(group, params) for params in by_kind.values()]
+        if any(x.params[0].is_complex() for x in parts) and self._real_math():
+            raise TypeError("complex parameters take plain SAM's math only (sam, usam, friendlysam, gsam, looksam, "
+                            "ssamd, imbsam, sgd; no stats_every or persist_from): these flags order, sign or square "
+                            "single coordinates")
         return parts
 
     def _unreached(self, parts):
@@ -572,6 +578,14 @@ class SAM(torch.optim.Optimizer):
         f = self.flags
         return (any(_has_bin_rule(group) or group["combine"] for group in self.param_groups)
                 or f["gsam_alpha"] > 0 or f["looksam_k"] > 1 or f["friendly_sigma"] > 0)
+
+    def _real_math(self):
+        """Math on single coordinates (ratios, signs, |w|, g^2, a Rademacher probe), a crash or wrong on complex
+        numbers. Plain SAM, USAM, FriendlySAM, GSAM, LookSAM and SSAM-D take norms, sums and Re <g, g'> only."""
+        f = self.flags
+        return (any(_has_bin_rule(group) or group["combine"] or group["adaptive"] for group in self.param_groups)
+                or f["p"] != 2 or f["fisher_eta"] > 0 or f["descent"].startswith("hessian") or f["stats_every"] > 0
+                or f["persist_from"] is not None or f["sparsity"] > 0 and f["mask_mode"] == "fisher")
 
     def _stats_step(self):
         every = self.flags["stats_every"]
@@ -755,7 +769,8 @@ def _global_norm(tensor_lists, p):
 
 
 def _dots(parts, gp):
-    """<g,g>, <g',g'>, <g,g'> over all parts, float64 on the first part's device (g' None: <g,g> only)."""
+    """<g,g>, <g',g'>, <g,g'> over all parts, float64 on the first part's device (g' None: <g,g> only); a complex
+    entry as its two real parts, so <g,g'> = Re(vdot)."""
     device = parts[0].device
     g_g = sum(part.g_sq.to(device, torch.float64) if part.g_sq is not None
               else _sq_norm(part.grads).to(device, torch.float64) for part in parts)
@@ -763,7 +778,7 @@ def _dots(parts, gp):
         nan = torch.full((), math.nan, dtype=torch.float64, device=device)
         return dict(g_g=g_g, gp_gp=nan, g_gp=nan)
     gp_gp = sum(_sq_norm([x]).to(device, torch.float64) for x in gp)
-    g_gp = sum(torch.dot(_wide(part.g), _wide(x)).to(device, torch.float64) for part, x in zip(parts, gp))
+    g_gp = sum(torch.vdot(_wide(part.g), _wide(x)).real.to(device, torch.float64) for part, x in zip(parts, gp))
     return dict(g_g=g_g, gp_gp=gp_gp, g_gp=g_gp)
 
 

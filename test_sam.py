@@ -1024,6 +1024,18 @@ def test_sparse_masks_keep_one_minus_sparsity_of_the_coordinates(sparsity):
         assert_same([fisher.state[p]["mask"] for p in params], expected)
 
 
+def test_ssamf_scores_float16_weights_in_float32():
+    # a float16 square underflows below 6e-8: per-sample gradients near 1e-4 all scored 0 and the mask was a tie
+    params = [p.detach().half().requires_grad_() for p in make_params()]
+    opt = SAM(params, torch.optim.SGD, variant="ssamf", lr=LR)
+    srcs = [[(x * 1e-4).half() for x in make_params(seed=s)] for s in (5, 6, 7)]
+    for src in srcs:
+        set_grads(params, src)
+        opt.accumulate_fisher()
+    opt.update_mask()
+    expected = top_k_mask([sum(x[i].double() ** 2 for x in srcs) for i in range(len(params))], N_COORD // 2)
+    assert_same([opt.state[p]["mask"] for p in params], expected)
+
 def test_ssamd_update_mask_without_gradients_is_refused_and_keeps_the_mask():
     # after second_step(zero_grad=True) every |g| is missing: the drop by smallest |g| was a tie, broken by the
     # tensors' order, silently
@@ -1970,6 +1982,45 @@ def test_sparse_gradients_raise():
         opt.first_step()
 
 
+
+@pytest.mark.parametrize("name", ["sam", "usam", "friendlysam", "gsam", "looksam"])
+def test_a_complex_parameter_steps_as_its_real_and_imaginary_parts(name):
+    # a Fourier layer's complex weights: e = rho g/||g|| over both parts, as SAM on the real pair (torch's convention)
+    gen = torch.Generator().manual_seed(0)
+    a, b, w0 = (torch.randn(*shape, dtype=torch.cdouble, generator=gen) for shape in ((5, 3), (5,), (3,)))
+
+    def loss(w):
+        return (a @ w - b).abs().square().mean() + w.real.sin().sum()
+
+    def grad_fn(t, point, which):
+        u, v = (x.clone().requires_grad_() for x in point)
+        return list(torch.autograd.grad(loss(torch.complex(u, v)), (u, v)))
+    k = 3 if name == "looksam" else 1
+    _, weights = reference_run(name, [w0.real, w0.imag], grad_fn, 12, looksam_k=k)
+    w = torch.nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, looksam_k=k)
+    for t in range(12):
+        loss(w).backward()
+        opt.first_step(zero_grad=True)
+        if opt.perturbed:
+            loss(w).backward()
+            opt.second_step(zero_grad=True)
+    torch.testing.assert_close(w.detach(), torch.complex(*weights[-1]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,flags", [("samme1", {}), ("samckpt1", {}), ("sammagnitude", {}), ("asam", {}),
+                                        ("linf-sign", {}), ("linf-norm", {}), ("fishersam", {}), ("ssamf", {}),
+                                        ("sgdhess-exact", {}),
+                                        ("sam", dict(stats_every=1)), ("sam", dict(persist_from=0))])
+def test_a_complex_parameter_under_real_math_is_refused(name, flags):
+    # ratios and signs of complex numbers crash; Fisher's f = 1 + g^2 (not |g|^2) and ASAM's |w| were silently wrong
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.cdouble))
+    opt = SAM([w], torch.optim.SGD, variant=name, lr=LR, **flags)
+    (w.abs().square().sum() + w.real.sum()).backward(create_graph=opt.create_graph)
+    with pytest.raises(TypeError, match="complex parameters"):
+        opt.first_step(zero_grad=True)
+    assert not opt.perturbed
+
 @pytest.mark.parametrize("name", ["sam", "samme1", "asam", "looksam"])
 def test_parameters_without_gradient_are_skipped_and_unchanged(name):
     params = make_params()
@@ -2176,6 +2227,33 @@ def test_skip_nonfinite_false_steps_and_measures_as_the_default_on_finite_gradie
         runs.append((snap(params), [{k: None if math.isnan(v) else v for k, v in x.items()} for x in stats]))
     assert_same(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[1][1][-1]["direction_norm"] > 0
+
+
+def test_grad_scaler_unscaled_and_updated_around_each_step_takes_the_unscaled_steps_and_skips_an_overflow():
+    # the README's recipe: unscale_ before each of the two steps, update() after it (a second unscale_ needs one)
+    plain, scaled = mlp_params(), mlp_params()
+    opt, opt_scaled = (SAM(ps, torch.optim.SGD, variant="samme1", rho=RHO, lr=LR, momentum=MOM)
+                       for ps in (plain, scaled))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)   # a power of two: unscaling is exact
+
+    def scaled_step(x, y, blow_up=1.0):
+        for step in (opt_scaled.first_step, opt_scaled.second_step):
+            scaler.scale(mlp_loss(scaled, x, y) * blow_up).backward()
+            scaler.unscale_(opt_scaled)
+            step(zero_grad=True)
+            scaler.update()
+    for t in range(3):
+        mlp_closure(opt, plain, *mlp_data(t))()
+        opt.first_step(zero_grad=True)
+        mlp_closure(opt, plain, *mlp_data(t))()
+        opt.second_step(zero_grad=True)
+        scaled_step(*mlp_data(t))
+    assert_same(scaled, plain)
+    before = snap(scaled)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        scaled_step(*mlp_data(3), blow_up=math.inf)   # the overflow at w makes w + e NaN: both passes back off
+    assert opt_scaled.last_step_skipped and scaler.get_scale() == 2.0 ** 18
+    assert_same(scaled, before)
 
 
 # ------------------------------------------------------------------ a contributor's rule, the audit's fixes, davda54 users
