@@ -5641,6 +5641,26 @@ def test_train_tiny_image_folder_writes_the_contract_files(tmp_path):
             "git_commit"} <= set(config)
 
 
+def test_train_final_json_is_strict_json_with_null_for_undefined_numbers(tmp_path):
+    """A class without test images has no accuracy and one Hutchinson probe no standard error: final.json holds
+    null for them, not NaN and Infinity, which strict parsers (JavaScript, jq's Infinity as 1.8e308) refuse."""
+    shutil.rmtree(_image_folder(tmp_path / "images") / "test" / "class2")
+    out = tmp_path / "run"
+    final = train.main(_tiny_run(tmp_path, "--epochs", "1", "--out", str(out), "--sharpness", "--sharpness-iters",
+                                 "1", "--sharpness-batches", "1", "--sharpness-batch-size", "6"))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in final.json")
+    assert json.loads((out / "final.json").read_text(), parse_constant=refuse) == final
+    for when in ("best", "last"):   # 2 test classes of 6 images: their mean is the accuracy
+        per_class = final[f"test_acc_per_class_{when}"]
+        assert len(per_class) == 3 and per_class[2] is None and sum(per_class[:2]) / 2 == pytest.approx(
+            final[f"test_acc_{when}"])
+    assert final["sharpness"]["trace_se"] is None and math.isfinite(final["sharpness"]["trace"])
+    run = plots.load_run(str(out))   # plots.py leaves the undefined numbers out, as it did NaN
+    assert plots.values([run], "trace_se") == [] and plots.values([run], "trace") == [final["sharpness"]["trace"]]
+
+
 def test_train_test_every_leaves_out_only_tests_no_result_reads(tmp_path):
     """--test-every 3 tests at epochs 3, 6, the last and each new best validation accuracy; the other epochs log no
     test, and everything else, final.json included, is the run's that tested every epoch."""
@@ -6950,6 +6970,17 @@ def test_train_max_steps_below_the_current_step_is_refused(tmp_path, finished_an
     argv = _copy_stopped(finished_and_stopped, tmp_path)
     for steps in ("2", "4"):
         _fails(argv + ["--resume", "--max-steps", steps], "already at step 4")
+
+
+def test_train_max_steps_at_the_runs_last_step_finishes_the_run(tmp_path, finished_and_stopped):
+    """--max-steps that reaches the run's end (3 epochs of STEPS steps) leaves nothing to stop: the run finishes,
+    last epoch evaluated and final.json written, as the uninterrupted run; from the start, and resuming a stopped run."""
+    done = finished_and_stopped / "done"
+    fresh = _tiny_run(finished_and_stopped, "--out", str(tmp_path / "fresh"), "--max-steps", str(3 * STEPS))
+    resumed = _copy_stopped(finished_and_stopped, tmp_path) + ["--resume", "--max-steps", str(3 * STEPS)]
+    for argv, out in ((fresh, tmp_path / "fresh"), (resumed, tmp_path / "run")):
+        assert train.main(argv) == json.loads((done / "final.json").read_text())
+        _same_logs(out, done)
 
 
 def test_train_bad_paths_and_checkpoints_get_messages(tmp_path, finished_and_stopped):

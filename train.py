@@ -187,7 +187,8 @@ def add_run_arguments(parser):
     again.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out (the files it wrote, nothing else) and start again")
     out.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps in all, "
-                     "checkpointed as Ctrl-C does (resume with --resume)")
+                     "checkpointed as Ctrl-C does (resume with --resume); one at the run's last step or past it ends "
+                     "the run as without it")
     out.add_argument("--sharpness", action=BooleanOptionalAction, default=False, help="Hessian sharpness of "
                      "the best-val checkpoint at the end")
     out.add_argument("--sharpness-every", type=at_least(1), default=None, help="also every N epochs "
@@ -927,11 +928,24 @@ def save_atomic(obj, path):
     replace_with(tmp, lambda: torch.save(obj, tmp), path)
 
 
-def write_json_atomic(obj, path):
+def write_json_atomic(obj, path, allow_nan=True):
     """JSON to a temporary file, then rename: a crash leaves the old file or the new one (a measured final.json
     replaces one that holds a finished run's results)."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    replace_with(tmp, lambda: tmp.write_text(json.dumps(obj, indent=1) + "\n"), path)
+    replace_with(tmp, lambda: tmp.write_text(json.dumps(obj, indent=1, allow_nan=allow_nan) + "\n"), path)
+
+
+def null_if_not_finite(obj):
+    """final.json's numbers as strict JSON: NaN and inf (a class without test images, the trace's standard error
+    of one probe) become null, which jq, JavaScript and other strict parsers read (jq turns Infinity into 1.8e308).
+    config.json keeps Infinity: --p inf is a setting, and null there means one left to the preset."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: null_if_not_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [null_if_not_finite(v) for v in obj]
+    return obj
 
 
 def replace_with(tmp, write, path):
@@ -1136,7 +1150,7 @@ class RunFolder:
 
     def finish(self, final):
         if self.writer:
-            write_json_atomic(final, self.path / "final.json")
+            write_json_atomic(final, self.path / "final.json", allow_nan=False)
 
     def final(self):
         """final.json, or None while the run trains."""
@@ -1574,8 +1588,9 @@ def log_interval(r, step, i):
 
 
 def should_stop(r, stop_requested, logged):
-    """--max-steps reached or Ctrl-C; with several ranks they agree on a logged step, so all stop together."""
-    stop = r.state["step"] == r.args.max_steps
+    """--max-steps reached or Ctrl-C; with several ranks they agree on a logged step, so all stop together.
+    --max-steps at the run's last step or past it stops nothing: the run ends as it would without it."""
+    stop = r.state["step"] == r.args.max_steps < r.args.epochs * r.steps_per_epoch
     if r.world == 1:
         return stop or stop_requested.is_set()
     if logged:
@@ -1655,6 +1670,7 @@ def finish(r):
              "test_acc_per_class_best": state["test_at_best"][2], "test_acc_per_class_last": state["test_last"][2],
              "tail_classes": tail_mask(r.train_set.labels, r.args.tail_threshold,
                                        len(state["test_last"][2])).nonzero().flatten().tolist()}
+    final = null_if_not_finite(final)   # returned as written: a resume of the finished run returns the file
     r.folder.finish(final)
     r.say(json.dumps(final))
     return final
