@@ -141,7 +141,8 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"unknown SAM variant {variant!r}; valid: {', '.join(sorted(VARIANTS))}")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class, e.g. torch.optim.SGD")
-        clash = sorted(set(FLAGS) & set(inspect.signature(base_optimizer).parameters))
+        accepts = inspect.signature(base_optimizer).parameters
+        clash = sorted(set(FLAGS) & set(accepts))
         if clash:   # the param groups are shared: the base would read SAM's value (Adadelta's rho 0.9 became 0.05)
             raise ValueError(f"{base_optimizer.__name__} has its own {', '.join(clash)}, which SAM's flag of that "
                              "name would replace in the shared param groups; use another base optimizer")
@@ -156,10 +157,8 @@ class SAM(torch.optim.Optimizer):
         _check_flags(flags)
         super().__init__(params, flags)
         if not {"fused", "foreach", "differentiable"} & set(kwargs):   # torch's CPU default is a per-tensor loop
-            accepts = inspect.signature(base_optimizer).parameters
-            params = [p for group in self.param_groups for p in group["params"]]
             fused = issubclass(base_optimizer, FUSED_BASES) and "fused" in accepts and all(
-                p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+                p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self._params())
             if fused or "foreach" in accepts:
                 kwargs["fused" if fused else "foreach"] = True   # fused: one kernel for all tensors (bench.py)
         try:
@@ -232,10 +231,9 @@ class SAM(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("SAM.step needs a closure that zeroes grads, runs forward and backward, "
                              "and returns the loss; or call first_step() and second_step()")
-        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            self._warn_once("closure", "step(closure) found gradients already present: the closure computes g "
-                            "itself, so a loss.backward() before step() is a wasted pass (and BatchNorm counts it "
-                            "twice); call step(closure) alone, see the README")
+        if any(p.grad is not None for p in self._params()):
+            self._warn_once("closure", "step(closure) found gradients already present: a loss.backward() before "
+                            "step(closure) is a wasted pass (BatchNorm counts it twice); call step(closure) alone")
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
@@ -329,7 +327,7 @@ class SAM(torch.optim.Optimizer):
     def _one_pass_direction(self, parts):
         """sgd: d = g; sgdhess: (1 + rho |H z|) g; sgdhess-exact: g + rho H g; LookSAM: g + alpha ||g||/||g_v|| g_v."""
         f = self.flags
-        if f["descent"] in ("hessian", "hessian-exact") and not any(g.requires_grad for x in parts for g in x.grads):
+        if self.create_graph and not any(g.requires_grad for x in parts for g in x.grads):
             raise ValueError("sgdhess needs the first backward with create_graph=True (see opt.create_graph)")
         if f["descent"] == "hessian-exact":
             hg = self._hvp(parts, [[g.detach() for g in x.grads] for x in parts])
@@ -349,8 +347,7 @@ class SAM(torch.optim.Optimizer):
         self.last_step_skipped = False
         d_sq = [_sq_norm(x) for x in d] if parts and (self.flags["skip_nonfinite"] or self._stats_step()) else None
         if self.flags["skip_nonfinite"] and parts:   # the one host read of the step (as torch.amp.GradScaler)
-            squares = [x + (part.g_sq if part.g_sq is not None else 0) for part, x in zip(parts, d_sq)]
-            squares += [_sq_norm([x]) for x in late]
+            squares = d_sq + [x.g_sq for x in parts if x.g_sq is not None] + [_sq_norm([x]) for x in late]
             self.last_step_skipped = not self._all_finite(torch.isfinite(sum(s.to(parts[0].device) for s in squares)))
         tracks = gp is not None and self._tracks_persistence()
         if tracks or self._stats_step():      # the ratio instrument, at this step's w before the base step
@@ -399,7 +396,7 @@ class SAM(torch.optim.Optimizer):
                 for p, x in zip(part.params, g):
                     if "friendly_m" not in self.state[p]:   # m_0 = g_0 at each tensor's first gradient: lerp(g, g) = g
                         self.state[p]["friendly_m"] = x.clone()
-                torch._foreach_lerp_(self._state_list(part, "friendly_m"), g, 1 - f["friendly_lambda"])
+                torch._foreach_lerp_([self.state[p]["friendly_m"] for p in part.params], g, 1 - f["friendly_lambda"])
             if f["looksam_k"] > 1 and gp is not None:         # g_v = g' - (<g,g'>/||g||^2) g, orthogonal to g
                 g_v = gp[i] - (dots["g_gp"] / (dots["g_g"] + f["norm_eps"])).to(part.g) * part.g
                 self._set_state_list(part, "looksam_gv", _views(g_v, part.params))
@@ -465,7 +462,7 @@ class SAM(torch.optim.Optimizer):
         many at random among the entries that were dead before this update (Mi et al. 2022)."""
         if not self.sparse:
             raise ValueError("update_mask() needs a sparse variant (sparsity > 0: ssamf, ssamd)")
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        params = [p for p in self._params() if p.requires_grad]
         alive = torch.cat([m.flatten() for m in self._masks(params)])
         n_live = round((1 - self.flags["sparsity"]) * alive.numel())
         if self.flags["mask_mode"] == "fisher":
@@ -482,8 +479,8 @@ class SAM(torch.optim.Optimizer):
             # grow among the dead: first those dead before, then (only if too few) the ones just dropped
             chance = torch.rand(alive.shape, device=alive.device)
             new |= _top_k_mask(torch.where(alive, chance - 2, chance).masked_fill(new, -3.0), n_live - n_keep)
-        for p, part in zip(params, new.split([p.numel() for p in params])):
-            self.state[p]["mask"] = part.view_as(p).clone()
+        for p, mask in zip(params, _views(new, params)):
+            self.state[p]["mask"] = mask.clone()
 
     def state_dict(self):
         """SAM's own state (masks, EMAs), the base optimizer's (momentum, moments), counters and statistics."""
@@ -517,7 +514,7 @@ class SAM(torch.optim.Optimizer):
         if changed:
             warnings.warn(f"load_state_dict: the saved flags replace {', '.join(changed)}")
         self._step, self._skipped = state_dict["counters"]["step"], state_dict["counters"]["skipped"]
-        device = next(p.device for group in self.param_groups for p in group["params"])   # saved on CPU, run on CUDA
+        device = self._params()[0].device   # saved on CPU, run on CUDA
         self.ratio_stats.state = _to_device(state_dict["ratio_stats"], device)
 
     # ------------------------------------------------------------------ small helpers
@@ -557,20 +554,20 @@ class SAM(torch.optim.Optimizer):
             p.grad = torch.zeros_like(p)
 
     def _late_grads(self, parts):
-        """g' of the parameters with no g: a branch reached at w + e only (a routed expert). Their e was 0, so
-        SAM's d is their g'; the base step takes it as it is, and the finite check sees it."""
+        """g' of the parameters with no g (reached at w + e only, a routed expert): their e was 0, so SAM's d is g'."""
         if self._covers_every_param(parts):
             return []
         mine = {id(p) for part in parts for p in part.params}
-        late = [p.grad for group in self.param_groups for p in group["params"]
-                if p.grad is not None and id(p) not in mine]
+        late = [p.grad for p in self._params() if p.grad is not None and id(p) not in mine]
         if late:
             self._warn_once("late", "second_step(): a parameter without a gradient at w has one at w + e; it takes the "
                             "base step with that g' (plain SAM's d), outside the bin rules and the statistics")
         return late
 
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _covers_every_param(self, parts):
-        """True when every parameter has a gradient (parts as _gather(with_grad_only=False)), counted per part."""
         return sum(len(x.params) for x in parts) == sum(len(group["params"]) for group in self.param_groups)
 
     def _uses_g(self):
@@ -580,8 +577,7 @@ class SAM(torch.optim.Optimizer):
                 or f["gsam_alpha"] > 0 or f["looksam_k"] > 1 or f["friendly_sigma"] > 0)
 
     def _real_math(self):
-        """Math on single coordinates (ratios, signs, |w|, g^2, a Rademacher probe), a crash or wrong on complex
-        numbers. Plain SAM, USAM, FriendlySAM, GSAM, LookSAM and SSAM-D take norms, sums and Re <g, g'> only."""
+        """Math on single coordinates (ratios, signs, |w|, g^2, a Rademacher probe): wrong or a crash on complex ones."""
         f = self.flags
         return (any(_has_bin_rule(group) or group["combine"] or group["adaptive"] for group in self.param_groups)
                 or f["p"] != 2 or f["fisher_eta"] > 0 or f["descent"].startswith("hessian") or f["stats_every"] > 0
@@ -636,7 +632,7 @@ class SAM(torch.optim.Optimizer):
             for part, h_part in zip(parts, hz):
                 self._set_state_list(part, "hess_d", [h.abs().mean(dim=(2, 3), keepdim=True).expand_as(h)
                                                       if h.dim() == 4 else h.abs() for h in h_part])
-        return [self._state_list(x, "hess_d") for x in parts]
+        return [[self.state[p]["hess_d"] for p in x.params] for x in parts]
 
     def _hvp(self, parts, vectors):
         """H v over all parts at once: a product per part would drop the Hessian's blocks between them. A constant g
@@ -652,13 +648,12 @@ class SAM(torch.optim.Optimizer):
         exactly (1 - sparsity) N live entries, SSAM-F empty until its first Fisher mask. Parameters added or
         unfrozen later get theirs the same way; the others keep their masks."""
         if any("mask" not in self.state[p] for p in params):
-            every = [p for group in self.param_groups for p in group["params"]
-                     if p.requires_grad and "mask" not in self.state[p]]
+            every = [p for p in self._params() if p.requires_grad and "mask" not in self.state[p]]
             n = sum(p.numel() for p in every)
             live = _top_k_mask(torch.rand(n), round((1 - self.flags["sparsity"]) * n)) \
                 if self.flags["mask_mode"] == "dynamic" else torch.zeros(n, dtype=torch.bool)
-            for p, part in zip(every, live.split([p.numel() for p in every])):
-                self.state[p]["mask"] = part.view_as(p).to(p.device).clone()
+            for p, mask in zip(every, _views(live, every)):
+                self.state[p]["mask"] = mask.to(p.device).clone()
         return [self.state[p]["mask"] for p in params]
 
     def _add_clean(self, parts, d):
@@ -668,12 +663,9 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("stash_clean_grad(): the clean and the perturbed loss must reach the same parameters")
         torch._foreach_add_([x for part_d in d for x in part_d], clean)
 
-    def _state_list(self, part, key):
-        return [self.state[p][key] for p in part.params]
-
     def _set_state_list(self, part, key, tensors):
         if all(key in self.state[p] for p in part.params):
-            torch._foreach_copy_(self._state_list(part, key), tensors)
+            torch._foreach_copy_([self.state[p][key] for p in part.params], tensors)
         else:
             for p, x in zip(part.params, tensors):
                 self.state[p][key] = x.detach().clone()
@@ -711,15 +703,13 @@ class RatioStats:
         w_norm = _global_norm(weights, 2).double().to(device)
         d_norm = sum(x.to(device, torch.float64) for x in d_sq).sqrt()   # ||d||, the step's length before the base step
         g_norm, gp_norm = dots["g_g"].sqrt(), dots["gp_gp"].sqrt()
-        if buckets is None:   # a one-pass step: no g', only the norms are defined
-            shares, fine, cos, mag_up = nan.expand(5), nan.expand(len(FINE_NAMES)), nan, nan
-        else:
-            counts = sum(torch.bincount(b, minlength=13).to(device, torch.float64) for b in buckets)
-            per_checkpoint = torch.zeros(5, dtype=torch.float64, device=device).index_add_(
-                0, _constant(CHECKPOINT_OF_BUCKET, torch.long, device), counts)
-            shares, fine = 100 * per_checkpoint / counts.sum(), 100 * counts[6:] / counts.sum()
-            cos = dots["g_gp"] / (g_norm * gp_norm).clamp_min(1e-300)
-            mag_up = shares[1] + shares[3]
+        counts = nan.expand(13) if buckets is None else sum(   # a one-pass step has no g': NaN shares and cos
+            torch.bincount(b, minlength=13).to(device, torch.float64) for b in buckets)
+        per_checkpoint = torch.zeros(5, dtype=torch.float64, device=device).index_add_(
+            0, _constant(CHECKPOINT_OF_BUCKET, torch.long, device), counts)
+        shares, fine = 100 * per_checkpoint / counts.sum(), 100 * counts[6:] / counts.sum()
+        cos = dots["g_gp"] / (g_norm * gp_norm).clamp_min(1e-300)
+        mag_up = shares[1] + shares[3]
         persist = self.state["persist"]["counts"] if self.state["persist"] is not None else nan.expand(3)
         self.state["latest"] = torch.cat([torch.full((1,), float(step), dtype=torch.float64, device=device),
                                           shares, fine, torch.stack([g_norm, gp_norm, d_norm, w_norm, cos, mag_up, nan]),
@@ -772,8 +762,7 @@ def _dots(parts, gp):
     """<g,g>, <g',g'>, <g,g'> over all parts, float64 on the first part's device (g' None: <g,g> only); a complex
     entry as its two real parts, so <g,g'> = Re(vdot)."""
     device = parts[0].device
-    g_g = sum(part.g_sq.to(device, torch.float64) if part.g_sq is not None
-              else _sq_norm(part.grads).to(device, torch.float64) for part in parts)
+    g_g = sum((x.g_sq if x.g_sq is not None else _sq_norm(x.grads)).to(device, torch.float64) for x in parts)
     if gp is None:
         nan = torch.full((), math.nan, dtype=torch.float64, device=device)
         return dict(g_g=g_g, gp_gp=nan, g_gp=nan)
@@ -819,10 +808,7 @@ def _bucketize(r, edges):
 
 
 def _top_k_mask(score, k):
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(score, k).indices] = True
-    return mask
+    return torch.zeros_like(score, dtype=torch.bool).index_fill_(0, torch.topk(score, k).indices, True)
 
 
 def _check_flags(f):
