@@ -6,10 +6,11 @@
 Runs whose settings differ only in the seed are one group (named by dataset, model, variant, rho, condition
 and any other setting that differs between groups); seeds are averaged (mean, and a band
 of +- one sample standard deviation). A run folder whose settings and seed equal another's (a copy) is
-counted once, with a warning. Under reproduce.py's results/ it writes instead results.md (one table per claim,
-mean ± std over seeds, the command of each row, and whether the notes' claim holds) and the figures of
-claims 1-3 and the curves of the rows where SGD fits into <out>/results/. Unfinished runs (no final.json,
-partial CSVs) are plotted but left out of the final-accuracy table; runs that cannot be read are skipped with the reason.
+counted once, with a warning, and so is a seed run again only to measure its end (--sharpness). Under
+reproduce.py's results/ it writes instead results.md (one table per claim, mean ± std over seeds, the command of each
+row, and whether the notes' claim holds) and the figures of claims 1-3 and the curves of the rows where SGD fits into
+<out>/results/. Unfinished runs (no final.json, partial CSVs) are plotted but left out of the final-accuracy table;
+runs that cannot be read are skipped with the reason, and so is a figure of the ratio statistics that no run logged.
 """
 import argparse
 import csv
@@ -45,6 +46,11 @@ DPI = 80
 # every figure, its size in inches (tests check the PNG's pixels against size * DPI)
 FIGURES = {"ckpt_shares": (16, 4), "ckpt1_bins": (15, 4.5), "persistence": (12, 4),
            "curves": (13, 8), "mag_up": (8, 4.5)}
+# the figures of the ratio statistics: a column each needs in steps.csv, and the train.py flags that log it
+STATISTICS = {name: (column, "train.py --stats-every N with a variant that takes g' at w + e"
+                     + (" and --persist-from T" if name == "persistence" else ""))
+              for name, column in (("ckpt_shares", "ckpt1"), ("ckpt1_bins", FINE[0]), ("persistence", "persist_t0"),
+                                   ("mag_up", "mag_up"))}
 SHARES_BY_SETTING = (20, 4)   # results/ only: the selection's SAM runs, one line per candidate
 
 
@@ -120,8 +126,11 @@ def identity(config):
 
 
 def finished_first(kept, copy):
-    """Of two copies of one run, the one that counts: the copy that finished, not one cut before its end."""
-    return copy if copy["final"] and not kept["final"] else kept
+    """Of two copies of one run, the one that counts: the copy that finished, not one cut before its end; of two
+    that finished, one that measured its sharpness."""
+    def rank(run):
+        return bool(run["final"]), bool((run["final"] or {}).get("sharpness"))
+    return copy if rank(copy) > rank(kept) else kept
 
 
 def load_runs(root):
@@ -164,8 +173,21 @@ def group_runs(runs):
     groups = {}
     for run, setting in zip(runs, settings):
         key = tuple(setting[k] for k in GROUP_KEYS) + tuple(f"{k}={setting.get(k)}" for k in differ)
-        groups.setdefault(key, []).append(run)
+        seeds = groups.setdefault(key, [])
+        # a seed rerun to measure its end (--sharpness) trains as the first run did: one seed, not two
+        i = next((i for i, r in enumerate(seeds) if _seed_device(r) == _seed_device(run)), None)
+        if i is None:
+            seeds.append(run)
+            continue
+        kept = finished_first(seeds[i], run)
+        dropped, seeds[i] = (run if kept is seeds[i] else seeds[i]), kept
+        print(f"warning: {dropped['folder']} trains as {kept['folder']} (same settings, seed and device; only what "
+              "the end measures differs): counted once")
     return dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
+
+
+def _seed_device(run):
+    return run["config"].get("seed"), run["config"].get("device")
 
 
 def _hashable(value):
@@ -350,8 +372,10 @@ def results_table(groups):
             continue
         sharp = [f.get("sharpness") or {} for f in done]
         cells = [mean_std([f.get("test_acc_best") for f in done]), mean_std([f.get("test_acc_last") for f in done]),
-                 mean_std([f.get("test_loss_last") for f in done]), mean_std([s.get("lambda_max") for s in sharp]),
-                 mean_std([s.get("trace") for s in sharp])]
+                 mean_std([f.get("test_loss_last") for f in done])]
+        for name in ("lambda_max", "trace"):   # seeds run without --sharpness: the cell says over how many it is
+            measured = [s[name] for s in sharp if s.get(name) is not None and math.isfinite(s[name])]
+            cells.append(mean_std(measured) + (f" (n {len(measured)})" if 0 < len(measured) < len(done) else ""))
         names = [str(k) for k in key[:len(GROUP_KEYS)]] + ([" ".join(key[len(GROUP_KEYS):])] if others else [])
         lines.append("| " + " | ".join(names) + f" | {len(done)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -819,16 +843,24 @@ def main(argv=None):
     if not runs:
         print(f"error: no usable run folders under {args.runs!r}", file=sys.stderr)
         return 1
-    unfinished = [run["name"] for run in runs if not run["final"]]
+    results = results_md(args.runs, runs)
+    # reproduce.py's results/ has its own tables and figures, one per claim, its rows by folder
+    groups = {} if results else group_runs(runs)
+    counted = [run for seeds in groups.values() for run in seeds] if groups else runs
+    unfinished = [run["name"] for run in counted if not run["final"]]
     if unfinished:
         print(f"unfinished (plotted, not in the table): {', '.join(unfinished)}")
-    groups = group_runs(runs)
-    print(f"{len(runs)} runs in {len(groups)} groups")
-    results = results_md(args.runs, runs)
-    if not results:   # reproduce.py's results/ has its own tables and figures, one per claim
+    print(f"{len(counted)} runs" + (f" in {len(groups)} groups" if groups else ""))
+    if not results:
         for plot in (plot_ckpt_shares, plot_ckpt1_bins, plot_persistence, plot_curves, plot_mag_up):
-            print("wrote", plot(groups, args.out))
-        tables = ["Final test accuracy (%), loss and sharpness: mean ± sample std (ddof=1) over finished seeds.\n\n"
+            name = plot.__name__.removeprefix("plot_")
+            column, flag = STATISTICS.get(name, (None, None))
+            if column and not any(np.any(run["steps"].get(column, np.array([])) > 0) for run in runs):
+                print(f"skipped {name}.png: no run logged {column} in steps.csv ({flag})")
+            else:
+                print("wrote", plot(groups, args.out))
+        tables = ["Final test accuracy (%), loss and sharpness: mean ± sample std (ddof=1) over finished seeds "
+                  "(n k: over the k of them that measured it).\n\n"
                   + results_table(groups)] + (toy_tables(args.toy) if args.toy else [])
         text = "\n\n".join(tables) + "\n"
         print(text)

@@ -3486,6 +3486,28 @@ def test_plots_writes_every_figure_and_correct_tables(tmp_path, capsys):
         assert f"| 3 | {expected_acc} |" in row and expected_lam in row, row
 
 
+def test_plots_skips_a_statistics_figure_no_run_logged_and_says_why(tmp_path, capsys, monkeypatch):
+    """Runs without the ratio statistics (sgd, --stats-every 0) get the curves and tables.md, not four empty figures;
+    runs with statistics but no --persist-from lack only the persistence figure. Each skip names the flag."""
+    stats = [c for c in STEP_COLS if c.startswith(("ckpt", "r1", "r2", "r4", "r8", "r16", "mag_up", "persist"))]
+    figures = kept_figures(monkeypatch)
+    for name, blank in (("plain", stats), ("no_persist", [c for c in stats if c.startswith("persist")])):
+        (tmp_path / name).mkdir()
+        make_run(tmp_path / name, "run", "sgd", 0)
+        for column in blank:
+            rewrite_column(tmp_path / name / "run", "steps", column, [None] * 6)
+        figures.clear()
+        assert plots.main([str(tmp_path / name), "--out", str(tmp_path / f"out_{name}")]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        expected = {"curves"} | ({"ckpt_shares", "ckpt1_bins", "mag_up"} if name == "no_persist" else set())
+        assert set(figures) == expected, name
+        for figure in set(plots.FIGURES) - expected:
+            line = next(line for line in printed if line.startswith(f"skipped {figure}.png: no run logged"))
+            assert "--stats-every" in line and ("--persist-from" in line) == (figure == "persistence"), line
+        for fig in figures.values():
+            plots.plt.close(fig)
+
+
 def test_plots_results_table_gives_every_column_over_the_finished_seeds(tmp_path):
     """tables.md's row of a group: each of its five columns is the mean ± sample std over the finished seeds of its
     own final.json field (a run still going is left out), computed here with statistics."""
@@ -3507,6 +3529,22 @@ def test_plots_results_table_gives_every_column_over_the_finished_seeds(tmp_path
         xs = [field(f) for f in finals]
         assert row[header.index(column)] == f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}", column
     assert len({row[header.index(column)] for column in fields}) == len(fields)   # five different columns
+
+
+def test_plots_results_table_says_over_how_many_seeds_a_sharpness_cell_is(tmp_path):
+    """A group whose seeds did not all run --sharpness: its lambda_max and trace cells are over the seeds that measured
+    them and say how many, beside the seeds column that counts them all."""
+    import statistics
+    finals = [make_run(tmp_path, f"sam_s{seed}", "sam", seed) for seed in (0, 1, 2)]
+    update_json(tmp_path / "sam_s1" / "final.json", sharpness=None)
+    table = plots.results_table(plots.group_runs(plots.load_runs(str(tmp_path))[0]))
+    header, _, row = ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines())
+    assert row[header.index("seeds")] == "3"
+    acc = [f["test_acc_best"] for f in finals]
+    assert row[header.index("test acc (best val)")] == f"{statistics.mean(acc):.4g} ± {statistics.stdev(acc):.2g}"
+    for column in ("lambda_max", "trace"):
+        xs = [finals[i]["sharpness"][column] for i in (0, 2)]
+        assert row[header.index(column)] == f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g} (n 2)", column
 
 
 def test_plots_mean_std_over_the_finite_values():
@@ -3685,6 +3723,26 @@ def test_plots_counts_a_copied_run_folder_once(tmp_path, capsys):
     runs, skipped = plots.load_runs(str(tmp_path))
     assert sorted(r["name"] for r in runs) == ["sam_s0", "sam_s1", "sam_s2"]
     assert "sam_s0_copy holds the same run as" in capsys.readouterr().out
+
+
+def test_plots_counts_a_seed_rerun_to_measure_its_sharpness_once(tmp_path, capsys):
+    """A seed run again with --sharpness into another folder trains as the first run did: tables.md counts it once,
+    with the sharpness it measured, and warns; the other seeds' numbers are their own."""
+    import statistics
+    finals = {name: make_run(tmp_path, name, "sam", seed) for name, seed in (("sam_s0", 0), ("sam_s0_sharp", 0), ("sam_s1", 1))}
+    update_json(tmp_path / "sam_s0" / "final.json", sharpness=None)
+    for name, measured in (("sam_s0", False), ("sam_s0_sharp", True), ("sam_s1", True)):
+        update_json(tmp_path / name / "config.json", sharpness=measured)
+    table = plots.results_table(plots.group_runs(plots.load_runs(str(tmp_path))[0]))
+    header, _, row = ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines())
+    seeds = [finals["sam_s0_sharp"], finals["sam_s1"]]
+    assert row[header.index("seeds")] == "2"
+    for column, field in (("test loss (last)", lambda f: f["test_loss_last"]),
+                          ("lambda_max", lambda f: f["sharpness"]["lambda_max"])):
+        xs = [field(f) for f in seeds]
+        assert row[header.index(column)] == f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}", column
+    printed = capsys.readouterr().out
+    assert f"warning: {tmp_path / 'sam_s0'} trains as {tmp_path / 'sam_s0_sharp'} (same settings, seed" in printed
 
 
 def test_plots_counts_the_same_settings_on_another_device_as_another_run(tmp_path):
