@@ -176,6 +176,7 @@ class SAM(torch.optim.Optimizer):
         self._clean = None                    # ImbSAM: the head-class gradient, added to d
         self._warned = set()
 
+    @torch.compiler.disable   # dynamo drops attribute stores on an Optimizer (self._parts): w + e would be forgotten
     @torch.no_grad()
     def first_step(self, zero_grad=False):
         """Ascent: w -> w + e. On a one-pass step (sgd, sgdhess, LookSAM between refreshes) the whole update."""
@@ -186,7 +187,8 @@ class SAM(torch.optim.Optimizer):
             self._descend(parts, self._one_pass_direction(parts))
             self._took_one_pass = True
         elif not parts:   # else second_step() would say "without first_step()"
-            raise ValueError("first_step(): no parameter has a gradient; call loss.backward() before first_step()")
+            raise ValueError("first_step(): no parameter has a gradient; call loss.backward() before first_step() (and "
+                             "build SAM over the model's parameters after model.to_empty(), which makes new ones)")
         else:
             keep_g = self._stats_step() or self._tracks_persistence() or self._uses_g()
             for part in parts:
@@ -201,6 +203,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def second_step(self, zero_grad=False):
         """Descent: back to w (storage swap, bit for bit), d from g and g', the base step at w."""
@@ -435,6 +438,7 @@ class SAM(torch.optim.Optimizer):
         values = latest.tolist() if latest is not None else [math.nan] * len(STAT_KEYS)
         return {**dict(zip(STAT_KEYS, values)), "skipped": float(self._skipped)}
 
+    @torch.compiler.disable
     @torch.no_grad()
     def stash_clean_grad(self):
         """ImbSAM: keep the current grads (of the head-class loss) unperturbed; they are added to d."""
@@ -504,9 +508,9 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"this state_dict is from a {state_dict['variant']!r} optimizer, not {self.variant!r}: "
                              "build SAM with the same variant to resume it")
         now = {k: repr(self.param_groups[0][k]) for k in FLAGS}   # as built, or as a schedule has set them since
-        super().load_state_dict(state_dict["sam"])
         self.base_optimizer.load_state_dict(state_dict["base"])
-        self.param_groups = self.base_optimizer.param_groups
+        super().load_state_dict(state_dict["sam"])   # last: its post-hooks see the base's state, and their groups stay
+        self.base_optimizer.param_groups = self.param_groups
         for state in self.state.values():  # torch casts saved tensors to the parameters' dtype
             if "mask" in state:
                 state["mask"] = state["mask"].bool()

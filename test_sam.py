@@ -1075,13 +1075,15 @@ def test_ssamd_death_rate_holds_progress_to_zero_one(progress, death):
     assert int((before & ~opt.state[param]["mask"]).sum()) == round(n // 2 * death)
 
 
-def test_imbsam_adds_the_clean_head_gradient_to_the_perturbed_tail_gradient():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_imbsam_adds_the_clean_head_gradient_to_the_perturbed_tail_gradient(compiled):
+    # compiled: dynamo dropped the stash (an attribute store on an Optimizer) after zeroing the head gradient
     params = make_params()
     w = snap(params)
     opt = SAM(params, torch.optim.SGD, variant="imbsam", rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
     head, tail, tail_p = make_params(seed=11), make_params(seed=12), make_params(seed=13)
     set_grads(params, head)
-    opt.stash_clean_grad()
+    (torch.compile(opt.stash_clean_grad, backend="eager") if compiled else opt.stash_clean_grad)()
     assert all(p.grad is None or (p.grad == 0).all() for p in params)
     set_grads(params, tail)
     opt.first_step(zero_grad=True)
@@ -1364,6 +1366,29 @@ def test_closure_step_equals_the_two_step_form(name, flags):
             opt_b.second_step(zero_grad=True)
         assert torch.equal(loss_a.detach(), loss_b.detach())
         assert_same(a, b)
+
+
+@pytest.mark.parametrize("name,flags,form", [("sam", {}, "two-step"), ("looksam", dict(looksam_k=2), "closure")])
+def test_a_compiled_training_step_takes_the_steps_of_the_formula(name, flags, form):
+    # dynamo drops attribute stores on an Optimizer: a compiled first_step left the weights at w + e unrecorded
+    # (second_step refused) and a compiled step never counted (LookSAM refreshed every step)
+    params = mlp_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD, **flags)
+
+    def train_step(x, y):
+        if form == "closure":
+            return opt.step(mlp_closure(opt, params, x, y))
+        mlp_loss(params, x, y).backward()
+        single = opt.single_pass
+        opt.first_step(zero_grad=True)
+        if not single:
+            mlp_loss(params, x, y).backward()
+            opt.second_step(zero_grad=True)
+    compiled = torch.compile(train_step, backend="eager")   # dynamo's tracing without inductor's compile time
+    for t in range(3):
+        compiled(*mlp_data(t))
+    _, weights = reference_run(name, mlp_params(), mlp_grad, 3, **flags)
+    assert_lists_close([snap(params)], [weights[-1]])
 
 
 def test_an_error_in_the_second_pass_of_step_closure_leaves_the_weights_at_w():
@@ -1820,6 +1845,28 @@ def test_lr_scheduler_on_the_sam_object_drives_the_base_optimizer(resumed):
             assert_lists_close([snap(params)], [w])
             sched.step()
     assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+@pytest.mark.parametrize("form", ["two-step", "closure"])
+def test_step_hooks_on_the_base_optimizer_run_once_a_step_at_w_with_d_in_the_grads(form):
+    # the README's place for step hooks in either form (torch runs those on opt around step(closure) only)
+    params = mlp_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, weight_decay=WD)
+    seen = []
+    opt.base_optimizer.register_step_pre_hook(lambda o, args, kwargs: seen.append((snap(params), snap(
+        [p.grad for p in params]))))
+    for t in range(3):
+        if form == "closure":
+            opt.step(mlp_closure(opt, params, *mlp_data(t)))
+        else:
+            mlp_loss(params, *mlp_data(t)).backward()
+            opt.first_step(zero_grad=True)
+            mlp_loss(params, *mlp_data(t)).backward()
+            opt.second_step(zero_grad=True)
+    points, weights = reference_run("sam", mlp_params(), mlp_grad, 3)
+    assert len(seen) == 3
+    for t, (w, d) in enumerate(seen):
+        assert_lists_close([w, d], [weights[t - 1] if t else snap(mlp_params()), mlp_grad(t, points[t], "gp")])
 
 
 # ------------------------------------------------------------------ bad inputs and edge cases
@@ -2386,6 +2433,27 @@ def test_load_state_dict_takes_the_saved_flags_with_a_warning():
     assert_lists_close([snap(params)], [[x + y for x, y in zip(w, ascent("lp", w, g, RHO, p=3.0))]])
 
 
+def test_a_load_state_dict_post_hook_sees_the_base_state_and_the_group_values_it_sets_stay():
+    # the hook ran before the base optimizer's state was loaded, whose param groups then replaced the ones it had set
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM)
+    drive(opt, params, synthetic, 1)
+    resumed, seen = SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM), []
+
+    def hook(o):
+        seen.append(len(o.base_optimizer.state))
+        for group in o.param_groups:
+            group["lr"] = LR / 2
+    resumed.register_load_state_dict_post_hook(hook)
+    resumed.load_state_dict(opt.state_dict())
+    assert seen == [len(params)] and resumed.param_groups is resumed.base_optimizer.param_groups
+    drive(resumed, params, lambda t, point, which: synthetic(t + 1, point, which), 1)
+    ref = SGDRef(momentum=MOM, weight_decay=0.0)   # the saved momentum, the hook's lr
+    w = ref.step(snap(make_params()), synthetic_pair(0)[1])
+    ref.lr = LR / 2
+    assert_lists_close([snap(params)], [ref.step(w, synthetic_pair(1)[1])])
+
+
 def test_load_state_dict_of_another_variant_is_refused_naming_both():
     saved = SAM(make_params(), torch.optim.SGD, variant="samme1", lr=0.1).state_dict()
     opt = SAM(make_params(), torch.optim.SGD, variant="sam", lr=0.1)
@@ -2498,6 +2566,26 @@ def test_first_step_without_gradients_says_so_at_first_step():
     opt.second_step(zero_grad=True)
     _, weights = reference_run("sam", make_params(), synthetic, 1)
     assert_lists_close([snap(params)], [weights[-1]], rtol=1e-10, atol=1e-12)
+
+
+def test_sam_built_on_meta_parameters_before_to_empty_says_so_at_first_step():
+    # to_empty() gives the model new parameters: an optimizer built before holds the meta ones (torch's SGD then steps
+    # nothing, without a word), and SAM's error asked for the loss.backward() the user had called
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2, dtype=DT)
+    early = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p, w0 in zip(model.parameters(), make_params(shapes=[(2, 3), (2,)])):
+            p.copy_(w0)
+    w = snap(model.parameters())
+    inputs, targets = mlp_data(0)
+    ((model(inputs) - targets) ** 2).mean().backward()
+    with pytest.raises(ValueError, match="after model.to_empty"):
+        early.first_step()
+    g = [p.grad.clone() for p in model.parameters()]
+    SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR).first_step()   # built after: the model's own tensors
+    assert_lists_close([snap(model.parameters())], [[x + y for x, y in zip(w, ascent("sam", w, g, RHO))]])
 
 
 def test_imbsam_refuses_a_clean_gradient_over_other_parameters():
