@@ -78,6 +78,10 @@ FLAGS = dict(   # every flag with its neutral value: at these values SAM is plai
 )
 FUSED_BASES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)   # fused kernels on CPU and CUDA
 GROUP_FLAGS = ("rho", "adaptive", "asam_eta", "condition", "bin_scale", "sam_bins", "combine")   # per param group
+# flags that shape e, the passes or the bookkeeping, never d: any other flag off its neutral value keeps g for d
+NO_G_FLAGS = {"rho", "p", "dual", "normalize", "adaptive", "asam_eta", "fisher_eta", "friendly_lambda", "sparsity",
+              "mask_mode", "drop_rate", "condition", "condition_warmup", "looksam_alpha", "descent", "hessian_every",
+              "ratio_eps", "norm_eps", "skip_nonfinite", "stats_every", "persist_from"}
 
 VARIANTS = {
     "sam": {},
@@ -575,10 +579,9 @@ class SAM(torch.optim.Optimizer):
         return sum(len(x.params) for x in parts) == sum(len(group["params"]) for group in self.param_groups)
 
     def _uses_g(self):
-        """g enters d (bin rules, combine, GSAM) or later steps (FriendlySAM's EMA, LookSAM's g_v)."""
-        f = self.flags
-        return (any(_has_bin_rule(group) or group["combine"] for group in self.param_groups)
-                or f["gsam_alpha"] > 0 or f["looksam_k"] > 1 or f["friendly_sigma"] > 0)
+        """g enters d (bin rules, combine, GSAM) or later steps (FriendlySAM's EMA, LookSAM's g_v). Judged by exclusion:
+        a new rule's flag keeps g unlisted (listed by name, a flag left out ran its rule on statistics steps only)."""
+        return any(group[k] != v for group in self.param_groups for k, v in FLAGS.items() if k not in NO_G_FLAGS)
 
     def _real_math(self):
         """Math on single coordinates (ratios, signs, |w|, g^2, a Rademacher probe): wrong or a crash on complex ones."""

@@ -237,8 +237,10 @@ def reference_run(name, w0, grad_fn, steps, rho=RHO, base=None, masks=None, look
                 e = ascent(kind, w, h, rho, fisher_eta=kw.get("fisher_eta"), g=g)   # Fisher's f is of g, not h
             elif name in ("ssamf", "ssamd"):   # masked e, normalised by the FULL ||g||
                 e = [x * mk for x, mk in zip(ascent("sam", w, g, rho), masks)]
-            else:
+            elif name in DIRECTIONS or name in ("sam", "imbsam", "gsam", "looksam"):
                 e = ascent("sam", w, g, rho)
+            else:   # a SPECIAL preset without its branch here would be checked against plain SAM's ascent
+                raise AssertionError(f"reference_run has no ascent for {name!r}: add its branch")
             point = [x + y for x, y in zip(w, e)]
             points.append(point)
             gp = grad_fn(t, point, "gp")
@@ -320,7 +322,10 @@ def test_synthetic_gradients_exercise_every_checkpoint_and_the_leftover_bin():
 
 
 def test_every_preset_has_a_reference():
-    assert set(VARIANTS) <= set(DIRECTIONS) | SPECIAL
+    missing = set(VARIANTS) - set(DIRECTIONS) - SPECIAL
+    assert not missing, (f"no float64 reference for {sorted(missing)}: a new d with SAM's ascent is a line in "
+                         "DIRECTIONS (d from g, g', their checkpoints B and c); another ascent, pass count or state is "
+                         "a name in SPECIAL and its branch in reference_run")
 
 
 @pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"sgdhess", "sgdhess-exact"}))
@@ -2345,6 +2350,31 @@ def test_a_new_direction_rule_that_reads_g_after_the_ratio_gets_g(stats_every):
     set_grads(params, [torch.tensor([1.5, 0.25, -4.0], dtype=DT)])
     opt.second_step(zero_grad=True)
     assert (-params[0].detach()).tolist() == [0.5, 0.5, -1.0]
+
+
+@pytest.mark.parametrize("stats_every", [0, 1, 2])
+def test_a_new_flags_direction_rule_gets_g_on_every_step(monkeypatch, stats_every):
+    # README's "Adding a rule": a flag in FLAGS and a few lines in _direction. g was kept only for the flags named in
+    # _uses_g, and on statistics steps: a new flag left out of it ran its rule on statistics steps only, plain SAM
+    # between them
+    monkeypatch.setitem(sam.FLAGS, "agree", False)
+
+    class Agree(SAM):   # samagree: d = g' where sign(g') == sign(g), else g
+        def _direction(self, part, gp, dots):
+            if gp is None or not self.flags["agree"]:
+                return super()._direction(part, gp, dots)
+            return sam._views(torch.where(gp.sign() == part.g.sign(), gp, part.g), part.params)
+    params = [torch.zeros(3, dtype=DT, requires_grad=True)]
+    opt = Agree(params, torch.optim.SGD, agree=True, lr=1.0, stats_every=stats_every)
+    g, gp = [0.5, 0.5, -1.0], [1.5, -0.25, -4.0]
+    w = [0.0, 0.0, 0.0]
+    for _ in range(3):
+        set_grads(params, [torch.tensor(g, dtype=DT)])
+        opt.first_step(zero_grad=True)
+        set_grads(params, [torch.tensor(gp, dtype=DT)])
+        opt.second_step(zero_grad=True)
+        w = [x - (b if a * b > 0 else a) for x, a, b in zip(w, g, gp)]
+    assert params[0].detach().tolist() == w
 
 
 def test_davda54_positional_signature_and_its_example_loop():
@@ -8191,6 +8221,18 @@ def test_train_warns_of_a_sam_flag_its_variant_never_reads(capsys, argv, message
     assert err.startswith("train.py: warning: ") and message in err and f"(--variant {args.variant})" in err
     train.parse_settings(["--data-dir", "x", *acting], world=1)
     assert capsys.readouterr().err == ""
+
+
+def test_train_warns_of_a_new_sam_flag_given_to_a_one_pass_variant():
+    """A flag added to sam.FLAGS gets its --option from train.py unlisted; the one-pass variants (sgd, sgdhess) never
+    read it, and train.py said nothing where it named the flags they ignore one by one."""
+    new_flag = ("import sys, sam; sam.FLAGS['agree'] = False; import train; "
+                "train.parse_settings(['--data-dir', 'x', *sys.argv[1:]], world=1)")
+    for argv, said in ((["--variant", "sgd", "--agree"], "--agree does nothing here: descent 'sgd' takes one pass"),
+                       (["--variant", "sam", "--agree"], "")):
+        done = subprocess.run([sys.executable, "-c", new_flag, *argv], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0 and said in done.stderr and bool(said) == ("warning" in done.stderr), done.stderr
 
 
 def test_train_idle_flags_are_judged_on_the_command_line_given_not_on_defaults(tmp_path, capsys, monkeypatch):

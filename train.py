@@ -266,14 +266,16 @@ DEAD_FLAGS = [
     (("rho_min",), lambda a, f, w: a.schedule == "constant" and a.warmup_epochs == 0,
      "rho follows the lr schedule, constant here (--schedule constant, no --warmup-epochs)"),
 ]
+# The SAM flags a one-pass descent (sgd, sgdhess) reads, or that a rule of their own judges: any other, a new one too,
+# is idle there.
+ONE_PASS_FLAGS = {"rho", "condition", "descent", "hessian_every", "skip_nonfinite", "stats_every"}
 # SAM flags the variant never reads are warned of, not refused: a sweep passes the same flags to every variant (--rho
 # to its sgd baseline, --condition to sam).
 IDLE_SAM_FLAGS = [
     (("tail_weight",), lambda a, f, w: a.variant != "imbsam", "only --variant imbsam weights a tail loss"),
     (("rho", "rho_min"), lambda a, f, w: f["descent"] == "sgd", "descent 'sgd' steps along g, with no radius"),
-    (("p", "dual", "normalize", "adaptive", "asam_eta", "fisher_eta", "friendly_sigma", "friendly_lambda", "sparsity",
-      "mask_mode", "drop_rate", "bin_scale", "sam_bins", "combine", "gsam_alpha", "looksam_k", "looksam_alpha",
-      "ratio_eps", "norm_eps", "persist_from", "freeze_bn_stats", "sync_ascent"), lambda a, f, w: f["descent"] != "sam",
+    (tuple(name for name in SAM_CLI_FLAGS if name not in ONE_PASS_FLAGS) + ("freeze_bn_stats", "sync_ascent"),
+     lambda a, f, w: f["descent"] != "sam",
      "descent {f[descent]!r} takes one pass a step: no ascent, no second pass, no g'"),
     (("hessian_every",), lambda a, f, w: f["descent"] != "hessian",
      "only descent 'hessian' (sgdhess) refreshes a Hessian diagonal"),
