@@ -823,7 +823,7 @@ def selection_sam_runs(root, runs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", help="folder holding train.py run folders (searched recursively)")
-    parser.add_argument("--out", default="figures", help="folder for the PNGs and tables.md")
+    parser.add_argument("--out", default="figures", help="folder for the PNGs and tables.md (results.md)")
     parser.add_argument("--toy", help="folder with toy.py's CSVs to tabulate too")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.runs):

@@ -1,6 +1,6 @@
 """Re-run every row of the README's Results (issue 9): choose the setting, then test each claim of the notes.
 
-    python reproduce.py select --jobs 12 --device cuda --data-dir PATH   # candidates x {sgd, sam} x 3 seeds, then choose (once)
+    python reproduce.py select --jobs 12 --device cuda --data-dir PATH   # candidates x {sgd, sam} x 3-5 seeds, then choose (once)
     python reproduce.py claims --jobs 12 --device cuda --data-dir PATH --deadline 500
     python reproduce.py claims --dry-run                                   # every command, nothing run
     python reproduce.py pack results.tar.gz                                # the small files of results/, to commit
@@ -396,7 +396,7 @@ def read_setting(path):
 def decision(out, sharpness_wanted=False):
     """What the runner does with a run folder: skip, diverged (a result: never run again), measure (a finished run
     without the sharpness its row asks for: train.py --resume measures its best-val checkpoint), resume, overwrite
-    (a start that left no checkpoint) or start."""
+    (a start that left no checkpoint), start, or unreadable (a damaged final.json: left alone)."""
     if (out / "diverged.txt").exists():
         return "diverged"
     if (out / "final.json").exists():

@@ -269,8 +269,8 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the variants' math
     def _ascent(self, parts, in_place):
-        """e per part, one global norm over all groups (the table in the module docstring):
-        h = g (or g - sigma m, FriendlySAM), times T for ASAM; then e = rho u/||.||, where u is h itself (L2),
+        """e per part, one global norm over all groups (the table in the module docstring): h = g (g - sigma m for
+        FriendlySAM), times T for ASAM; e = rho u/||.||, times T again for ASAM, where u is h itself (L2),
         sign(h)|h|^(q-1) over ||h||_q^(q-1) (L_p ball, 1/p + 1/q = 1), h/f over sqrt(h.h/f) (Fisher SAM)."""
         f, p = self.flags, self.flags["p"]
         h = []
@@ -498,7 +498,7 @@ class SAM(torch.optim.Optimizer):
         return {"sam": super().state_dict(), "base": self.base_optimizer.state_dict(), "variant": self.variant,
                 "counters": {"step": self._step, "skipped": self._skipped}, "ratio_stats": self.ratio_stats.state}
 
-    def __getstate__(self):   # deepcopy, pickle: torch's keeps defaults, state and param_groups, not the base optimizer
+    def __getstate__(self):   # deepcopy, pickle: keep the base optimizer (torch's drops it), not a scheduler's step wrapper
         return {k: v for k, v in self.__dict__.items() if k != "step" and not k.startswith("_optimizer")}
 
     def load_state_dict(self, state_dict):
@@ -601,13 +601,13 @@ class SAM(torch.optim.Optimizer):
         """The 13 buckets of r = g'/(g + ratio_eps) (module constants), computed once a step per part."""
         if part.buckets is None:
             r = _wide(gp) / (_wide(part.g) + self.flags["ratio_eps"])
-            r.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            r.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)   # 0/0 (or a NaN g) counts as r = 0: B0
             part.buckets = _bucketize(r, _edges(r.dtype, r.device))
         return part.buckets
 
     def _b1_sets(self, parts, buckets):
-        """B1 per param group and (device, dtype) over all its parameters, one without a gradient outside it (as
-        r = 0), so that the sets of t0 and of every later step line up coordinate for coordinate."""
+        """B1 (buckets 6 and up, r > 1) per param group and (device, dtype) over all its parameters, one without a
+        gradient outside it (as r = 0), so that t0's set and every later one line up coordinate for coordinate."""
         if self._covers_every_param(parts):   # the same layout as over all parameters
             return [b >= 6 for b in buckets]
         every = self._gather(with_grad_only=False)

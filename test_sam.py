@@ -3164,7 +3164,7 @@ def test_toy_interrupted_writes_leave_the_old_figure_and_csv_whole(tmp_path, mon
 
 def test_sensing_toy_redraws_u_star_measurements_loss_and_init_from_its_generator():
     """Sensing(d, r, seed) draws from one generator, in this order: U* (d x r standard Gaussian, columns scaled to unit
-    norm), m = 5dr full Gaussian A_i (kept as the upper triangle of A_i + A_i^T: N(0, 1) on the diagonal, N(0, 2) off
+    norm), m = 5dr full Gaussian A_i (kept as the coefficients of X's upper triangle: N(0, 1) on the diagonal, N(0, 2) off
     it), then init() = 0.7 G / sqrt(d); f(U) = 1/(4m) sum_i (<A_i, U U^T> - <A_i, U* U*^T>)^2. Redrawn by hand, with
     each symmetric (A_i + A_i^T) / 2 built in full."""
     for d, r, seed in ((6, 2, 0), (5, 1, 3)):

@@ -19,7 +19,7 @@ import torch
 
 from sam import SAM
 
-DTYPE = torch.float64   # USAM's blow-up reaches 1e65: float32 would print inf from step 3
+DTYPE = torch.float64   # USAM's loss at rho 0.1 reaches 1.2e39 at step 3: float32 would print inf there
 
 
 def replace_whole(path, write):
@@ -75,8 +75,8 @@ class Sensing:
         u_star = torch.randn(d, r, generator=gen, dtype=DTYPE)
         u_star /= u_star.norm(dim=0)
         self.x_star = u_star @ u_star.T
-        # Only <A_i, X> with X symmetric is ever needed, and it equals <(A_i + A_i^T)/2, X>. So each
-        # A_i is stored as the upper triangle of A_i + A_i^T: A_jj ~ N(0, 1) on the diagonal,
+        # Only <A_i, X> with X symmetric is ever needed: sum_j A_jj X_jj + sum_{j<k} (A_jk + A_kj) X_jk. So
+        # each A_i is stored as those coefficients of X's upper triangle: A_jj ~ N(0, 1) on the diagonal,
         # A_jk + A_kj ~ N(0, 2) off it. Same measurements in an (m, d(d+1)/2) matrix, not (m, d, d).
         self.rows, self.cols = torch.triu_indices(d, d)
         self.A = torch.randn(5 * d * r, len(self.rows), generator=gen, dtype=DTYPE)

@@ -5,12 +5,12 @@
                                                           # the CPU setting: about a minute
     torchrun --standalone --nproc_per_node 2 train.py ... # data parallel (NCCL on GPUs, gloo on CPUs)
 
-A run is one folder (--out, default runs/<settings>): config.json, steps.csv (every --log-every
-steps: lr, rho, loss, accuracy and every key of opt.stats), epochs.csv, final.json, last.pt and
-best.pt. Kill it at any point and run the same command with --resume: the CSVs come out as if it
-had never stopped (bit for bit on a CPU). The file reads in the order a run happens: settings,
-data, model, optimizer, distributed helpers, sharpness, run folder, one training step, and the run
-itself: set up, one epoch, end of epoch, finish.
+A run is one folder (--out, default runs/<settings>): config.json, steps.csv (every --log-every steps: lr,
+rho, loss, accuracy and every key of opt.stats), epochs.csv, sharpness.csv (--sharpness-every), final.json,
+last.pt, best.pt and a copy of train.py and sam.py. Kill it at any point and run the same command with
+--resume: the CSVs come out as if it had never stopped (bit for bit on a CPU). The file reads in the order a
+run happens: settings, data, model, optimizer, distributed helpers, sharpness, run folder, one training step,
+and the run itself: set up, one epoch, end of epoch, finish.
 """
 import argparse
 import ctypes
@@ -180,8 +180,8 @@ def add_run_arguments(parser):
     out.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<variant>...)")
     out.add_argument("--log-every", type=at_least(1), default=50, help="steps per steps.csv row (one host sync)")
     out.add_argument("--test-every", type=at_least(1), default=1, help="evaluate the test split every N epochs, "
-                     "at each new best validation accuracy and at the last epoch: test_acc_best and test_acc_last are "
-                     "those of every epoch's test, the other epochs log no test (on a CPU the 10k test images can cost "
+                     "at each new best validation accuracy and at the last epoch: test_acc_best and test_acc_last come out "
+                     "as with a test every epoch, the other epochs log no test (on a CPU the 10k test images can cost "
                      "more than a small subset's SGD epoch)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
@@ -494,8 +494,8 @@ def long_tailed(indices, labels, factor, generator):
 
 
 def add_label_noise(labels, rate, kind, classes, generator):
-    """Flip exactly floor(rate N) labels (SANER): to a random other class, or by the CIFAR-10 map.
-    Returns the noisy labels and which of them differ from the clean ones."""
+    """Flip floor(rate N) chosen labels (SANER): to a random other class, or by the CIFAR-10 map (a chosen label
+    of a class without a neighbour stays). Returns the noisy labels and which of them differ from the clean ones."""
     n_classes = len(classes)
     chosen = torch.randperm(len(labels), generator=generator)[: int(rate * len(labels))]
     noisy = labels.clone()
