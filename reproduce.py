@@ -425,7 +425,7 @@ def stale(run, end_open=False):
         saved = json.loads((run.out / "config.json").read_text())
     except (OSError, ValueError) as err:
         return [f"config.json unreadable ({type(err).__name__})"]
-    args = train.parse_settings(run.args)
+    args = settings(run)
     wanted = json.loads(json.dumps(train.run_config(args, run.args, torch.device("cpu"), 1, None)))
     may_differ = train.END_SETTINGS if end_open or not args.sharpness else set()
     ignore = train.SESSION_SETTINGS | MACHINE_SETTINGS | may_differ
@@ -433,8 +433,20 @@ def stale(run, end_open=False):
 
 
 def wants_sharpness(run):
+    return settings(run).sharpness
+
+
+def settings(run):
+    """train.py's settings of a run, launched as one process. A warning of a flag idle in its row (an --override's
+    --rho in an sgd row) is its run's to say, not this listing's for each seed; a refusal is said here."""
     import train
-    return train.parse_settings(run.args).sharpness
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return train.parse_settings(run.args, world=1)
+    except SystemExit:
+        sys.stderr.write(said.getvalue())
+        raise
 
 
 def cost(run):
@@ -762,16 +774,12 @@ def main(argv=None):
     except ValueError as err:   # an unclosed quote
         parser.error(f"--override {args.override!r}: {err}")
     runs = runs_of(groups, setting, args.data_dir, args.device, seeds, override)
-    if runs and override:   # train.py judges the override (--epochs x, a flag doing nothing in some row) before any
-        import train        # cost or folder is read from it
-        for run in runs:
-            said = io.StringIO()
+    if override:   # train.py judges the override (--epochs x, a flag doing nothing in some row) before any cost or
+        for run in runs:   # folder is read from it
             try:
-                with contextlib.redirect_stderr(said):   # a warning of a flag idle in this row: its run says it
-                    train.parse_settings(run.args, world=1)   # launched as one process each
+                settings(run)
             except SystemExit:
-                print(f"{said.getvalue()}reproduce.py: the --override above is refused in row {run.group}/{run.label}",
-                      file=sys.stderr)
+                print(f"reproduce.py: the --override above is refused in row {run.group}/{run.label}", file=sys.stderr)
                 raise
     for group in groups:
         mine = [r for r in runs if r.group == group.name]

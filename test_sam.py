@@ -5350,6 +5350,10 @@ def test_reproduce_reports_an_unfinished_folder_made_with_other_settings_as_stal
     (out / "config.json").write_text(config(run.args))
     assert reproduce.main(["claims"]) == 0
     assert launched == [("r-s0", "resume")] and "stale 0" in capsys.readouterr().out
+    # an --override the sgd row never reads (--rho) makes the folder stale; only its run, launched, would warn of it
+    assert reproduce.main(["claims", "--override", "--rho 0.1"]) == 1
+    printed, err = capsys.readouterr()
+    assert "stale: g/r-s0 was run with other settings (rho None -> 0.1" in printed and "does nothing here" not in err
 
 
 def test_reproduce_counts_a_diverged_folder_with_other_sharpness_settings_as_diverged(tmp_path, monkeypatch, capsys):
@@ -5688,14 +5692,17 @@ def test_reproduce_pack_into_a_missing_folder_is_a_usage_error(tmp_path, capsys)
 @pytest.mark.parametrize("override, message", [("--epochs x", "argument --epochs: invalid int value: 'x'"),
                                                ("--data-dir 'my data", "No closing quotation"),
                                                ("--gamma 0.5", "the schedule is cosine)\nreproduce.py: the --override "
-                                                "above is refused in row select/")])
+                                                "above is refused in row select/a/sgd"),
+                                               ("--sync-ascent --epochs 1", "--sync-ascent does nothing here: one process")])
 def test_reproduce_a_bad_override_is_a_usage_error_not_a_traceback(tmp_path, monkeypatch, capsys, override, message):
     """An --override train.py would refuse, or one no shell could split, ends the call with the reason (exit 2)
-    before a cost is estimated or a folder read."""
+    before a cost is estimated or a folder read; it is judged in every row (multistep reads --gamma, the next row's
+    cosine does not), each run as launched, on one process."""
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
-    monkeypatch.setattr(reproduce, "CANDIDATES", {"a": ["--model", "cnn", "--epochs", "3"]})
+    monkeypatch.setattr(reproduce, "CANDIDATES", {"m": ["--model", "cnn", "--schedule", "multistep"],
+                                                  "a": ["--model", "cnn", "--epochs", "3"]})
     monkeypatch.setattr(reproduce, "SELECT_SEEDS", {})
     with pytest.raises(SystemExit) as exit_:
         reproduce.main(["select", "--dry-run", "--override", override])
@@ -5704,15 +5711,17 @@ def test_reproduce_a_bad_override_is_a_usage_error_not_a_traceback(tmp_path, mon
 
 def test_reproduce_select_dry_run_prints_the_commands_and_runs_decodes_and_chooses_nothing(tmp_path, monkeypatch, capsys):
     """`select --dry-run` prints each candidate's SGD and SAM commands, --override split as a shell splits it, and exits
-    0: it decodes no images, neither chooses nor writes setting.json (a fresh results/ has nothing to choose from)."""
+    0: it decodes no images, neither chooses nor writes setting.json (a fresh results/ has nothing to choose from).
+    An override idle in some rows (--rho in the sgd baseline's) is not warned of here: each such run says it."""
     import reproduce
     monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
     monkeypatch.setattr(reproduce, "CANDIDATES", {"a": ["--model", "cnn", "--epochs", "3"]})
     monkeypatch.setattr(reproduce, "SELECT_SEEDS", {})
     monkeypatch.setattr(reproduce, "decode_once", lambda data_dir: pytest.fail("a dry run decoded the images"))
-    assert reproduce.main(["select", "--dry-run", "--override", "--epochs 1 --data-dir 'my data'"]) == 0
-    printed = capsys.readouterr().out
+    assert reproduce.main(["select", "--dry-run", "--override", "--epochs 1 --data-dir 'my data' --rho 0.1"]) == 0
+    printed, err = capsys.readouterr()
+    assert "does nothing here" not in err
     commands = [shlex.split(line.split(" train.py ", 1)[1]) for line in printed.splitlines() if line.startswith("[start] ")]
     assert len(commands) == 2 * len(reproduce.SEEDS) and f"to run: {len(commands)} runs" in printed
     assert {(reproduce.value(c, "--epochs"), reproduce.value(c, "--data-dir")) for c in commands} == {("1", "my data")}
@@ -7019,12 +7028,13 @@ def _archive(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+@pytest.mark.parametrize("damage", ["truncate", "cut in the header", "overwrite"])
 def test_train_damaged_archive_fails_naming_it_and_caches_nothing(tmp_path, damage):
+    # a .tar.gz cut before its first member (a download stopped early) is damaged too, not "no tar archive"
     path = _archive(tmp_path)
     data = bytearray(path.read_bytes())
-    if damage == "truncate":
-        data = data[:len(data) * 2 // 3]
+    if damage != "overwrite":
+        data = data[:len(data) * 2 // 3 if damage == "truncate" else 100]
     else:
         data[len(data) // 3:len(data) // 3 + 2000] = bytes(2000)
     path.write_bytes(bytes(data))
@@ -7157,6 +7167,10 @@ def test_train_max_steps_at_the_runs_last_step_finishes_the_run(tmp_path, finish
     for argv, out in ((fresh, tmp_path / "fresh"), (resumed, tmp_path / "run")):
         assert train.main(argv) == json.loads((done / "final.json").read_text())
         _same_logs(out, done)
+    # one step short of the end, in the last epoch, it stops there as anywhere else
+    assert train.main(_tiny_run(finished_and_stopped, "--out", str(tmp_path / "short"), "--max-steps",
+                                str(3 * STEPS - 1))) is None
+    assert len(_rows(tmp_path / "short" / "steps.csv")) == 3 * STEPS - 1 and not (tmp_path / "short" / "final.json").exists()
 
 
 def test_train_bad_paths_and_checkpoints_get_messages(tmp_path, finished_and_stopped):
@@ -7758,43 +7772,58 @@ def test_train_images_of_two_sizes_are_refused_naming_the_split(tmp_path):
         train.load_images(train.parse_settings(_tiny_run(tmp_path)))
 
 
-def test_train_test_images_of_another_size_than_the_train_images_are_refused(tmp_path):
+@pytest.mark.parametrize("width, height", [(24, 24), (32, 24)])
+def test_train_test_images_of_another_size_than_the_train_images_are_refused(tmp_path, width, height):
     # each split alike in itself, but the model would test at a size it never trained on (or fail there)
     images = _image_folder(tmp_path / "images", per_class=(3, 1))
     for path in (images / "test").glob("*/*.png"):
-        Image.new("RGB", (24, 24)).save(path)
-    with pytest.raises(train.DataError, match="the train images are 32x32 pixels, the test images 24x24"):
+        Image.new("RGB", (width, height)).save(path)
+    with pytest.raises(train.DataError, match=f"the train images are 32x32 pixels, the test images {height}x{width}"):
         train.load_images(train.parse_settings(_tiny_run(tmp_path)))
 
 
-@pytest.mark.parametrize("fault", ["renamed", "empty train folder"])
+@pytest.mark.parametrize("fault", ["renamed", "empty train folder", "all renamed and one more", "no train image"])
 def test_train_a_test_class_without_training_images_is_refused_naming_it(tmp_path, fault):
-    # its test images would all count as errors (a class no training image shows is never predicted)
+    # its test images would all count as errors (a class no training image shows is never predicted); with no
+    # training image at all, that is what is said
     images = _image_folder(tmp_path / "images", per_class=(3, 1))
     if fault == "renamed":
         (images / "test" / "class2").rename(images / "test" / "Class2")
-    else:
-        for path in (images / "train" / "class1").iterdir():
+    elif fault in ("empty train folder", "no train image"):
+        for path in (images / "train").glob("class1/*" if fault == "empty train folder" else "*/*"):
             path.unlink()
-    unseen = "Class2" if fault == "renamed" else "class1"
-    with pytest.raises(train.DataError, match=rf"test/ holds 1 class\(es\) without training images \({unseen}\)"):
+    else:   # four: the first three named
+        for c in range(3):
+            (images / "test" / f"class{c}").rename(images / "test" / f"Class{c}")
+        shutil.copytree(images / "test" / "Class0", images / "test" / "Class3")
+    message = {"renamed": "test/ holds 1 class(es) without training images (Class2)",
+               "empty train folder": "test/ holds 1 class(es) without training images (class1)",
+               "no train image": f"no images under {images}/train/<class>/"}.get(
+        fault, "test/ holds 4 class(es) without training images (Class0, Class1, Class2, ...)")
+    with pytest.raises(train.DataError, match=re.escape(message)):
         train.load_images(train.parse_settings(_tiny_run(tmp_path)))
 
 
 def test_train_a_model_whose_max_pools_leave_nothing_of_the_images_is_refused_before_writing(tmp_path):
-    # VGG-16 halves the side 5 times (32 -> 1): a 16x16 image reaches 0x0, the small CNN's 2 pools leave it 4x4
-    small = tmp_path / "small"
-    for split, n in (("train", 8), ("test", 2)):
-        for c in range(3):
-            (small / split / f"class{c}").mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (16, 16), (80 * c, 40, 200)).save(small / split / f"class{c}" / f"{i}.png")
-    argv = ["--data-dir", str(small), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1",
-            "--batch-size", "6"]
-    _fails([*argv, "--model", "vgg16", "--width", "0.1", "--out", str(tmp_path / "vgg")],
+    # VGG-16 halves the side 5 times (32 -> 1): a 16x16 image reaches 0x0, the small CNN's 2 pools leave it 4x4;
+    # 4x4 is the least they take (4 -> 2 -> 1), and an image 8 wide but 3 high loses its rows (3 -> 1 -> 0)
+    def argv(width, height):
+        small = tmp_path / f"small{width}x{height}"
+        for split, n in (("train", 8), ("test", 2)):
+            for c in range(3):
+                (small / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    Image.new("RGB", (width, height), (80 * c, 40, 20 * i)).save(small / split / f"class{c}" / f"{i}.png")
+        return ["--data-dir", str(small), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1",
+                "--batch-size", "6"]
+    _fails([*argv(16, 16), "--model", "vgg16", "--width", "0.1", "--out", str(tmp_path / "vgg")],
            r"--model vgg16 needs images of at least 32x32 pixels .* holds 16x16")
     assert not (tmp_path / "vgg").exists()
-    assert train.main([*argv, "--model", "cnn", "--out", str(tmp_path / "cnn")])["best_epoch"] == 1
+    _fails([*argv(8, 3), "--model", "cnn", "--out", str(tmp_path / "flat")],
+           r"--model cnn needs images of at least 4x4 pixels \(its 2 max-pools .* holds 3x8")
+    assert not (tmp_path / "flat").exists()
+    for size in (16, 4):
+        assert train.main([*argv(size, size), "--model", "cnn", "--out", str(tmp_path / f"cnn{size}")])["best_epoch"] == 1
 
 
 def test_train_csv_resume_keeps_whole_rows_up_to_the_checkpoint_and_none_after_a_bad_one(tmp_path):
@@ -8164,8 +8193,14 @@ DEAD_FLAG_CASES = [
      ["--label-noise", "0.2", "--noise-type", "asym"]),
     (["--sharpness-batches", "4"], "--sharpness-batches does nothing here: no sharpness is measured",
      ["--sharpness-every", "5", "--sharpness-batches", "4"]),
+    (["--sharpness-batch-size", "64"], "--sharpness-batch-size does nothing here: no sharpness is measured",
+     ["--sharpness", "--sharpness-batch-size", "64"]),
+    (["--sharpness-iters", "5"], "--sharpness-iters does nothing here: no sharpness is measured",
+     ["--sharpness-every", "5", "--sharpness-iters", "5"]),
     (["--schedule", "constant", "--rho-min", "0.01"], "--rho-min does nothing here: rho follows the lr schedule, constant",
      ["--schedule", "constant", "--warmup-epochs", "1", "--rho-min", "0.01"]),
+    (["--schedule", "constant", "--warmup-epochs", "0", "--rho-min", "0.02"], "--rho-min does nothing here: rho follows",
+     ["--rho-min", "0.02"]),   # cosine: rho falls with the lr
 ]
 IDLE_SAM_FLAG_CASES = [
     (["--variant", "sam", "--looksam-alpha", "0.5"], "--looksam-alpha does nothing here: looksam_k is 1",
@@ -8173,6 +8208,8 @@ IDLE_SAM_FLAG_CASES = [
     (["--tail-weight", "3"], "--tail-weight does nothing here: only --variant imbsam", ["--variant", "imbsam", "--tail-weight", "3"]),
     (["--variant", "sam", "--condition", "3"], "--condition does nothing here: the bin scale (1, 1, 1, 1, 1) has no 'c'",
      ["--variant", "sam", "--bin-scale", *"cc1cc", "--condition", "3"]),
+    (["--variant", "samme1", "--bin-scale", *"11111", "--condition", "3"], "--condition does nothing here: the bin "
+     "scale (1.0, 1.0, 1.0, 1.0, 1.0) has no 'c'", ["--bin-scale", "1/c", *"1111", "--condition", "3"]),
     (["--variant", "samckpt1", "--condition-warmup-epochs", "2"], "--condition-warmup-epochs does nothing here: the bin "
      "scale", ["--variant", "saner", "--condition-warmup-epochs", "2"]),
     (["--variant", "customsame-pos", "--condition", "3"], "--condition does nothing here", ["--variant", "customsame", "--condition", "3"]),
@@ -8180,22 +8217,36 @@ IDLE_SAM_FLAG_CASES = [
      ["--variant", "sgdhess", "--rho", "0.1"]),
     (["--variant", "sgd", "--adaptive"], "--adaptive does nothing here: descent 'sgd' takes one pass a step",
      ["--variant", "sam", "--adaptive"]),
+    (["--variant", "sgd", "--rho-min", "0.01"], "--rho-min does nothing here: descent 'sgd' steps along g",
+     ["--variant", "gsam", "--rho-min", "0.01"]),
+    (["--variant", "sgd", "--p", "3"], "--p does nothing here: descent 'sgd' takes one pass", ["--p", "3"]),
+    (["--variant", "sgd", "--gsam-alpha", "0"], "--gsam-alpha does nothing here: descent 'sgd' takes one pass",
+     ["--variant", "gsam", "--gsam-alpha", "0.1"]),
+    # of two rules the first one's reason: sgd never ascends, whether adaptive or not
+    (["--variant", "sgd", "--asam-eta", "0.01"], "--asam-eta does nothing here: descent 'sgd' takes one pass",
+     ["--variant", "asam", "--asam-eta", "0.01"]),
     (["--variant", "sgdhess", "--no-freeze-bn-stats"], "--freeze-bn-stats does nothing here: descent 'hessian' takes one "
      "pass a step: no ascent, no second pass, no g'", ["--variant", "looksam", "--no-freeze-bn-stats"]),
     (["--variant", "sgdhess-exact", "--persist-from", "0"], "--persist-from does nothing here: descent 'hessian-exact'",
      ["--variant", "samme1", "--persist-from", "0"]),
     (["--variant", "sam", "--hessian-every", "2"], "--hessian-every does nothing here: only descent 'hessian' (sgdhess)",
      ["--variant", "sgdhess", "--hessian-every", "2"]),
+    (["--variant", "sgdhess-exact", "--hessian-every", "2"], "--hessian-every does nothing here: only descent 'hessian'",
+     ["--variant", "sgdhess", "--hessian-every", "3"]),
     (["--asam-eta", "0.01"], "--asam-eta does nothing here: only adaptive", ["--variant", "asam", "--asam-eta", "0.01"]),
     (["--friendly-lambda", "0.5"], "--friendly-lambda does nothing here: friendly_sigma is 0",
      ["--variant", "friendlysam", "--friendly-lambda", "0.5"]),
     (["--mask-every-epochs", "2"], "--mask-every-epochs does nothing here: sparsity is 0",
      ["--variant", "ssamd", "--mask-every-epochs", "2"]),
+    (["--mask-mode", "fisher"], "--mask-mode does nothing here: sparsity is 0", ["--sparsity", "0.5", "--mask-mode", "fisher"]),
+    (["--fisher-samples", "8"], "--fisher-samples does nothing here: sparsity is 0",
+     ["--variant", "ssamf", "--fisher-samples", "8"]),
     (["--variant", "ssamd", "--fisher-samples", "8"], "--fisher-samples does nothing here: only the Fisher mask (ssamf)",
      ["--variant", "ssamf", "--fisher-samples", "8"]),
     (["--variant", "ssamf", "--drop-rate", "0.3"], "--drop-rate does nothing here: only the dynamic mask (ssamd)",
      ["--sparsity", "0.3", "--drop-rate", "0.3"]),
     (["--dual"], "--dual does nothing here: at p 2", ["--p", "3", "--dual"]),
+    (["--p", "2", "--dual"], "--dual does nothing here: at p 2", ["--p", "inf", "--dual"]),
 ]
 
 
@@ -8251,6 +8302,8 @@ def test_train_idle_flags_are_judged_on_the_command_line_given_not_on_defaults(t
         "--nesterov", "--milestones", "--sync-ascent"))
     assert train.parse_settings(["--data-dir", "x", "--sync-ascent"], world=2).sync_ascent
     assert train.parse_settings(["--data-dir", "x", "--sync-ascent"]).sync_ascent   # world not known yet
+    train.parse_settings(["--data-dir", "x", "--variant", "sgd", "--sync-ascent"], world=2)   # no ascent to average
+    assert "--sync-ascent does nothing here: descent 'sgd' takes one pass" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")   # torchrun --nproc_per_node 1
     with pytest.raises(SystemExit) as stop:
         train.main(["--out", str(tmp_path / "run"), "--device", "cpu", "--sync-ascent"])
