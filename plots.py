@@ -175,19 +175,19 @@ def group_runs(runs):
         key = tuple(setting[k] for k in GROUP_KEYS) + tuple(f"{k}={setting.get(k)}" for k in differ)
         seeds = groups.setdefault(key, [])
         # a seed rerun to measure its end (--sharpness) trains as the first run did: one seed, not two
-        i = next((i for i, r in enumerate(seeds) if _seed_device(r) == _seed_device(run)), None)
+        i = next((i for i, r in enumerate(seeds) if _rerun_key(r) == _rerun_key(run)), None)
         if i is None:
             seeds.append(run)
             continue
         kept = finished_first(seeds[i], run)
         dropped, seeds[i] = (run if kept is seeds[i] else seeds[i]), kept
-        print(f"warning: {dropped['folder']} trains as {kept['folder']} (same settings, seed and device; only what "
-              "the end measures differs): counted once")
+        print(f"warning: {dropped['folder']} trains as {kept['folder']} (same settings, seed, device and data; only "
+              "what the end measures differs): counted once")
     return dict(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
 
 
-def _seed_device(run):
-    return run["config"].get("seed"), run["config"].get("device")
+def _rerun_key(run):   # the data too: a run on other images (JPEG-decoded CIFAR) is no rerun, as in identity()
+    return tuple(run["config"].get(k) for k in ("seed", "device", "data_fingerprint"))
 
 
 def _hashable(value):

@@ -191,8 +191,9 @@ class SAM(torch.optim.Optimizer):
             self._descend(parts, self._one_pass_direction(parts))
             self._took_one_pass = True
         elif not parts:   # else second_step() would say "without first_step()"
-            raise ValueError("first_step(): no parameter has a gradient; call loss.backward() before first_step() (and "
-                             "build SAM over the model's parameters after model.to_empty(), which makes new ones)")
+            meta = any(p.is_meta for p in self._params())   # model.to_empty() made new parameters, SAM holds the old
+            raise ValueError("first_step(): no parameter has a gradient; " + ("SAM holds meta parameters: build it after "
+                             "model.to_empty()" if meta else "call loss.backward() before first_step()"))
         else:
             keep_g = self._stats_step() or self._tracks_persistence() or self._uses_g()
             for part in parts:
@@ -581,7 +582,8 @@ class SAM(torch.optim.Optimizer):
     def _uses_g(self):
         """g enters d (bin rules, combine, GSAM) or later steps (FriendlySAM's EMA, LookSAM's g_v). Judged by exclusion:
         a new rule's flag keeps g unlisted (listed by name, a flag left out ran its rule on statistics steps only)."""
-        return any(group[k] != v for group in self.param_groups for k, v in FLAGS.items() if k not in NO_G_FLAGS)
+        return any((tuple(group[k]) if isinstance(v, tuple) else group[k]) != v   # a JSON list at neutral too
+                   for group in self.param_groups for k, v in FLAGS.items() if k not in NO_G_FLAGS)
 
     def _real_math(self):
         """Math on single coordinates (ratios, signs, |w|, g^2, a Rademacher probe): wrong or a crash on complex ones."""

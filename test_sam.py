@@ -2377,6 +2377,25 @@ def test_a_new_flags_direction_rule_gets_g_on_every_step(monkeypatch, stats_ever
     assert params[0].detach().tolist() == w
 
 
+# the presets whose d (or a later step) reads g, by the module docstring's table: the bin rules, combine, GSAM, and
+# FriendlySAM's EMA and LookSAM's g_v
+READS_G = {v for v in VARIANTS if v.startswith(("samme", "saner", "customsame", "samckpt"))} | {
+    "sammagnitude", "samdirection", "gsam", "friendlysam", "looksam"}
+
+
+@pytest.mark.parametrize("name, flags", [(v, {}) for v in sorted(set(VARIANTS) - {"sgd", "sgdhess", "sgdhess-exact"})]
+                         + [("sam", dict(bin_scale=[1, 1, 1, 1, 1])), ("sam", dict(bin_scale=[1, "c", 1, 1, 1]))])
+def test_g_is_kept_through_the_ascent_only_where_d_reads_it(name, flags):
+    # a copy of every gradient a step: plain SAM's d = g' needs none. bin_scale as a list (a config file's) equal to
+    # the neutral tuple kept it
+    params = make_params()
+    opt = SAM(params, torch.optim.SGD, variant=name, lr=LR, **flags)
+    set_grads(params, synthetic(0, None, "g"))
+    opt.first_step(zero_grad=True)
+    reads_g = name in READS_G or tuple(flags.get("bin_scale", (1,) * 5)) != (1,) * 5
+    assert [part.g is not None for part in opt._parts] == [reads_g] * len(opt._parts)
+
+
 def test_davda54_positional_signature_and_its_example_loop():
     params, ref = make_params(), make_params()
     opt = SAM(params, torch.optim.SGD, 0.05, True, lr=LR, momentum=MOM)    # SAM(params, base, rho, adaptive)
@@ -3860,7 +3879,21 @@ def test_plots_counts_a_seed_rerun_to_measure_its_sharpness_once(tmp_path, capsy
         xs = [field(f) for f in seeds]
         assert row[header.index(column)] == f"{statistics.mean(xs):.4g} ± {statistics.stdev(xs):.2g}", column
     printed = capsys.readouterr().out
-    assert f"warning: {tmp_path / 'sam_s0'} trains as {tmp_path / 'sam_s0_sharp'} (same settings, seed" in printed
+    assert f"warning: {tmp_path / 'sam_s0'} trains as {tmp_path / 'sam_s0_sharp'} (same settings, seed," in printed
+
+
+def test_plots_keeps_a_seed_run_on_other_data_beside_one_that_measured_its_sharpness(tmp_path, capsys):
+    """Only what the end measures may differ for a run to count as a rerun: the same settings and seed on other images
+    (another data_fingerprint, as load_runs' identity tells copies apart) is a run of its own, not dropped as one."""
+    make_run(tmp_path, "sam_s0", "sam", 0)
+    make_run(tmp_path, "sam_s0_jpeg", "sam", 0)
+    update_json(tmp_path / "sam_s0" / "final.json", sharpness=None)
+    for name, fingerprint in (("sam_s0", "a" * 16), ("sam_s0_jpeg", "b" * 16)):
+        update_json(tmp_path / name / "config.json", data_fingerprint=fingerprint)
+    runs = plots.load_runs(str(tmp_path))[0]
+    assert len(runs) == 2
+    assert sorted(r["name"] for seeds in plots.group_runs(runs).values() for r in seeds) == ["sam_s0", "sam_s0_jpeg"]
+    assert "trains as" not in capsys.readouterr().out
 
 
 def test_plots_counts_the_same_settings_on_another_device_as_another_run(tmp_path):
@@ -5707,6 +5740,18 @@ def test_reproduce_a_bad_override_is_a_usage_error_not_a_traceback(tmp_path, mon
     with pytest.raises(SystemExit) as exit_:
         reproduce.main(["select", "--dry-run", "--override", override])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reproduce_reads_a_rows_settings_without_repeating_trains_warning(tmp_path, capsys):
+    """A flag idle in a row (an --override --rho reaching the sgd baseline) is warned of by its run as it trains; the
+    runner, which reads each run's settings again for each decision, repeated the warning every time."""
+    import reproduce
+    import train
+    args = ["--variant", "sgd", "--rho", "0.1", "--out", str(tmp_path / "r")]
+    train.parse_settings(args)
+    assert "--rho does nothing here" in capsys.readouterr().err   # the warning the run itself gives
+    assert reproduce.wants_sharpness(reproduce.Run("g", "sgd", 0, "sgd", args, tmp_path / "r")) is False
+    assert capsys.readouterr().err == ""
 
 
 def test_reproduce_select_dry_run_prints_the_commands_and_runs_decodes_and_chooses_nothing(tmp_path, monkeypatch, capsys):

@@ -1592,7 +1592,7 @@ def log_interval(r, step, i):
 def should_stop(r, stop_requested, logged):
     """--max-steps reached or Ctrl-C; with several ranks they agree on a logged step, so all stop together.
     --max-steps at the run's last step or past it stops nothing: the run ends as it would without it."""
-    stop = r.state["step"] == r.args.max_steps < r.args.epochs * r.steps_per_epoch
+    stop = r.state["step"] == r.args.max_steps and r.args.max_steps < r.args.epochs * r.steps_per_epoch
     if r.world == 1:
         return stop or stop_requested.is_set()
     if logged:
